@@ -1,0 +1,1 @@
+"""Pieces every component shares: money units, configuration, the base Struct."""

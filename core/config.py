@@ -1,0 +1,143 @@
+"""Typed configuration, decoded once at start from environment variables.
+
+A wrong value stops the process with a message naming the variable; nothing reads the
+environment after start.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import pathlib
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+
+class ConfigError(ValueError):
+    """A variable is missing or malformed; the message names it."""
+
+
+class Durability(enum.Enum):
+    """What a successful consume waits for before it answers (see README)."""
+
+    ASYNC = "async"  # the server's own appendfsync policy (everysec: up to ~1 s lost)
+    LOCAL = "local"  # WAITAOF 1 0: fsynced to the local AOF before answering
+    REPLICA = "replica"  # WAITAOF 1 1: also on one replica's AOF
+
+
+APP_ROLE = "credits_app"
+
+
+@dataclass(frozen=True)
+class Config:
+    redis_url: str | None = None  # None: start the embedded server
+    database_url: str | None = None  # owner URL (migrations); None: embedded
+    app_database_url: str | None = None  # the non-owner role the services use
+    app_db_password: str = "credits_app"  # noqa: S105 - dev default, set APP_DB_PASSWORD
+    data_dir: pathlib.Path = pathlib.Path(".data")
+    jwt_secret: str | None = None
+    usage_partitions: int = 16
+    rate_limit_per_s: float = 1000.0
+    rate_limit_burst: float = 2000.0
+    idempotency_ttl_s: int = 48 * 3600
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_batch_items: int = 5000
+    durability: Durability = Durability.ASYNC
+    host: str = "127.0.0.1"
+    meter_port: int = 8080
+    log_level: str = "INFO"
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def embedded(self) -> bool:
+        return self.redis_url is None or self.database_url is None
+
+    def with_urls(self, redis_url: str, database_url: str) -> Config:
+        return replace(self, redis_url=redis_url, database_url=database_url)
+
+    def app_dsn(self) -> str:
+        """The URL the services use: the app role, never the owner."""
+        if self.app_database_url:
+            return self.app_database_url
+        if self.database_url is None:
+            raise ConfigError("DATABASE_URL: not set and no embedded server started")
+        parts = urllib.parse.urlsplit(self.database_url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port else ""
+        password = urllib.parse.quote(self.app_db_password, safe="")
+        netloc = f"{APP_ROLE}:{password}@{host}{port}"
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}: must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if not value >= lo:
+        raise ConfigError(f"{name}: must be at least {lo}, got {raw}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    parts = urllib.parse.urlsplit(raw)
+    if parts.scheme not in schemes or not (parts.hostname or parts.path):
+        raise ConfigError(f"{name}: expected a URL starting with {' or '.join(schemes)}://")
+    return raw
+
+
+def load(env: Mapping[str, str] | None = None) -> Config:
+    """Decode the configuration from `env` (default: os.environ)."""
+    env = os.environ if env is None else env
+    durability_raw = env.get("DURABILITY", "async")
+    try:
+        durability = Durability(durability_raw)
+    except ValueError:
+        choices = ", ".join(d.value for d in Durability)
+        raise ConfigError(f"DURABILITY: expected one of {choices}, got {durability_raw!r}") from None
+    jwt_secret = env.get("JWT_SECRET") or None
+    if jwt_secret is not None and len(jwt_secret) < 32:
+        raise ConfigError("JWT_SECRET: must be at least 32 characters (HS256 key)")
+    level = env.get("LOG_LEVEL", "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    return Config(
+        redis_url=_url(env, "REDIS_URL", ("redis", "rediss", "unix")),
+        database_url=_url(env, "DATABASE_URL", ("postgres", "postgresql")),
+        app_database_url=_url(env, "APP_DATABASE_URL", ("postgres", "postgresql")),
+        app_db_password=env.get("APP_DB_PASSWORD", "credits_app"),
+        data_dir=pathlib.Path(env.get("CREDITS_DATA_DIR", ".data")),
+        jwt_secret=jwt_secret,
+        usage_partitions=_int(env, "USAGE_PARTITIONS", 16, 1, 1024),
+        rate_limit_per_s=_float(env, "RATE_LIMIT_PER_S", 1000.0, 0.0),
+        rate_limit_burst=_float(env, "RATE_LIMIT_BURST", 2000.0, 1.0),
+        idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_S", 48 * 3600, 24 * 3600, 30 * 86400),
+        max_body_bytes=_int(env, "MAX_BODY_BYTES", 2 * 1024 * 1024, 1024, 64 * 1024 * 1024),
+        max_batch_items=_int(env, "MAX_BATCH_ITEMS", 5000, 1, 100_000),
+        durability=durability,
+        host=env.get("HOST", "127.0.0.1"),
+        meter_port=_int(env, "METER_PORT", 8080, 0, 65535),
+        log_level=level,
+    )

@@ -1,0 +1,39 @@
+"""Credits are integers of millicredits everywhere inside; decimals only at the edge.
+
+1 credit = 1000 millicredits, so per-token prices such as 0.002 credits are exact.
+A value with more precision than one millicredit is refused, never rounded.
+"""
+
+from __future__ import annotations
+
+import decimal
+
+MILLI_PER_CREDIT = 1000
+# Largest amount accepted at the edge: 10^12 credits keeps every sum far inside the
+# 2^53 integers that Lua numbers (doubles) represent exactly.
+CREDITS_MAX = decimal.Decimal(10) ** 12
+
+
+class PrecisionError(ValueError):
+    """The amount has more precision than one millicredit, or is out of range."""
+
+
+def to_milli(credits: decimal.Decimal) -> int:
+    """Credits (decimal) -> millicredits (int), exactly or not at all."""
+    if not credits.is_finite():
+        raise PrecisionError("must be a finite number")
+    if abs(credits) > CREDITS_MAX:
+        raise PrecisionError(f"must be at most {CREDITS_MAX} in absolute value")
+    milli = credits * MILLI_PER_CREDIT
+    if milli != milli.to_integral_value():
+        raise PrecisionError("has more precision than 0.001 credits")
+    return int(milli)
+
+
+def to_credits(milli: int) -> decimal.Decimal:
+    """Millicredits (int) -> credits (decimal), exact."""
+    whole, part = divmod(abs(milli), MILLI_PER_CREDIT)
+    sign = "-" if milli < 0 else ""
+    if part == 0:
+        return decimal.Decimal(f"{sign}{whole}")
+    return decimal.Decimal(f"{sign}{whole}.{part:03d}".rstrip("0"))

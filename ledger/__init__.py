@@ -1,0 +1,1 @@
+"""The authoritative Postgres ledger: schema migrations and the typed store."""

@@ -1,0 +1,65 @@
+"""SQL migrations: apply ledger/migrations/*.sql in order, once each.
+
+Safe to run twice and from several processes at once: a session-level advisory lock
+serializes runners, each file runs in its own transaction together with its row in
+schema_migrations, and a file whose checksum changed after it was applied is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import logging
+
+import asyncpg
+
+from core.config import APP_ROLE
+
+log = logging.getLogger(__name__)
+
+# Arbitrary constant: the advisory lock id of the migration runner.
+MIGRATION_LOCK_ID = 0x6372656469747301
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+def migration_files() -> list[tuple[str, str]]:
+    root = importlib.resources.files(__package__).joinpath("migrations")
+    files = sorted((p.name, p.read_text(encoding="utf-8")) for p in root.iterdir() if p.name.endswith(".sql"))
+    return files
+
+
+async def migrate(dsn: str, *, app_password: str) -> list[str]:
+    """Apply pending migrations; return the names applied by this call."""
+    conn = await asyncpg.connect(dsn)
+    applied: list[str] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, checksum text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["name"]: r["checksum"] for r in await conn.fetch("SELECT name, checksum FROM schema_migrations")}
+            for name, sql in migration_files():
+                checksum = hashlib.sha256(sql.encode()).hexdigest()
+                if name in done:
+                    if done[name] != checksum:
+                        raise MigrationError(f"{name} changed after it was applied; add a new migration instead")
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO schema_migrations (name, checksum) VALUES ($1, $2)", name, checksum)
+                log.info("migration_applied", extra={"migration": name})
+                applied.append(name)
+            # The role is cluster-wide and its password comes from configuration.
+            quoted = await conn.fetchval("SELECT quote_literal($1)", app_password)
+            await conn.execute(f"ALTER ROLE {APP_ROLE} LOGIN PASSWORD {quoted}")
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    finally:
+        await conn.close()
+    return applied

@@ -1,0 +1,462 @@
+"""The ledger's door: typed operations on Postgres, each in one tenant transaction.
+
+Every query runs inside `tenant(org)`, which sets app.organization_id for that
+transaction only; row-level security does the rest, so a query that forgets its
+WHERE clause still sees one organization.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from meter.hotpath import CredSnapshot, DeptSnapshot, GrantSnapshot, Snapshot, period_starts_ms
+
+API_KEY_PREFIX = "ck_"
+GRANT_PRIORITY = {"signup_bonus": 0, "subscription": 10, "purchase": 20, "admin": 20}
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Conflict(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """Who is calling: an API key or a frontend user (JWT)."""
+
+    id: str  # api key id, or "jwt:<subject>"
+    organization_id: str
+    role: str  # agent | admin
+    department_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    id: str
+    secret: str
+    prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class GrantResult:
+    grant_id: str
+    created: bool
+    balance_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class Department:
+    id: str
+    name: str
+    limit: int | None
+    period: str
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    action: str
+    credits: int  # millicredits per unit
+    unit: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    fingerprint: str
+    status: int
+    body: bytes
+
+
+def hash_key(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def _ms(ts: dt.datetime | None) -> int:
+    return 0 if ts is None else int(ts.timestamp() * 1000)
+
+
+class Ledger:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Ledger:
+        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, command_timeout=10)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def tenant(self, organization_id: str) -> AsyncIterator[asyncpg.Connection]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT set_config('app.organization_id', $1, true)", str(organization_id))
+            yield conn
+
+    async def ping(self) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
+    # -- organizations and keys ----------------------------------------------------
+    async def create_organization(self, name: str) -> tuple[str, NewKey]:
+        """A new organization with its signup bonus and one admin key."""
+        org = str(uuid.uuid4())
+        async with self.tenant(org) as conn:
+            await conn.fetchval("SELECT create_organization($1, $2)", uuid.UUID(org), name)
+            key = await self._create_key(conn, org, role="admin", name="initial admin key")
+        return org, key
+
+    async def organization_exists(self, organization_id: str) -> bool:
+        async with self.tenant(organization_id) as conn:
+            return bool(await conn.fetchval("SELECT count(*) FROM organizations"))
+
+    async def create_api_key(
+        self,
+        organization_id: str,
+        *,
+        role: str,
+        name: str = "",
+        department_id: str | None = None,
+        cap: int | None = None,
+        rate_limit_per_s: float | None = None,
+        rate_limit_burst: float | None = None,
+    ) -> NewKey:
+        async with self.tenant(organization_id) as conn:
+            if not await conn.fetchval("SELECT count(*) FROM organizations"):
+                raise NotFound(f"organization {organization_id} not found")
+            if department_id is not None and not await conn.fetchval(
+                "SELECT count(*) FROM departments WHERE id = $1", uuid.UUID(department_id)
+            ):
+                raise NotFound(f"department {department_id} not found")
+            return await self._create_key(
+                conn,
+                organization_id,
+                role=role,
+                name=name,
+                department_id=department_id,
+                cap=cap,
+                rate=rate_limit_per_s,
+                burst=rate_limit_burst,
+            )
+
+    async def _create_key(
+        self,
+        conn: asyncpg.Connection,
+        organization_id: str,
+        *,
+        role: str,
+        name: str = "",
+        department_id: str | None = None,
+        cap: int | None = None,
+        rate: float | None = None,
+        burst: float | None = None,
+    ) -> NewKey:
+        if role not in ("agent", "admin"):
+            raise ValueError("role must be agent or admin")
+        secret = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        key_id = str(uuid.uuid4())
+        digest = hash_key(secret)
+        await conn.execute(
+            "INSERT INTO api_keys (id, organization_id, key_hash, prefix, name, role, department_id,"
+            " cap, rate_limit_per_s, rate_limit_burst) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            uuid.UUID(key_id),
+            uuid.UUID(organization_id),
+            digest,
+            secret[:10],
+            name,
+            role,
+            uuid.UUID(department_id) if department_id else None,
+            cap,
+            rate,
+            burst,
+        )
+        await conn.execute("SELECT index_api_key($1)", digest)
+        return NewKey(id=key_id, secret=secret, prefix=secret[:10])
+
+    async def revoke_api_key(self, organization_id: str, key_id: str) -> bool:
+        async with self.tenant(organization_id) as conn:
+            row = await conn.fetchval(
+                "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING id",
+                uuid.UUID(key_id),
+            )
+            return row is not None
+
+    async def api_key(self, organization_id: str, key_id: str) -> dict[str, Any]:
+        async with self.tenant(organization_id) as conn:
+            row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", uuid.UUID(key_id))
+        if row is None:
+            raise NotFound(f"api key {key_id} not found")
+        return dict(row)
+
+    async def authenticate(self, secret: str) -> Credential | None:
+        if not secret.startswith(API_KEY_PREFIX) or len(secret) > 200:
+            return None
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT * FROM authenticate_api_key($1)", hash_key(secret))
+        if row is None:
+            return None
+        dept = row["department_id"]
+        return Credential(
+            id=str(row["id"]),
+            organization_id=str(row["organization_id"]),
+            role=row["role"],
+            department_id=str(dept) if dept else None,
+        )
+
+    # -- grants ---------------------------------------------------------------------
+    async def grant(
+        self,
+        organization_id: str,
+        *,
+        amount: int,
+        source: str,
+        reference: str,
+        reason: str = "",
+        expires_at: dt.datetime | None = None,
+        priority: int | None = None,
+    ) -> GrantResult:
+        """Write a grant to the ledger (idempotent per source + reference)."""
+        if priority is None:
+            priority = GRANT_PRIORITY[source]
+        try:
+            async with self.tenant(organization_id) as conn:
+                row = await conn.fetchrow(
+                    "SELECT * FROM grant_credits($1, $2, $3, $4, $5, $6, $7)",
+                    uuid.UUID(organization_id),
+                    source,
+                    amount,
+                    priority,
+                    expires_at,
+                    reference,
+                    reason,
+                )
+        except asyncpg.exceptions.NoDataFoundError as exc:
+            raise NotFound(str(exc)) from exc
+        assert row is not None
+        return GrantResult(str(row["grant_id"]), bool(row["created"]), int(row["balance_after"]))
+
+    async def grant_row(self, organization_id: str, grant_id: str) -> dict[str, Any]:
+        async with self.tenant(organization_id) as conn:
+            row = await conn.fetchrow("SELECT * FROM credit_grants WHERE id = $1", uuid.UUID(grant_id))
+        if row is None:
+            raise NotFound(f"grant {grant_id} not found")
+        return dict(row)
+
+    async def grant_sources(self, organization_id: str, grant_ids: list[str]) -> dict[str, str]:
+        if not grant_ids:
+            return {}
+        async with self.tenant(organization_id) as conn:
+            rows = await conn.fetch(
+                "SELECT id, source FROM credit_grants WHERE id = ANY($1::uuid[])", [uuid.UUID(g) for g in grant_ids]
+            )
+        return {str(r["id"]): r["source"] for r in rows}
+
+    async def pending_pushes(self, organization_id: str) -> list[dict[str, Any]]:
+        """Grants of the outbox not yet confirmed in the cache."""
+        async with self.tenant(organization_id) as conn:
+            rows = await conn.fetch(
+                "SELECT g.id, g.amount, g.priority, g.expires_at FROM grant_outbox o"
+                " JOIN credit_grants g ON g.id = o.grant_id ORDER BY o.created_at"
+            )
+        return [dict(r) for r in rows]
+
+    async def grant_pushed(self, organization_id: str, grant_id: str) -> None:
+        """The cache holds the grant now: drop it from the outbox."""
+        async with self.tenant(organization_id) as conn:
+            await conn.execute("DELETE FROM grant_outbox WHERE grant_id = $1", uuid.UUID(grant_id))
+
+    async def ledger_balance(self, organization_id: str) -> tuple[int, int]:
+        """(organizations.balance, sum of ledger entries): equal when the ledger is whole."""
+        async with self.tenant(organization_id) as conn:
+            balance = await conn.fetchval("SELECT balance FROM organizations")
+            if balance is None:
+                raise NotFound(f"organization {organization_id} not found")
+            total = await conn.fetchval("SELECT coalesce(sum(amount), 0) FROM ledger_entries")
+        return int(balance), int(total)
+
+    # -- cold-cache snapshot --------------------------------------------------------
+    async def snapshot(self, organization_id: str) -> Snapshot:
+        now = dt.datetime.now(dt.UTC)
+        starts = dict(zip(("day", "week", "month"), period_starts_ms(_ms(now)), strict=True))
+        async with self.tenant(organization_id) as conn:
+            gen = await conn.fetchval("UPDATE organizations SET cache_gen = cache_gen + 1 RETURNING cache_gen")
+            if gen is None:
+                raise NotFound(f"organization {organization_id} not found")
+            grants = await conn.fetch(
+                "SELECT id, remaining, priority, expires_at FROM credit_grants"
+                " WHERE remaining > 0 AND (expires_at IS NULL OR expires_at > $1)",
+                now,
+            )
+            applied = await conn.fetch("SELECT id FROM credit_grants")
+            costs = await conn.fetch("SELECT action, credits FROM action_costs")
+            depts = await conn.fetch("SELECT id, limit_amount, period FROM departments")
+            dept_spent = {
+                r["department_id"]: int(r["spent"])
+                for r in await conn.fetch(
+                    "SELECT department_id, sum(credits) AS spent FROM usage_events"
+                    " WHERE department_id IS NOT NULL AND created_at >= $1 GROUP BY department_id",
+                    dt.datetime.fromtimestamp(min(starts.values()) / 1000, dt.UTC),
+                )
+            }
+            keys = await conn.fetch(
+                "SELECT k.id, k.cap, k.revoked_at, k.rate_limit_per_s, k.rate_limit_burst,"
+                " coalesce((SELECT sum(u.credits) FROM usage_events u WHERE u.credential_id = k.id::text), 0)"
+                " AS spent FROM api_keys k"
+            )
+        return Snapshot(
+            gen=int(gen),
+            grants=[
+                GrantSnapshot(
+                    id=str(g["id"]), rem=int(g["remaining"]), prio=int(g["priority"]), exp=_ms(g["expires_at"])
+                )
+                for g in grants
+            ],
+            applied=[str(r["id"]) for r in applied],
+            costs={r["action"]: int(r["credits"]) for r in costs},
+            depts=[
+                DeptSnapshot(
+                    id=str(d["id"]),
+                    limit=-1 if d["limit_amount"] is None else int(d["limit_amount"]),
+                    period=d["period"],
+                    pstart=starts[d["period"]],
+                    spent=dept_spent.get(d["id"], 0),
+                )
+                for d in depts
+            ],
+            creds=[
+                CredSnapshot(
+                    id=str(k["id"]),
+                    cap=-1 if k["cap"] is None else int(k["cap"]),
+                    spent=int(k["spent"]),
+                    revoked="1" if k["revoked_at"] else "0",
+                    rate=-1.0 if k["rate_limit_per_s"] is None else float(k["rate_limit_per_s"]),
+                    burst=-1.0 if k["rate_limit_burst"] is None else float(k["rate_limit_burst"]),
+                )
+                for k in keys
+            ],
+            holds=[],
+        )
+
+    # -- departments ----------------------------------------------------------------
+    async def departments(self, organization_id: str) -> list[Department]:
+        async with self.tenant(organization_id) as conn:
+            rows = await conn.fetch("SELECT * FROM departments ORDER BY created_at, id")
+        return [self._dept(r) for r in rows]
+
+    async def department(self, organization_id: str, department_id: str) -> Department:
+        async with self.tenant(organization_id) as conn:
+            row = await conn.fetchrow("SELECT * FROM departments WHERE id = $1", uuid.UUID(department_id))
+        if row is None:
+            raise NotFound(f"department {department_id} not found")
+        return self._dept(row)
+
+    async def create_department(self, organization_id: str, name: str) -> Department:
+        try:
+            async with self.tenant(organization_id) as conn:
+                row = await conn.fetchrow(
+                    "INSERT INTO departments (id, organization_id, name) VALUES ($1, $2, $3) RETURNING *",
+                    uuid.uuid4(),
+                    uuid.UUID(organization_id),
+                    name,
+                )
+        except asyncpg.exceptions.UniqueViolationError as exc:
+            raise Conflict(f"a department named {name!r} exists") from exc
+        assert row is not None
+        return self._dept(row)
+
+    async def set_department_limit(
+        self, organization_id: str, department_id: str, limit: int | None, period: str
+    ) -> Department:
+        async with self.tenant(organization_id) as conn:
+            row = await conn.fetchrow(
+                "UPDATE departments SET limit_amount = $2, period = $3, limit_generation = limit_generation + 1"
+                " WHERE id = $1 RETURNING *",
+                uuid.UUID(department_id),
+                limit,
+                period,
+            )
+        if row is None:
+            raise NotFound(f"department {department_id} not found")
+        return self._dept(row)
+
+    @staticmethod
+    def _dept(row: asyncpg.Record) -> Department:
+        limit = row["limit_amount"]
+        return Department(
+            id=str(row["id"]),
+            name=row["name"],
+            limit=None if limit is None else int(limit),
+            period=row["period"],
+            generation=int(row["limit_generation"]),
+        )
+
+    # -- costs ----------------------------------------------------------------------
+    async def costs(self, organization_id: str) -> list[Cost]:
+        async with self.tenant(organization_id) as conn:
+            rows = await conn.fetch("SELECT * FROM action_costs ORDER BY action")
+        return [Cost(r["action"], int(r["credits"]), r["unit"], r["description"]) for r in rows]
+
+    async def set_cost(
+        self, organization_id: str, action: str, credits: int, unit: str | None, description: str | None
+    ) -> Cost:
+        async with self.tenant(organization_id) as conn:
+            row = await conn.fetchrow(
+                "INSERT INTO action_costs (organization_id, action, credits, unit, description)"
+                " VALUES ($1, $2, $3, coalesce($4, 'request'), coalesce($5, ''))"
+                " ON CONFLICT (organization_id, action) DO UPDATE SET credits = excluded.credits,"
+                " unit = coalesce($4, action_costs.unit), description = coalesce($5, action_costs.description),"
+                " updated_at = now() RETURNING *",
+                uuid.UUID(organization_id),
+                action,
+                credits,
+                unit,
+                description,
+            )
+        assert row is not None
+        return Cost(row["action"], int(row["credits"]), row["unit"], row["description"])
+
+    # -- idempotency of endpoints outside the hot path -------------------------------
+    async def stored_response(self, organization_id: str, key: str) -> StoredResponse | None:
+        async with self.tenant(organization_id) as conn:
+            row = await conn.fetchrow(
+                "SELECT fingerprint, status, response FROM idempotency_records"
+                " WHERE key = $1 AND created_at > now() - interval '48 hours'",
+                key,
+            )
+        if row is None:
+            return None
+        return StoredResponse(row["fingerprint"], int(row["status"]), bytes(row["response"]))
+
+    async def store_response(self, organization_id: str, key: str, response: StoredResponse) -> StoredResponse:
+        """Store the first response for a key; return whichever response won."""
+        async with self.tenant(organization_id) as conn:
+            await conn.execute(
+                "INSERT INTO idempotency_records (organization_id, key, fingerprint, status, response)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (organization_id, key) DO UPDATE"
+                " SET fingerprint = excluded.fingerprint, status = excluded.status,"
+                " response = excluded.response, created_at = now()"
+                " WHERE idempotency_records.created_at <= now() - interval '48 hours'",
+                uuid.UUID(organization_id),
+                key,
+                response.fingerprint,
+                response.status,
+                response.body,
+            )
+            row = await conn.fetchrow(
+                "SELECT fingerprint, status, response FROM idempotency_records WHERE key = $1", key
+            )
+        assert row is not None
+        return StoredResponse(row["fingerprint"], int(row["status"]), bytes(row["response"]))

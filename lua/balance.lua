@@ -1,0 +1,40 @@
+--[[ Read an organization's balance (expiring what is due first).
+  KEYS[1..11]  the organization's fixed keys (see lib.lua)
+  ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
+  ARGV[4] credential id          ARGV[5] default rate        ARGV[6] default burst
+  ARGV[7..9] current day / week / month start (ms)           ARGV[10] department ('' none)
+  Returns {status, msgpack payload}:
+    OK {balance, reserved, available, grants = [{id, remaining, expires_ms}],
+        dept? = {limit, period, pstart, spent}}
+    NOT_LOADED | UNAUTHENTICATED | RATE_LIMITED {retry_after_ms} | DEPARTMENT_NOT_FOUND
+]]
+local cred = ARGV[4]
+local default_rate, default_burst = tonumber(ARGV[5]), tonumber(ARGV[6])
+local starts = {day = tonumber(ARGV[7]), week = tonumber(ARGV[8]), month = tonumber(ARGV[9])}
+local dept = ARGV[10]
+
+if not loaded() then return reply(NOT_LOADED, {}) end
+if cred ~= '' then
+  if cred_state(cred).revoked then return reply(UNAUTHENTICATED, {}) end
+  local wait_ms = rate_take(cred, default_rate, default_burst)
+  if wait_ms > 0 then return reply(RATE_LIMITED, {retry_after_ms = wait_ms}) end
+end
+local d = nil
+if dept ~= '' then
+  d = dept_state(dept, starts)
+  if not d then return reply(DEPARTMENT_NOT_FOUND, {}) end
+end
+sweep_holds(starts)
+local live, expired = scan_grants()
+expire_grants(expired)
+local grants = {}
+for _, g in ipairs(live) do
+  local exp = g[3] % SCORE_SCALE
+  if exp >= SCORE_SCALE - 1 then exp = 0 end
+  grants[#grants + 1] = {id = g[1], remaining = g[2], expires_ms = exp}
+end
+local v = redis.call('HMGET', KEYS[K_ACCT], 'bal', 'res')
+local bal, res = num(v[1]), num(v[2])
+local payload = {balance = bal, reserved = res, available = bal - res, grants = grants}
+if d then payload.dept = d end
+return reply(OK, payload)

@@ -1,0 +1,75 @@
+--[[ Consume credits for one action, checking every budget level in one step.
+  KEYS[1..11]  the organization's fixed keys (see lib.lua)
+  KEYS[12]     idempotency record (only when ARGV[10] is not empty)
+  ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
+  ARGV[4] credential id          ARGV[5] default rate (requests/s, <= 0 unlimited)
+  ARGV[6] default burst          ARGV[7..9] current day / week / month start (ms)
+  ARGV[10] idempotency fingerprint ('' = none)               ARGV[11] idempotency ttl (ms)
+  ARGV[12] action                ARGV[13] units (integer >= 1)
+  ARGV[14] department id ('' = none)                         ARGV[15] metadata (msgpack)
+  ARGV[16] event id
+  Returns {status, msgpack payload}:
+    OK      {id, credits, balance, available}     (millicredits)
+    REPLAY  the first call's OK payload; nothing charged again
+    NOT_LOADED | IDEMPOTENCY_CONFLICT | UNAUTHENTICATED (credential revoked)
+    RATE_LIMITED {retry_after_ms} | UNKNOWN_ACTION | DEPARTMENT_NOT_FOUND
+    INSUFFICIENT_CREDITS {available, needed} | DEPARTMENT_LIMIT {remaining, needed}
+    CAP_EXCEEDED {remaining, needed}
+  All checks run before any charge; a refusal charges nothing.
+]]
+local cred = ARGV[4]
+local default_rate, default_burst = tonumber(ARGV[5]), tonumber(ARGV[6])
+local starts = {day = tonumber(ARGV[7]), week = tonumber(ARGV[8]), month = tonumber(ARGV[9])}
+local fp, idem_ttl_ms = ARGV[10], tonumber(ARGV[11])
+local action, units, dept = ARGV[12], tonumber(ARGV[13]), ARGV[14]
+local metadata, event_id = ARGV[15], ARGV[16]
+
+if not loaded() then return reply(NOT_LOADED, {}) end
+local replay = idem_check(12, fp)
+if replay then return replay end
+
+local c = cred_state(cred)
+if c.revoked then return reply(UNAUTHENTICATED, {}) end
+local wait_ms = rate_take(cred, default_rate, default_burst)
+if wait_ms > 0 then return reply(RATE_LIMITED, {retry_after_ms = wait_ms}) end
+
+sweep_holds(starts)
+local live, expired, usable = scan_grants()
+expire_grants(expired)
+
+local cost = tonumber(redis.call('HGET', KEYS[K_COSTS], action))
+if not cost then return reply(UNKNOWN_ACTION, {}) end
+local charge = cost * units
+
+local d = nil
+if dept ~= '' then
+  d = dept_state(dept, starts)
+  if not d then return reply(DEPARTMENT_NOT_FOUND, {}) end
+end
+if charge > usable then
+  return reply(INSUFFICIENT_CREDITS, {available = usable, needed = charge})
+end
+if d and d.limit >= 0 and d.spent + charge > d.limit then
+  return reply(DEPARTMENT_LIMIT, {remaining = dept_room(d), needed = charge})
+end
+if c.cap >= 0 and c.spent + charge > c.cap then
+  return reply(CAP_EXCEEDED, {remaining = cred_room(c), needed = charge})
+end
+
+-- Every check passed: charge.
+local alloc = take(live, charge)
+flush_grants(live)
+if d then
+  d.spent = d.spent + charge
+  dept_write(dept, d)
+end
+if charge > 0 then
+  redis.call('HINCRBY', KEYS[K_CREDS], cred .. '|spent', charge)
+end
+local bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', -charge)
+local res = num(redis.call('HGET', KEYS[K_ACCT], 'res'))
+emit({t = 'use', id = event_id, act = action, u = units, amt = charge, d = dept, k = cred,
+      m = metadata, g = alloc, at = NOW})
+local payload = {id = event_id, credits = charge, balance = bal, available = bal - res}
+idem_store(12, fp, payload, idem_ttl_ms)
+return reply(OK, payload)

@@ -1,0 +1,49 @@
+--[[ Load an organization's state from the Postgres ledger into an empty cache.
+  Only the first load lands: a second (possibly older) snapshot finds the organization
+  loaded and changes nothing, so a load never overwrites newer state. Grants pushed
+  later are recognised by id (gapplied) and never counted twice.
+  KEYS[1..11]  the organization's fixed keys (see lib.lua)
+  ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
+  ARGV[4] snapshot, msgpack {
+    gen,
+    grants  = [{id, rem, prio, exp}]           live grants (remaining > 0; exp 0 = never)
+    applied = [grant id, ...]                  every grant the ledger holds
+    costs   = {action = millicredits per unit}
+    depts   = [{id, limit, period, pstart, spent}]
+    creds   = [{id, cap, spent, revoked, rate, burst}]  (rate/burst -1 = default)
+    holds   = [{id, a, al, d, ps, k, x, act}]  open reservations }
+  Returns {status, msgpack payload}: OK {balance} | ALREADY_LOADED {}
+]]
+if loaded() then return reply(ALREADY_LOADED, {}) end
+local s = unpack(ARGV[4])
+for i = 1, 10 do redis.call('DEL', KEYS[i]) end
+
+local bal, res = 0, 0
+for _, g in ipairs(s.grants) do
+  local exp = g.exp
+  if exp <= 0 then exp = SCORE_SCALE - 1 end
+  redis.call('HSET', KEYS[K_GREM], g.id, g.rem)
+  redis.call('ZADD', KEYS[K_GQ], g.prio * SCORE_SCALE + exp, g.id)
+  bal = bal + g.rem
+end
+for _, gid in ipairs(s.applied) do redis.call('SADD', KEYS[K_GAPPLIED], gid) end
+for action, cost in pairs(s.costs) do redis.call('HSET', KEYS[K_COSTS], action, cost) end
+for _, d in ipairs(s.depts) do
+  redis.call('HSET', KEYS[K_DEPTS], d.id .. '|limit', d.limit, d.id .. '|period', d.period,
+    d.id .. '|pstart', d.pstart, d.id .. '|spent', d.spent)
+end
+for _, c in ipairs(s.creds) do
+  redis.call('HSET', KEYS[K_CREDS], c.id .. '|cap', c.cap, c.id .. '|spent', c.spent,
+    c.id .. '|revoked', c.revoked)
+  if c.rate >= 0 then redis.call('HSET', KEYS[K_CREDS], c.id .. '|rate', c.rate) end
+  if c.burst >= 0 then redis.call('HSET', KEYS[K_CREDS], c.id .. '|burst', c.burst) end
+end
+for _, h in ipairs(s.holds) do
+  redis.call('HSET', KEYS[K_HOLDS], h.id, pack({a = h.a, al = h.al, d = h.d, ps = h.ps,
+    k = h.k, x = h.x, st = 'open', u = 0, act = h.act}))
+  redis.call('ZADD', KEYS[K_HX], h.x, h.id)
+  bal = bal + h.a
+  res = res + h.a
+end
+redis.call('HSET', KEYS[K_ACCT], 'bal', bal, 'res', res, 'gen', s.gen, 'loaded', '1')
+return reply(OK, {balance = bal})

@@ -1,0 +1,17 @@
+"""Typed application keys: every shared resource of the sidecar, declared once."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from core.config import Config
+from ledger.store import Ledger
+from meter.auth import Authenticator
+from meter.hotpath import HotPath
+
+CONFIG = web.AppKey("config", Config)
+REDIS = web.AppKey("redis", Redis)
+LEDGER = web.AppKey("ledger", Ledger)
+HOT = web.AppKey("hotpath", HotPath)
+AUTH = web.AppKey("auth", Authenticator)

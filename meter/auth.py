@@ -1,0 +1,104 @@
+"""Who is calling: an organization API key (agents, batch jobs) or a signed JWT
+(the frontend). The organization always comes from the credential.
+
+API keys are looked up by their sha256 in Postgres and cached in-process for a short
+time; revocation still takes effect at once, because every credits script checks the
+credential's revoked flag in Redis in the same atomic step as the charge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections import OrderedDict
+
+import jwt
+from aiohttp import web
+
+from ledger.store import API_KEY_PREFIX, Credential, Ledger
+from meter.errors import ApiError
+
+CACHE_TTL_S = 30.0
+CACHE_ENTRIES_MAX = 10_000
+JWT_LEEWAY_S = 30
+ROLES = ("agent", "admin")
+
+
+def unauthenticated(message: str) -> ApiError:
+    return ApiError(401, "unauthenticated", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Authenticator:
+    def __init__(self, ledger: Ledger, jwt_secret: str | None) -> None:
+        self.ledger = ledger
+        self.jwt_secret = jwt_secret
+        self._cache: OrderedDict[bytes, tuple[float, Credential]] = OrderedDict()
+
+    def forget(self, secret: str) -> None:
+        self._cache.pop(hashlib.sha256(secret.encode()).digest(), None)
+
+    async def __call__(self, request: web.Request) -> Credential:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise unauthenticated("send Authorization: Bearer <api key or token>")
+        token = token.strip()
+        if token.startswith(API_KEY_PREFIX):
+            return await self._api_key(token)
+        return self._jwt(token)
+
+    async def _api_key(self, secret: str) -> Credential:
+        digest = hashlib.sha256(secret.encode()).digest()
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        cred = await self.ledger.authenticate(secret)
+        if cred is None:
+            self._cache.pop(digest, None)
+            raise unauthenticated("unknown or revoked API key")
+        self._cache[digest] = (now + CACHE_TTL_S, cred)
+        self._cache.move_to_end(digest)
+        while len(self._cache) > CACHE_ENTRIES_MAX:
+            self._cache.popitem(last=False)
+        return cred
+
+    def _jwt(self, token: str) -> Credential:
+        if self.jwt_secret is None:
+            raise unauthenticated("JWT authentication is not configured (JWT_SECRET)")
+        try:
+            claims = jwt.decode(
+                token,
+                self.jwt_secret,
+                algorithms=["HS256"],
+                options={"require": ["exp", "sub", "org", "role"]},
+                leeway=JWT_LEEWAY_S,
+            )
+        except jwt.ExpiredSignatureError:
+            raise unauthenticated("token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise unauthenticated(f"invalid token: {exc}") from None
+        org, role, sub = claims["org"], claims["role"], claims["sub"]
+        if not isinstance(org, str) or not isinstance(sub, str) or role not in ROLES:
+            raise unauthenticated("invalid token claims")
+        try:
+            org = str(uuid.UUID(org))
+        except ValueError:
+            raise unauthenticated("invalid token claims: org is not an organization id") from None
+        dept = claims.get("department_id")
+        return Credential(
+            id=f"jwt:{sub}", organization_id=org, role=role, department_id=dept if isinstance(dept, str) else None
+        )
+
+
+def issue_jwt(secret: str, *, organization_id: str, subject: str, role: str, ttl_s: int = 3600) -> str:
+    """A token for the frontend (and tests): HS256 with the shared secret."""
+    now = int(time.time())
+    claims = {"sub": subject, "org": organization_id, "role": role, "iat": now, "exp": now + ttl_s}
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def require_admin(cred: Credential) -> None:
+    if cred.role != "admin":
+        raise ApiError(403, "forbidden", "this operation needs an admin credential")

@@ -1,0 +1,103 @@
+"""The one error shape: {"error": {type, code, message, param}}, built in one place."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+
+from meter.hotpath import Unavailable
+from meter.schemas import ErrorBody, ErrorDetail
+
+log = logging.getLogger(__name__)
+_encode = msgspec.json.Encoder(decimal_format="number").encode
+
+# type per HTTP status, as in Stripe's short fixed list
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "payment_required_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "api_error",
+}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+def invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, "invalid_request", message, param)
+
+
+_PATH = re.compile(r" - at `(\$[^`]*)`$")
+
+
+def from_validation(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiError:
+    """msgspec names the path ("... - at `$.items[3].units`"): carry it into param."""
+    text = str(exc)
+    match = _PATH.search(text)
+    param = match.group(1) if match else None
+    message = _PATH.sub("", text) if match else text
+    if isinstance(exc, msgspec.ValidationError) and message.startswith("Object contains unknown field"):
+        field = message.split("`")[1] if "`" in message else None
+        if field:
+            param = f"{param or '$'}.{field}"
+    if not isinstance(exc, msgspec.ValidationError):
+        message = f"malformed JSON: {message}"
+    return invalid(message, param)
+
+
+def error_response(
+    status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = ErrorBody(error=ErrorDetail(type=_TYPES.get(status, "api_error"), code=code, message=message, param=param))
+    return web.Response(status=status, body=_encode(body), content_type="application/json", headers=headers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
+    except Unavailable as exc:
+        log.warning("dependency_unavailable", extra={"error": str(exc), "path": request.path})
+        return error_response(503, "unavailable", "a backing service is unreachable; nothing was charged")
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, "payload_too_large", "request body is too large")
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            return error_response(404, "not_found", f"no such endpoint: {request.method} {request.path}")
+        if exc.status == 405:
+            return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}")
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, "invalid_request", exc.reason)
+    except Exception:
+        log.exception("unhandled_error", extra={"path": request.path})
+        return error_response(500, "internal_error", "internal error")

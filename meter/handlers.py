@@ -1,0 +1,607 @@
+"""HTTP handlers of /api/credits: decode, authorize, one script call, encode."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from core.money import PrecisionError, to_credits, to_milli
+from ledger.store import Conflict, Credential, NotFound, StoredResponse
+from lua import Status
+from meter import schemas as s
+from meter.appkeys import AUTH, CONFIG, HOT, LEDGER
+from meter.auth import require_admin
+from meter.errors import ApiError, from_validation, invalid
+from meter.hotpath import BatchItem, Result, fingerprint, now_ms, period_bounds
+
+T = TypeVar("T")
+_json = msgspec.json.Encoder(decimal_format="number")
+_msgpack = msgspec.msgpack.Encoder()
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_KEY_MAX = 255
+
+ITEM_CODES: dict[Status, tuple[int, str, str]] = {
+    Status.UNKNOWN_ACTION: (400, "unknown_action", "no cost is configured for this action"),
+    Status.DEPARTMENT_NOT_FOUND: (404, "not_found", "no such department in this organization"),
+    Status.INSUFFICIENT_CREDITS: (402, "insufficient_credits", "not enough available credits"),
+    Status.DEPARTMENT_LIMIT: (402, "department_limit_exceeded", "the department's budget for this period is spent"),
+    Status.CAP_EXCEEDED: (402, "key_cap_exceeded", "this API key's spending cap is reached"),
+    Status.IDEMPOTENCY_CONFLICT: (409, "idempotency_conflict", "idempotency key reused with different parameters"),
+}
+
+
+def decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
+    dec = _decoders.get(kind)
+    if dec is None:
+        dec = _decoders[kind] = msgspec.json.Decoder(kind)
+    return dec
+
+
+def respond(body: msgspec.Struct, status: int = 200) -> web.Response:
+    return web.Response(body=_json.encode(body), status=status, content_type="application/json")
+
+
+def iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def credits(milli: int) -> decimal.Decimal:
+    return to_credits(milli)
+
+
+def milli(value: decimal.Decimal, param: str, *, minimum: int = 0) -> int:
+    try:
+        amount = to_milli(value)
+    except PrecisionError as exc:
+        raise invalid(f"credits {exc}", param) from None
+    if amount < minimum:
+        raise invalid(f"must be at least {to_credits(minimum)}", param)
+    return amount
+
+
+async def decode(request: web.Request, kind: type[T]) -> T:
+    raw = await request.read()
+    try:
+        return decoder(kind).decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise from_validation(exc) from None
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
+        raise invalid(f"{IDEMPOTENCY_HEADER} must be 1 to {IDEMPOTENCY_KEY_MAX} characters", IDEMPOTENCY_HEADER)
+    return key
+
+
+def department_for(cred: Credential, requested: str | None) -> str:
+    """A key scoped to a department charges there; it may not name another."""
+    if cred.department_id is None:
+        return requested or ""
+    if requested is not None and requested != cred.department_id:
+        raise ApiError(403, "forbidden", "this key is scoped to another department", "$.department_id")
+    return cred.department_id
+
+
+def fail(result: Result, *, department_param: str = "$.department_id") -> ApiError:
+    """A script's refusal as the API error (nothing was charged)."""
+    p = result.payload
+    status = result.status
+    if status is Status.RATE_LIMITED:
+        retry_s = max(1, math.ceil(int(p.get("retry_after_ms", 1000)) / 1000))
+        return ApiError(
+            429, "rate_limited", "too many requests for this credential", headers={"Retry-After": str(retry_s)}
+        )
+    if status is Status.UNAUTHENTICATED:
+        return ApiError(401, "unauthenticated", "this credential was revoked")
+    if status is Status.IDEMPOTENCY_CONFLICT:
+        return ApiError(
+            409, "idempotency_conflict", "idempotency key reused with different parameters", IDEMPOTENCY_HEADER
+        )
+    if status is Status.UNKNOWN_ACTION:
+        return ApiError(400, "unknown_action", "no cost is configured for this action", "$.action")
+    if status is Status.DEPARTMENT_NOT_FOUND:
+        return ApiError(404, "not_found", "no such department in this organization", department_param)
+    if status is Status.INSUFFICIENT_CREDITS:
+        return ApiError(
+            402,
+            "insufficient_credits",
+            f"needs {credits(int(p['needed']))} credits, {credits(int(p['available']))} available",
+        )
+    if status is Status.DEPARTMENT_LIMIT:
+        return ApiError(
+            402,
+            "department_limit_exceeded",
+            f"needs {credits(int(p['needed']))} credits, "
+            f"{credits(int(p['remaining']))} left in the department's period",
+            department_param,
+        )
+    if status is Status.CAP_EXCEEDED:
+        return ApiError(
+            402,
+            "key_cap_exceeded",
+            f"needs {credits(int(p['needed']))} credits, {credits(int(p['remaining']))} left under this key's cap",
+        )
+    if status is Status.NOT_FOUND:
+        return ApiError(404, "not_found", "no such reservation", "$.reservation_id")
+    if status is Status.RESERVATION_CLOSED:
+        return ApiError(
+            409,
+            "reservation_closed",
+            f"the reservation is already closed ({p.get('how', 'closed')})",
+            "$.reservation_id",
+        )
+    if status is Status.USED_EXCEEDS_HOLD:
+        return invalid(f"used is more than the reservation's {credits(int(p['amount']))} credits", "$.used")
+    if status is Status.NOT_LOADED:
+        return ApiError(503, "unavailable", "organization state could not be loaded; nothing was charged")
+    return ApiError(500, "internal_error", f"unexpected script status {status.name}")
+
+
+def ok(result: Result) -> dict[str, Any]:
+    if result.status not in (Status.OK, Status.REPLAY):
+        raise fail(result)
+    return result.payload
+
+
+def pack_metadata(metadata: dict[str, Any] | None) -> bytes:
+    return _msgpack.encode(metadata) if metadata else b""
+
+
+# -- /use ------------------------------------------------------------------------
+async def use(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    body = await decode(request, s.UseRequest)
+    key = idempotency_key(request)
+    dept = department_for(cred, body.department_id)
+    fp = fingerprint("use", body.action, body.units, dept, body.metadata)
+    p = ok(
+        await request.app[HOT].consume(
+            cred.organization_id,
+            cred.id,
+            action=body.action,
+            units=body.units,
+            department_id=dept,
+            metadata=pack_metadata(body.metadata),
+            idempotency_key=key,
+            fp=fp,
+        )
+    )
+    return respond(
+        s.UseResponse(
+            id=p["id"],
+            action=body.action,
+            units=body.units,
+            credits=credits(p["credits"]),
+            balance=credits(p["balance"]),
+            available=credits(p["available"]),
+        )
+    )
+
+
+async def use_batch(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    body = await decode(request, s.BatchRequest)
+    limit = request.app[CONFIG].max_batch_items
+    if len(body.items) > limit:
+        raise ApiError(413, "payload_too_large", f"at most {limit} items per batch", "$.items")
+    key = idempotency_key(request)
+    seen: set[str] = set()
+    items: list[BatchItem] = []
+    for i, it in enumerate(body.items):
+        try:
+            dept = department_for(cred, it.department_id)
+        except ApiError as exc:
+            exc.param = f"$.items[{i}].department_id"
+            raise
+        if it.idempotency_key is not None:
+            if it.idempotency_key in seen:
+                raise invalid("idempotency_key repeats within the batch", f"$.items[{i}].idempotency_key")
+            seen.add(it.idempotency_key)
+        items.append(
+            BatchItem(
+                action=it.action,
+                units=it.units,
+                department_id=dept,
+                metadata=pack_metadata(it.metadata),
+                idempotency_key=it.idempotency_key,
+                fingerprint=fingerprint("use", it.action, it.units, dept, it.metadata),
+            )
+        )
+    fp = fingerprint(
+        "use_batch",
+        body.atomic,
+        [(it.action, it.units, it.department_id, it.metadata, it.idempotency_key) for it in body.items],
+    )
+    result = await request.app[HOT].consume_batch(
+        cred.organization_id, cred.id, items, atomic=body.atomic, idempotency_key=key, fp=fp
+    )
+    if result.status is Status.ITEM_FAILED:
+        p = result.payload
+        index = int(p["i"])
+        http, code, message = ITEM_CODES[Status(int(p["err"]))]
+        param = {"unknown_action": "action", "not_found": "department_id", "department_limit_exceeded": "department_id"}
+        field = param.get(code, "")
+        raise ApiError(
+            http,
+            code,
+            f"item {index}: {message}; nothing was charged",
+            f"$.items[{index}]" + (f".{field}" if field else ""),
+        )
+    p = ok(result)
+    results = []
+    for r in p["results"]:
+        if r.get("ok"):
+            results.append(s.BatchResult(index=int(r["i"]), ok=True, id=r["id"], credits=credits(int(r["credits"]))))
+        else:
+            _, code, message = ITEM_CODES[Status(int(r["err"]))]
+            if "need" in r:
+                message += f" (needs {credits(int(r['need']))}, {credits(int(r['have']))} left)"
+            results.append(s.BatchResult(index=int(r["i"]), ok=False, error=s.ItemError(code=code, message=message)))
+    return respond(s.BatchResponse(results=results, balance=credits(p["balance"]), available=credits(p["available"])))
+
+
+# -- reservations ----------------------------------------------------------------
+async def reserve(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    body = await decode(request, s.ReserveRequest)
+    amount = milli(body.amount, "$.amount", minimum=1)
+    key = idempotency_key(request)
+    dept = department_for(cred, body.department_id)
+    fp = fingerprint("reserve", amount, body.ttl_seconds, dept, body.action, body.metadata)
+    p = ok(
+        await request.app[HOT].reserve(
+            cred.organization_id,
+            cred.id,
+            amount=amount,
+            ttl_ms=body.ttl_seconds * 1000,
+            department_id=dept,
+            action=body.action or "",
+            metadata=pack_metadata(body.metadata),
+            idempotency_key=key,
+            fp=fp,
+        )
+    )
+    return respond(
+        s.ReserveResponse(
+            id=p["id"],
+            amount=credits(p["amount"]),
+            expires_at=iso(p["expires_ms"]),
+            balance=credits(p["balance"]),
+            available=credits(p["available"]),
+        )
+    )
+
+
+async def release(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    body = await decode(request, s.ReleaseRequest)
+    used = milli(body.used, "$.used")
+    key = idempotency_key(request)
+    fp = fingerprint("release", body.reservation_id, used)
+    p = ok(
+        await request.app[HOT].release(
+            cred.organization_id, cred.id, reservation_id=body.reservation_id, used=used, idempotency_key=key, fp=fp
+        )
+    )
+    return respond(
+        s.ReleaseResponse(
+            id=p["id"],
+            used=credits(p["used"]),
+            released=credits(p["released"]),
+            balance=credits(p["balance"]),
+            available=credits(p["available"]),
+        )
+    )
+
+
+# -- balance ---------------------------------------------------------------------
+def _dept_param(request: web.Request, cred: Credential) -> str:
+    raw = request.query.get("department_id")
+    if raw is not None:
+        try:
+            msgspec.convert(raw, s.DepartmentId)
+        except msgspec.ValidationError:
+            raise invalid("department_id must be a department id (uuid)", "department_id") from None
+    return department_for(cred, raw)
+
+
+def _budget(dept_id: str, d: dict[str, Any]) -> s.DepartmentBudget:
+    limit = int(d["limit"])
+    spent = int(d["spent"])
+    return s.DepartmentBudget(
+        id=dept_id,
+        limit=None if limit < 0 else credits(limit),
+        period=d["period"],
+        spent=credits(spent),
+        remaining=None if limit < 0 else credits(max(0, limit - spent)),
+    )
+
+
+async def balance(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    dept = _dept_param(request, cred)
+    org = cred.organization_id
+    result = await request.app[HOT].balance(org, cred.id, department_id=dept)
+    p = ok_or(result, department_param="department_id")
+    grants = p["grants"]
+    sources = await request.app[LEDGER].grant_sources(org, [g["id"] for g in grants])
+    return respond(
+        s.BalanceResponse(
+            organization_id=org,
+            balance=credits(p["balance"]),
+            reserved=credits(p["reserved"]),
+            available=credits(p["available"]),
+            grants=[
+                s.GrantView(
+                    id=g["id"],
+                    source=sources.get(g["id"], "unknown"),
+                    remaining=credits(int(g["remaining"])),
+                    expires_at=iso(int(g["expires_ms"])) if int(g["expires_ms"]) else None,
+                )
+                for g in grants
+            ],
+            department=_budget(dept, p["dept"]) if dept else None,
+        )
+    )
+
+
+def ok_or(result: Result, *, department_param: str) -> dict[str, Any]:
+    if result.status is not Status.OK:
+        raise fail(result, department_param=department_param)
+    return result.payload
+
+
+# -- costs -----------------------------------------------------------------------
+async def _request_token(request: web.Request, cred: Credential) -> None:
+    ok_or(await request.app[HOT].take_request_token(cred.organization_id, cred.id), department_param="department_id")
+
+
+async def list_costs(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    await _request_token(request, cred)
+    rows = await request.app[LEDGER].costs(cred.organization_id)
+    return respond(
+        s.CostList(
+            data=[
+                s.CostView(action=c.action, credits=credits(c.credits), unit=c.unit, description=c.description)
+                for c in rows
+            ]
+        )
+    )
+
+
+async def put_cost(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    require_admin(cred)
+    action = request.match_info["action"]
+    try:
+        msgspec.convert(action, s.Action)
+    except msgspec.ValidationError:
+        raise invalid("action must match ^[a-z][a-z0-9_.:-]{0,63}$", "action") from None
+    body = await decode(request, s.CostRequest)
+    amount = milli(body.credits, "$.credits")
+    await _request_token(request, cred)
+    org = cred.organization_id
+    cost = await request.app[LEDGER].set_cost(org, action, amount, body.unit, body.description)
+    await request.app[HOT].configure(org, "cost", action, amount)
+    return respond(
+        s.CostView(action=cost.action, credits=credits(cost.credits), unit=cost.unit, description=cost.description)
+    )
+
+
+# -- departments -----------------------------------------------------------------
+async def list_departments(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    await _request_token(request, cred)
+    rows = await request.app[LEDGER].departments(cred.organization_id)
+    return respond(s.DepartmentList(data=[s.DepartmentView(id=d.id, name=d.name) for d in rows]))
+
+
+async def create_department(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    require_admin(cred)
+    body = await decode(request, s.DepartmentRequest)
+    key = idempotency_key(request)
+    org = cred.organization_id
+    ledger = request.app[LEDGER]
+    fp = fingerprint("create_department", body.name)
+    if key is not None:
+        stored = await ledger.stored_response(org, key)
+        if stored is not None:
+            return _replay(stored, fp)
+    await _request_token(request, cred)
+    try:
+        dept = await ledger.create_department(org, body.name)
+    except Conflict as exc:
+        raise ApiError(409, "conflict", str(exc), "$.name") from None
+    await request.app[HOT].configure(org, "dept", dept.id, -1, dept.period)
+    response = respond(s.DepartmentView(id=dept.id, name=dept.name), status=201)
+    if key is not None:
+        assert isinstance(response.body, bytes)
+        stored = await ledger.store_response(org, key, StoredResponse(fp, response.status, response.body))
+        return _replay(stored, fp)
+    return response
+
+
+def _replay(stored: StoredResponse, fp: str) -> web.Response:
+    if stored.fingerprint != fp:
+        raise ApiError(
+            409, "idempotency_conflict", "idempotency key reused with different parameters", IDEMPOTENCY_HEADER
+        )
+    return web.Response(body=stored.body, status=stored.status, content_type="application/json")
+
+
+def _dept_id(request: web.Request) -> str:
+    raw = request.match_info["department_id"]
+    try:
+        return msgspec.convert(raw, s.DepartmentId)
+    except msgspec.ValidationError:
+        raise ApiError(404, "not_found", "no such department", "department_id") from None
+
+
+async def _limit_view(request: web.Request, cred: Credential, dept_id: str) -> s.LimitView:
+    result = await request.app[HOT].balance(cred.organization_id, cred.id, department_id=dept_id)
+    p = ok_or(result, department_param="department_id")
+    budget = _budget(dept_id, p["dept"])
+    start, end = period_bounds(budget.period, now_ms())
+    return s.LimitView(
+        department_id=dept_id,
+        limit=budget.limit,
+        period=budget.period,
+        spent=budget.spent,
+        remaining=budget.remaining,
+        period_start=start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        period_end=end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+
+
+async def get_limits(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    dept_id = _dept_id(request)
+    if cred.department_id is not None and cred.department_id != dept_id:
+        raise ApiError(403, "forbidden", "this key is scoped to another department", "department_id")
+    return respond(await _limit_view(request, cred, dept_id))
+
+
+async def put_limits(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    require_admin(cred)
+    dept_id = _dept_id(request)
+    body = await decode(request, s.LimitRequest)
+    limit = None if body.limit is None else milli(body.limit, "$.limit")
+    await _request_token(request, cred)
+    org = cred.organization_id
+    try:
+        dept = await request.app[LEDGER].set_department_limit(org, dept_id, limit, body.period)
+    except NotFound:
+        raise ApiError(404, "not_found", "no such department", "department_id") from None
+    await request.app[HOT].configure(org, "dept", dept.id, -1 if limit is None else limit, dept.period)
+    return respond(await _limit_view(request, cred, dept_id))
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One endpoint: the route and the documentation come from this one record."""
+
+    method: str
+    path: str
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    summary: str
+    request: type[msgspec.Struct] | None = None
+    response: type[msgspec.Struct] | None = None
+    status: int = 200
+    admin: bool = False
+    idempotent: bool = False
+    query: tuple[str, ...] = ()
+    errors: tuple[int, ...] = (400, 401, 429, 503)
+
+
+OPERATIONS = (
+    Operation(
+        "GET",
+        "/api/credits/balance",
+        balance,
+        "Balance, reserved, available and live grants",
+        response=s.BalanceResponse,
+        query=("department_id",),
+        errors=(400, 401, 403, 404, 429, 503),
+    ),
+    Operation(
+        "POST",
+        "/api/credits/use",
+        use,
+        "Consume credits for one action",
+        s.UseRequest,
+        s.UseResponse,
+        idempotent=True,
+        errors=(400, 401, 402, 403, 404, 409, 413, 429, 503),
+    ),
+    Operation(
+        "POST",
+        "/api/credits/use/batch",
+        use_batch,
+        "Consume credits for many actions (atomic or best effort)",
+        s.BatchRequest,
+        s.BatchResponse,
+        idempotent=True,
+        errors=(400, 401, 402, 403, 404, 409, 413, 429, 503),
+    ),
+    Operation(
+        "POST",
+        "/api/credits/reserve",
+        reserve,
+        "Hold credits for a long task",
+        s.ReserveRequest,
+        s.ReserveResponse,
+        idempotent=True,
+        errors=(400, 401, 402, 403, 404, 409, 413, 429, 503),
+    ),
+    Operation(
+        "POST",
+        "/api/credits/release",
+        release,
+        "Charge what a reservation used, free the rest",
+        s.ReleaseRequest,
+        s.ReleaseResponse,
+        idempotent=True,
+        errors=(400, 401, 404, 409, 413, 429, 503),
+    ),
+    Operation("GET", "/api/credits/costs", list_costs, "Cost of every action", response=s.CostList),
+    Operation(
+        "PUT",
+        "/api/credits/costs/{action}",
+        put_cost,
+        "Set an action's cost (admin)",
+        s.CostRequest,
+        s.CostView,
+        admin=True,
+        errors=(400, 401, 403, 413, 429, 503),
+    ),
+    Operation("GET", "/api/credits/departments", list_departments, "Departments", response=s.DepartmentList),
+    Operation(
+        "POST",
+        "/api/credits/departments",
+        create_department,
+        "Create a department (admin)",
+        s.DepartmentRequest,
+        s.DepartmentView,
+        status=201,
+        admin=True,
+        idempotent=True,
+        errors=(400, 401, 403, 409, 413, 429, 503),
+    ),
+    Operation(
+        "GET",
+        "/api/credits/departments/{department_id}/limits",
+        get_limits,
+        "A department's budget for the current period",
+        response=s.LimitView,
+        errors=(401, 403, 404, 429, 503),
+    ),
+    Operation(
+        "PUT",
+        "/api/credits/departments/{department_id}/limits",
+        put_limits,
+        "Set a department's budget (admin)",
+        s.LimitRequest,
+        s.LimitView,
+        admin=True,
+        errors=(400, 401, 403, 404, 413, 429, 503),
+    ),
+)
+
+
+def routes() -> list[web.RouteDef]:
+    return [web.route(op.method, op.path, op.handler) for op in OPERATIONS]

