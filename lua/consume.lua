@@ -6,7 +6,7 @@
   ARGV[6] default burst          ARGV[7..9] current day / week / month start (ms)
   ARGV[10] idempotency fingerprint ('' = none)               ARGV[11] idempotency ttl (ms)
   ARGV[12] action                ARGV[13] units (integer >= 1)
-  ARGV[14] department id ('' = none)                         ARGV[15] metadata (msgpack)
+  ARGV[14] department id ('' = none)                         ARGV[15] metadata (JSON text)
   ARGV[16] event id
   Returns {status, msgpack payload}:
     OK      {id, credits, balance, available}     (millicredits)
@@ -66,7 +66,7 @@ end
 if charge > 0 then
   redis.call('HINCRBY', KEYS[K_CREDS], cred .. '|spent', charge)
 end
-local bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', -charge)
+local bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - charge)
 local res = num(redis.call('HGET', KEYS[K_ACCT], 'res'))
 emit({t = 'use', id = event_id, act = action, u = units, amt = charge, d = dept, k = cred,
       m = metadata, g = alloc, at = NOW})

@@ -8,7 +8,7 @@
   ARGV[10] request idempotency fingerprint ('' = none)       ARGV[11] idempotency ttl (ms)
   ARGV[12] atomic ('1' = all or none, '0' = best effort)
   ARGV[13] items, msgpack list of {a = action, u = units, d = department ('' none),
-           m = metadata (msgpack, '' none), id = event id, ki = KEYS index of the item's
+           m = metadata (JSON text, '' none), id = event id, ki = KEYS index of the item's
            idempotency record (0 none), fp = item fingerprint}
   Returns {status, msgpack payload}:
     OK      {results = [{i, ok, id?, credits?, err?, need?, have?}], balance, available}
@@ -129,7 +129,7 @@ end
 if total > 0 then
   redis.call('HSET', KEYS[K_CREDS], cred .. '|spent', c.spent)
 end
-local bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', -total)
+local bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - total)
 local res = num(redis.call('HGET', KEYS[K_ACCT], 'res'))
 if #events > 0 then
   emit({t = 'use_batch', id = CALL_ID, k = cred, at = NOW, ev = events})

@@ -32,7 +32,7 @@ if debit > usable then
 end
 local alloc = take(live, debit)
 flush_grants(live)
-local bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', -debit)
+local bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - debit)
 local res = num(redis.call('HGET', KEYS[K_ACCT], 'res'))
 emit({t = kind, id = event_id, amt = debit, asked = amount, why = reason, g = alloc, at = NOW})
 local payload = {id = event_id, debited = debit, balance = bal, available = bal - res}

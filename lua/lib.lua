@@ -139,7 +139,7 @@ local function expire_grants(expired)
       emit({t = 'grant_expired', id = next_event_id(), g = g[1], amt = g[2], at = NOW})
     end
   end
-  if total > 0 then redis.call('HINCRBY', KEYS[K_ACCT], 'bal', -total) end
+  if total > 0 then redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - total) end
   return total
 end
 
@@ -228,8 +228,8 @@ local function close_hold(rid, h, used, how, starts, event_id)
     local c = cred_state(h.k)
     redis.call('HSET', KEYS[K_CREDS], h.k .. '|spent', math.max(0, c.spent - released))
   end
-  redis.call('HINCRBY', KEYS[K_ACCT], 'bal', -used)
-  redis.call('HINCRBY', KEYS[K_ACCT], 'res', -h.a)
+  redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - used)
+  redis.call('HINCRBY', KEYS[K_ACCT], 'res', 0 - h.a)
   h.st = how
   h.u = used
   h.c = NOW

@@ -9,7 +9,7 @@
   ARGV[10] idempotency fingerprint ('' = none)               ARGV[11] idempotency ttl (ms)
   ARGV[12] amount (millicredits, >= 1)                       ARGV[13] ttl (ms, >= 1)
   ARGV[14] department id ('' = none)                         ARGV[15] action ('' = none)
-  ARGV[16] metadata (msgpack, '' = none)                     ARGV[17] reservation id
+  ARGV[16] metadata (JSON text, '' = none)                     ARGV[17] reservation id
   Returns {status, msgpack payload}:
     OK      {id, amount, expires_ms, balance, available}
     REPLAY | NOT_LOADED | IDEMPOTENCY_CONFLICT | UNAUTHENTICATED | RATE_LIMITED

@@ -6,6 +6,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 import msgspec
 from aiohttp import web
 
@@ -13,6 +14,15 @@ from meter.hotpath import Unavailable
 from meter.schemas import ErrorBody, ErrorDetail
 
 log = logging.getLogger(__name__)
+
+# What Postgres being unreachable looks like from asyncpg.
+POSTGRES_DOWN: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
 _encode = msgspec.json.Encoder(decimal_format="number").encode
 
 # type per HTTP status, as in Stripe's short fixed list
@@ -60,7 +70,9 @@ def from_validation(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiEr
     match = _PATH.search(text)
     param = match.group(1) if match else None
     message = _PATH.sub("", text) if match else text
-    if isinstance(exc, msgspec.ValidationError) and message.startswith("Object contains unknown field"):
+    if isinstance(exc, msgspec.ValidationError) and message.startswith(
+        ("Object contains unknown field", "Object missing required field")
+    ):
         field = message.split("`")[1] if "`" in message else None
         if field:
             param = f"{param or '$'}.{field}"
@@ -76,6 +88,11 @@ def error_response(
     return web.Response(status=status, body=_encode(body), content_type="application/json", headers=headers)
 
 
+def _unavailable(request: web.Request, exc: BaseException) -> web.Response:
+    log.warning("dependency_unavailable", extra={"error": str(exc), "path": request.path})
+    return error_response(503, "unavailable", "a backing service is unreachable; nothing was charged")
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -86,8 +103,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
     except Unavailable as exc:
-        log.warning("dependency_unavailable", extra={"error": str(exc), "path": request.path})
-        return error_response(503, "unavailable", "a backing service is unreachable; nothing was charged")
+        return _unavailable(request, exc)
+    except POSTGRES_DOWN as exc:
+        return _unavailable(request, exc)
     except web.HTTPRequestEntityTooLarge:
         return error_response(413, "payload_too_large", "request body is too large")
     except web.HTTPException as exc:

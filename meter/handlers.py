@@ -23,7 +23,6 @@ from meter.hotpath import BatchItem, Result, fingerprint, now_ms, period_bounds
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder(decimal_format="number")
-_msgpack = msgspec.msgpack.Encoder()
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -155,8 +154,9 @@ def ok(result: Result) -> dict[str, Any]:
     return result.payload
 
 
-def pack_metadata(metadata: dict[str, Any] | None) -> bytes:
-    return _msgpack.encode(metadata) if metadata else b""
+def pack_metadata(metadata: dict[str, Any] | None) -> str:
+    """Metadata travels as JSON text (Redis' cmsgpack predates msgpack's bin type)."""
+    return _json.encode(metadata).decode() if metadata else ""
 
 
 # -- /use ------------------------------------------------------------------------

@@ -113,7 +113,7 @@ class BatchItem:
     action: str
     units: int
     department_id: str
-    metadata: bytes  # msgpack, b"" = none
+    metadata: str  # JSON text, "" = none
     idempotency_key: str | None
     fingerprint: str
 
@@ -257,7 +257,7 @@ class HotPath:
         action: str,
         units: int,
         department_id: str = "",
-        metadata: bytes = b"",
+        metadata: str = "",
         idempotency_key: str | None = None,
         fp: str = "",
         now: int | None = None,
@@ -313,7 +313,7 @@ class HotPath:
         ttl_ms: int,
         department_id: str = "",
         action: str = "",
-        metadata: bytes = b"",
+        metadata: str = "",
         idempotency_key: str | None = None,
         fp: str = "",
         now: int | None = None,

@@ -1,0 +1,154 @@
+"""Test fixtures. Servers come from REDIS_URL and DATABASE_URL when both are set (a
+fresh database is created on that server for the session); otherwise the suite starts
+the embedded servers itself, exactly as a fresh machine would.
+
+Tiers: tests/unit (no servers), tests/integration (real Redis and Postgres),
+tests/e2e (HTTP against the sidecar). Pick one with `-m unit|integration|e2e`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from core import config as config_module
+from core.config import Config
+from ledger.migrate import migrate
+from ledger.store import Ledger
+from meter.hotpath import HotPath
+from ops import admin
+
+JWT_SECRET = "test-secret-" + "x" * 40
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = pathlib.Path(str(item.fspath)).parent.name
+        if tier in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+@dataclass(frozen=True)
+class Servers:
+    redis_url: str
+    database_url: str  # owner URL of this session's own database
+    embedded: bool
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    redis_url = os.environ.get("REDIS_URL")
+    database_url = os.environ.get("DATABASE_URL")
+    if redis_url and database_url:
+        yield from _fresh_database(redis_url, database_url, embedded=False)
+        return
+    from ops.embedded import EmbeddedServers
+
+    with tempfile.TemporaryDirectory(prefix="credits-test-") as tmp:
+        embedded = EmbeddedServers(pathlib.Path(tmp))
+        urls = embedded.start()
+        try:
+            yield from _fresh_database(urls.redis_url, urls.database_url, embedded=True)
+        finally:
+            embedded.stop()
+
+
+def _fresh_database(redis_url: str, database_url: str, *, embedded: bool) -> Iterator[Servers]:
+    import asyncio
+
+    name = f"credits_test_{uuid.uuid4().hex[:10]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    try:
+        yield Servers(redis_url=redis_url, database_url=_with_database(database_url, name), embedded=embedded)
+    finally:
+        asyncio.run(drop())
+
+
+@pytest.fixture(scope="session")
+def config(servers: Servers) -> Config:
+    base = config_module.load({"JWT_SECRET": JWT_SECRET, "RATE_LIMIT_PER_S": "0"})
+    return replace(base, redis_url=servers.redis_url, database_url=servers.database_url)
+
+
+@pytest.fixture(scope="session")
+async def migrated(config: Config) -> Config:
+    assert config.database_url is not None
+    await migrate(config.database_url, app_password=config.app_db_password)
+    return config
+
+
+@pytest.fixture(scope="session")
+async def ledger(migrated: Config) -> AsyncIterator[Ledger]:
+    led = await Ledger.connect(migrated.app_dsn(), min_size=2, max_size=20)
+    yield led
+    await led.close()
+
+
+@pytest.fixture(scope="session")
+async def redis(config: Config) -> AsyncIterator[aioredis.Redis]:
+    assert config.redis_url is not None
+    client = aioredis.Redis.from_url(config.redis_url, max_connections=200)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+async def hot(redis: aioredis.Redis, ledger: Ledger, config: Config) -> HotPath:
+    path = HotPath(
+        redis,
+        ledger,
+        partitions=config.usage_partitions,
+        default_rate_per_s=0,
+        default_burst=1,
+        idempotency_ttl_s=config.idempotency_ttl_s,
+    )
+    await path.start()
+    return path
+
+
+@dataclass(frozen=True)
+class Org:
+    id: str
+    admin_key: str
+    admin_key_id: str
+
+
+@pytest.fixture
+async def org(ledger: Ledger) -> Org:
+    org_id, key = await admin.create_organization(ledger, f"org-{uuid.uuid4().hex[:6]}")
+    return Org(id=org_id, admin_key=key.secret, admin_key_id=key.id)
+
+
+@pytest.fixture
+async def other_org(ledger: Ledger) -> Org:
+    org_id, key = await admin.create_organization(ledger, f"other-{uuid.uuid4().hex[:6]}")
+    return Org(id=org_id, admin_key=key.secret, admin_key_id=key.id)

@@ -1,0 +1,128 @@
+"""Fast tests with no servers: money, configuration, validation errors, periods,
+the scripts' status codes and the OpenAPI document."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import re
+
+import msgspec
+import pytest
+
+import lua
+from core.config import ConfigError, Durability, load
+from core.money import PrecisionError, to_credits, to_milli
+from meter import schemas
+from meter.errors import from_validation
+from meter.hotpath import fingerprint, period_bounds, period_starts_ms
+
+
+@pytest.mark.parametrize(
+    ("text", "milli"),
+    [
+        ("0", 0),
+        ("1", 1000),
+        ("0.001", 1),
+        ("0.125", 125),
+        ("-2.5", -2500),
+        ("1E+2", 100_000),
+        ("999999999999.999", 999999999999999),
+    ],
+)
+def test_credits_to_milli_exact(text: str, milli: int) -> None:
+    assert to_milli(decimal.Decimal(text)) == milli
+    assert to_milli(to_credits(milli)) == milli
+
+
+@pytest.mark.parametrize("text", ["0.0001", "1.0005", "NaN", "Infinity", "1e13", "-1e13"])
+def test_credits_refuse_more_precision_or_range(text: str) -> None:
+    with pytest.raises(PrecisionError):
+        to_milli(decimal.Decimal(text))
+
+
+def test_credits_render_without_exponent_or_trailing_zeros() -> None:
+    assert [str(to_credits(m)) for m in (100_000, 1500, 1, -3, 0)] == ["100", "1.5", "0.001", "-0.003", "0"]
+
+
+def test_config_defaults_and_errors_name_the_variable() -> None:
+    c = load({})
+    assert c.embedded and c.redis_url is None and c.durability is Durability.ASYNC
+    c = load({"REDIS_URL": "redis://h:1/0", "DATABASE_URL": "postgresql://u:p@h:5/db", "DURABILITY": "local"})
+    assert not c.embedded and c.durability is Durability.LOCAL
+    assert c.app_dsn() == "postgresql://credits_app:credits_app@h:5/db"
+    for env, name in [
+        ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
+        ({"USAGE_PARTITIONS": "zero"}, "USAGE_PARTITIONS"),
+        ({"USAGE_PARTITIONS": "0"}, "USAGE_PARTITIONS"),
+        ({"RATE_LIMIT_PER_S": "-1"}, "RATE_LIMIT_PER_S"),
+        ({"IDEMPOTENCY_TTL_S": "60"}, "IDEMPOTENCY_TTL_S"),
+        ({"DURABILITY": "sometimes"}, "DURABILITY"),
+        ({"JWT_SECRET": "short"}, "JWT_SECRET"),
+        ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
+        ({"METER_PORT": "70000"}, "METER_PORT"),
+    ]:
+        with pytest.raises(ConfigError, match=name):
+            load(env)
+
+
+def test_validation_errors_carry_the_json_path() -> None:
+    dec = msgspec.json.Decoder(schemas.BatchRequest)
+    with pytest.raises(msgspec.ValidationError) as exc:
+        dec.decode(b'{"items": [{"action": "a"}, {"action": "a", "units": 0}]}')
+    err = from_validation(exc.value)
+    assert (err.status, err.code, err.param) == (400, "invalid_request", "$.items[1].units")
+    with pytest.raises(msgspec.ValidationError) as exc:
+        dec.decode(b'{"items": [{"action": "a", "colour": 1}]}')
+    assert from_validation(exc.value).param == "$.items[0].colour"
+    with pytest.raises(msgspec.DecodeError) as dexc:
+        dec.decode(b"{")
+    assert from_validation(dexc.value).message.startswith("malformed JSON")
+
+
+def test_period_starts_and_bounds() -> None:
+    t = int(dt.datetime(2026, 12, 31, 15, 0, tzinfo=dt.UTC).timestamp() * 1000)  # a Thursday
+    day, week, month = period_starts_ms(t)
+    assert dt.datetime.fromtimestamp(day / 1000, dt.UTC) == dt.datetime(2026, 12, 31, tzinfo=dt.UTC)
+    assert dt.datetime.fromtimestamp(week / 1000, dt.UTC) == dt.datetime(2026, 12, 28, tzinfo=dt.UTC)
+    assert dt.datetime.fromtimestamp(month / 1000, dt.UTC) == dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    start, end = period_bounds("month", t)
+    assert (start.month, end.year, end.month) == (12, 2027, 1)
+
+
+def test_fingerprint_is_stable_and_sensitive() -> None:
+    assert fingerprint("use", "a", 1, "", None) == fingerprint("use", "a", 1, "", None)
+    assert fingerprint("use", "a", 1, "", None) != fingerprint("use", "a", 2, "", None)
+    assert fingerprint("use", "a", 1, "", {"x": 1}) != fingerprint("use", "a", 1, "", {"x": 2})
+
+
+def test_every_status_a_script_names_is_in_the_enum() -> None:
+    names = {s.name for s in lua.Status}
+    for script in lua.SCRIPTS:
+        body = lua.source(script).split("\n", len(lua.Status))[-1]
+        body = re.sub(r"--\[\[.*?\]\]|--[^\n]*|'[^'\n]*'", "", body, flags=re.S)  # comments, strings
+        constants = {"KEYS", "ARGV", "HOLD_SWEEP_MAX", "HOLD_KEEP_MS", "HOLD_PURGE_MAX", "SCORE_SCALE", "N_FIXED"}
+        used = set(re.findall(r"\b([A-Z][A-Z_]{2,})\b", body)) - constants - {"ORG", "NOW", "CALL_ID"}
+        used = {u for u in used if not u.startswith("K_")}
+        assert used <= names, (script, used - names)
+
+
+def test_every_script_has_a_header() -> None:
+    for script in lua.SCRIPTS:
+        text = (lua.source(script)).split(lua._read("lib.lua"))[1]
+        assert "KEYS" in text and "ARGV" in text and "Returns" in text, script
+
+
+def test_openapi_document_covers_the_contract() -> None:
+    from meter import openapi
+
+    doc = json.loads(openapi.document())
+    assert doc["openapi"].startswith("3.")
+    use = doc["paths"]["/api/credits/use"]["post"]
+    assert use["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/UseRequest")
+    assert set(use["responses"]) >= {"200", "400", "401", "402", "409", "413", "429", "503"}
+    props = doc["components"]["schemas"]["UseResponse"]["properties"]
+    assert set(props) == {"id", "action", "units", "credits", "balance", "available"}
+    assert props["credits"]["type"] == "number"
