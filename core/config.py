@@ -27,6 +27,7 @@ class Durability(enum.Enum):
 
 
 APP_ROLE = "credits_app"
+SETTLER_ROLE = "credits_settler"
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,12 @@ class Config:
     database_url: str | None = None  # owner URL (migrations); None: embedded
     app_database_url: str | None = None  # the non-owner role the services use
     app_db_password: str = "credits_app"  # noqa: S105 - dev default, set APP_DB_PASSWORD
+    settler_database_url: str | None = None  # the settlement role
+    settler_db_password: str = "credits_settler"  # noqa: S105 - dev default, set SETTLER_DB_PASSWORD
     data_dir: pathlib.Path = pathlib.Path(".data")
     jwt_secret: str | None = None
     usage_partitions: int = 16
+    redis_key_prefix: str = "cr"
     rate_limit_per_s: float = 1000.0
     rate_limit_burst: float = 2000.0
     idempotency_ttl_s: int = 48 * 3600
@@ -47,6 +51,8 @@ class Config:
     host: str = "127.0.0.1"
     meter_port: int = 8080
     log_level: str = "INFO"
+    settle_batch_entries: int = 500
+    settlement_lag_alert_s: float = 5.0
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -60,6 +66,15 @@ class Config:
         """The URL the services use: the app role, never the owner."""
         if self.app_database_url:
             return self.app_database_url
+        return self._role_dsn(APP_ROLE, self.app_db_password)
+
+    def settler_dsn(self) -> str:
+        """The URL the settler uses: its own role, never the owner."""
+        if self.settler_database_url:
+            return self.settler_database_url
+        return self._role_dsn(SETTLER_ROLE, self.settler_db_password)
+
+    def _role_dsn(self, role: str, password: str) -> str:
         if self.database_url is None:
             raise ConfigError("DATABASE_URL: not set and no embedded server started")
         parts = urllib.parse.urlsplit(self.database_url)
@@ -67,8 +82,8 @@ class Config:
         if ":" in host:
             host = f"[{host}]"
         port = f":{parts.port}" if parts.port else ""
-        password = urllib.parse.quote(self.app_db_password, safe="")
-        netloc = f"{APP_ROLE}:{password}@{host}{port}"
+        quoted = urllib.parse.quote(password, safe="")
+        netloc = f"{role}:{quoted}@{host}{port}"
         return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
 
 
@@ -108,6 +123,13 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     return raw
 
 
+def _prefix(env: Mapping[str, str]) -> str:
+    raw = env.get("REDIS_KEY_PREFIX", "cr")
+    if not raw or not all(c.isalnum() or c in "_-" for c in raw) or len(raw) > 32:
+        raise ConfigError("REDIS_KEY_PREFIX: 1 to 32 letters, digits, '_' or '-'")
+    return raw
+
+
 def load(env: Mapping[str, str] | None = None) -> Config:
     """Decode the configuration from `env` (default: os.environ)."""
     env = os.environ if env is None else env
@@ -128,9 +150,12 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         database_url=_url(env, "DATABASE_URL", ("postgres", "postgresql")),
         app_database_url=_url(env, "APP_DATABASE_URL", ("postgres", "postgresql")),
         app_db_password=env.get("APP_DB_PASSWORD", "credits_app"),
+        settler_database_url=_url(env, "SETTLER_DATABASE_URL", ("postgres", "postgresql")),
+        settler_db_password=env.get("SETTLER_DB_PASSWORD", "credits_settler"),
         data_dir=pathlib.Path(env.get("CREDITS_DATA_DIR", ".data")),
         jwt_secret=jwt_secret,
         usage_partitions=_int(env, "USAGE_PARTITIONS", 16, 1, 1024),
+        redis_key_prefix=_prefix(env),
         rate_limit_per_s=_float(env, "RATE_LIMIT_PER_S", 1000.0, 0.0),
         rate_limit_burst=_float(env, "RATE_LIMIT_BURST", 2000.0, 1.0),
         idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_S", 48 * 3600, 24 * 3600, 30 * 86400),
@@ -140,4 +165,6 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         host=env.get("HOST", "127.0.0.1"),
         meter_port=_int(env, "METER_PORT", 8080, 0, 65535),
         log_level=level,
+        settle_batch_entries=_int(env, "SETTLE_BATCH_ENTRIES", 500, 1, 10_000),
+        settlement_lag_alert_s=_float(env, "SETTLEMENT_LAG_ALERT_S", 5.0, 0.1),
     )

@@ -13,7 +13,7 @@ import logging
 
 import asyncpg
 
-from core.config import APP_ROLE
+from core.config import APP_ROLE, SETTLER_ROLE
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def migration_files() -> list[tuple[str, str]]:
     return files
 
 
-async def migrate(dsn: str, *, app_password: str) -> list[str]:
+async def migrate(dsn: str, *, app_password: str, settler_password: str) -> list[str]:
     """Apply pending migrations; return the names applied by this call."""
     conn = await asyncpg.connect(dsn)
     applied: list[str] = []
@@ -55,9 +55,10 @@ async def migrate(dsn: str, *, app_password: str) -> list[str]:
                     await conn.execute("INSERT INTO schema_migrations (name, checksum) VALUES ($1, $2)", name, checksum)
                 log.info("migration_applied", extra={"migration": name})
                 applied.append(name)
-            # The role is cluster-wide and its password comes from configuration.
-            quoted = await conn.fetchval("SELECT quote_literal($1)", app_password)
-            await conn.execute(f"ALTER ROLE {APP_ROLE} LOGIN PASSWORD {quoted}")
+            # The roles are cluster-wide and their passwords come from configuration.
+            for role, password in ((APP_ROLE, app_password), (SETTLER_ROLE, settler_password)):
+                quoted = await conn.fetchval("SELECT quote_literal($1)", password)
+                await conn.execute(f"ALTER ROLE {role} LOGIN PASSWORD {quoted}")
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
     finally:

@@ -18,7 +18,8 @@ from typing import Any
 
 import asyncpg
 
-from meter.hotpath import CredSnapshot, DeptSnapshot, GrantSnapshot, Snapshot, period_starts_ms
+from core.periods import period_starts_ms
+from meter.snapshot import CredSnapshot, DeptSnapshot, GrantSnapshot, HoldSnapshot, Snapshot
 
 API_KEY_PREFIX = "ck_"
 GRANT_PRIORITY = {"signup_bonus": 0, "subscription": 10, "purchase": 20, "admin": 20}
@@ -288,33 +289,87 @@ class Ledger:
         return int(balance), int(total)
 
     # -- cold-cache snapshot --------------------------------------------------------
-    async def snapshot(self, organization_id: str) -> Snapshot:
+    async def snapshot(self, organization_id: str, partition: int | None = None) -> Snapshot:
+        """The organization as the ledger knows it, in one repeatable-read snapshot,
+        with the watermark of its partition (the first stream entry not yet settled)."""
         now = dt.datetime.now(dt.UTC)
         starts = dict(zip(("day", "week", "month"), period_starts_ms(_ms(now)), strict=True))
+        earliest = dt.datetime.fromtimestamp(min(starts.values()) / 1000, dt.UTC)
         async with self.tenant(organization_id) as conn:
+            # Each load gets a new generation (its own short transaction: concurrent
+            # loads must not fail the snapshot below with a serialization error).
             gen = await conn.fetchval("UPDATE organizations SET cache_gen = cache_gen + 1 RETURNING cache_gen")
-            if gen is None:
-                raise NotFound(f"organization {organization_id} not found")
+        if gen is None:
+            raise NotFound(f"organization {organization_id} not found")
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            await conn.execute("SELECT set_config('app.organization_id', $1, true)", str(organization_id))
+            mark = None
+            if partition is not None:
+                mark = await conn.fetchrow(
+                    "SELECT last_ms, last_seq FROM settlement_watermarks WHERE partition = $1", partition
+                )
             grants = await conn.fetch(
-                "SELECT id, remaining, priority, expires_at FROM credit_grants"
-                " WHERE remaining > 0 AND (expires_at IS NULL OR expires_at > $1)",
-                now,
+                "SELECT id, remaining, priority, expires_at FROM credit_grants WHERE remaining > 0"
             )
             applied = await conn.fetch("SELECT id FROM credit_grants")
             costs = await conn.fetch("SELECT action, credits FROM action_costs")
             depts = await conn.fetch("SELECT id, limit_amount, period FROM departments")
-            dept_spent = {
-                r["department_id"]: int(r["spent"])
-                for r in await conn.fetch(
-                    "SELECT department_id, sum(credits) AS spent FROM usage_events"
-                    " WHERE department_id IS NOT NULL AND created_at >= $1 GROUP BY department_id",
-                    dt.datetime.fromtimestamp(min(starts.values()) / 1000, dt.UTC),
-                )
-            }
+            holds = await conn.fetch(
+                "SELECT r.id, r.amount, r.department_id, r.credential_id, r.action, r.expires_at, r.created_at,"
+                " coalesce(array_agg(a.grant_id::text ORDER BY a.score, a.grant_id)"
+                "   FILTER (WHERE a.grant_id IS NOT NULL), '{}') AS grant_ids,"
+                " coalesce(array_agg(a.amount ORDER BY a.score, a.grant_id)"
+                "   FILTER (WHERE a.grant_id IS NOT NULL), '{}') AS amounts,"
+                " coalesce(array_agg(a.score ORDER BY a.score, a.grant_id)"
+                "   FILTER (WHERE a.grant_id IS NOT NULL), '{}') AS scores"
+                " FROM reservations r LEFT JOIN reservation_allocations a"
+                "   ON a.organization_id = r.organization_id AND a.reservation_id = r.id"
+                " WHERE r.status = 'open' GROUP BY r.organization_id, r.id"
+            )
+            usage_by_dept = await conn.fetch(
+                "SELECT department_id, created_at, credits FROM ("
+                " SELECT department_id, created_at, credits FROM usage_events"
+                "  WHERE department_id IS NOT NULL AND created_at >= $1"
+                " ) u",
+                earliest,
+            )
             keys = await conn.fetch(
                 "SELECT k.id, k.cap, k.revoked_at, k.rate_limit_per_s, k.rate_limit_burst,"
                 " coalesce((SELECT sum(u.credits) FROM usage_events u WHERE u.credential_id = k.id::text), 0)"
                 " AS spent FROM api_keys k"
+            )
+        after = "0-0" if mark is None else f"{mark['last_ms']}-{int(mark['last_seq']) + 1}"
+        dept_rows = {d["id"]: d for d in depts}
+        dept_spent: dict[Any, int] = {}
+        for u in usage_by_dept:
+            d = dept_rows.get(u["department_id"])
+            if d is not None and _ms(u["created_at"]) >= starts[d["period"]]:
+                dept_spent[d["id"]] = dept_spent.get(d["id"], 0) + int(u["credits"])
+        hold_snaps: list[HoldSnapshot] = []
+        cred_held: dict[str, int] = {}
+        for h in holds:
+            dept = h["department_id"]
+            ps = 0
+            if dept is not None and dept in dept_rows:
+                period = dept_rows[dept]["period"]
+                ps = dict(zip(("day", "week", "month"), period_starts_ms(_ms(h["created_at"])), strict=True))[period]
+                if ps == starts[period]:
+                    dept_spent[dept] = dept_spent.get(dept, 0) + int(h["amount"])
+            cred_held[h["credential_id"]] = cred_held.get(h["credential_id"], 0) + int(h["amount"])
+            alloc: list[str | int] = []
+            for gid, amount, score in zip(h["grant_ids"], h["amounts"], h["scores"], strict=True):
+                alloc += [gid, int(amount), int(score)]
+            hold_snaps.append(
+                HoldSnapshot(
+                    id=h["id"],
+                    a=int(h["amount"]),
+                    al=alloc,
+                    d=str(dept) if dept else "",
+                    ps=ps,
+                    k=h["credential_id"],
+                    x=_ms(h["expires_at"]),
+                    act=h["action"],
+                )
             )
         return Snapshot(
             gen=int(gen),
@@ -340,14 +395,15 @@ class Ledger:
                 CredSnapshot(
                     id=str(k["id"]),
                     cap=-1 if k["cap"] is None else int(k["cap"]),
-                    spent=int(k["spent"]),
+                    spent=int(k["spent"]) + cred_held.get(str(k["id"]), 0),
                     revoked="1" if k["revoked_at"] else "0",
                     rate=-1.0 if k["rate_limit_per_s"] is None else float(k["rate_limit_per_s"]),
                     burst=-1.0 if k["rate_limit_burst"] is None else float(k["rate_limit_burst"]),
                 )
                 for k in keys
             ],
-            holds=[],
+            holds=hold_snaps,
+            after=after,
         )
 
     # -- departments ----------------------------------------------------------------

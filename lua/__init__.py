@@ -43,6 +43,7 @@ SCRIPTS = (
     "grant",
     "load",
     "ratelimit",
+    "reconcile",
     "release",
     "reserve",
 )

@@ -75,7 +75,7 @@ async def readyz(request: web.Request) -> web.Response:
         checks["postgres"] = f"unreachable: {exc}"
     try:
         hot = request.app[HOT]
-        loaded = await request.app[REDIS].script_exists(*(s.sha for s in hot._scripts.values()))
+        loaded = await request.app[REDIS].script_exists(*hot.script_shas())
         checks["scripts"] = "ok" if all(loaded) else "not loaded"
         if not all(loaded):
             await hot.start()
@@ -114,15 +114,7 @@ def create_app(config: Config) -> web.Application:
             await check_redis_policy(redis)
             ledger = await Ledger.connect(config.app_dsn(), min_size=2, max_size=20)
             try:
-                hot = HotPath(
-                    redis,
-                    ledger,
-                    partitions=config.usage_partitions,
-                    default_rate_per_s=config.rate_limit_per_s,
-                    default_burst=config.rate_limit_burst,
-                    idempotency_ttl_s=config.idempotency_ttl_s,
-                    durability=config.durability,
-                )
+                hot = HotPath.from_config(redis, ledger, config)
                 await hot.start()
                 app[REDIS] = redis
                 app[LEDGER] = ledger

@@ -7,7 +7,7 @@ HTTP edge.
 
 from __future__ import annotations
 
-import datetime as dt
+import asyncio
 import hashlib
 import logging
 import time
@@ -15,17 +15,39 @@ import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 import lua
-from core.config import Durability
+from core.config import Config, Durability
+from core.periods import period_bounds, period_starts_ms
 from lua import Status
+from meter.replay import entry_after, replay
+from meter.snapshot import (
+    CredSnapshot,
+    DeptSnapshot,
+    GrantSnapshot,
+    HoldSnapshot,
+    Snapshot,
+    SnapshotSource,
+)
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "CredSnapshot",
+    "DeptSnapshot",
+    "GrantSnapshot",
+    "HoldSnapshot",
+    "Snapshot",
+    "SnapshotSource",
+    "period_bounds",
+    "period_starts_ms",
+]
+UNSETTLED_SCAN_MAX = 200_000
 
 FIXED_KEYS = (
     "acct",
@@ -55,59 +77,6 @@ class Result:
     payload: dict[str, Any]
 
 
-class GrantSnapshot(msgspec.Struct, array_like=False):
-    id: str
-    rem: int
-    prio: int
-    exp: int  # ms since epoch; 0 = never
-
-
-class DeptSnapshot(msgspec.Struct):
-    id: str
-    limit: int  # millicredits, -1 = none
-    period: str
-    pstart: int
-    spent: int
-
-
-class CredSnapshot(msgspec.Struct):
-    id: str
-    cap: int  # millicredits, -1 = none
-    spent: int
-    revoked: str  # "1" | "0"
-    rate: float  # -1 = default
-    burst: float  # -1 = default
-
-
-class HoldSnapshot(msgspec.Struct):
-    id: str
-    a: int
-    al: list[str | int]
-    d: str
-    ps: int
-    k: str
-    x: int
-    act: str
-
-
-class Snapshot(msgspec.Struct):
-    """An organization's state as the ledger knows it, for a cold-cache load."""
-
-    gen: int
-    grants: list[GrantSnapshot]
-    applied: list[str]
-    costs: dict[str, int]
-    depts: list[DeptSnapshot]
-    creds: list[CredSnapshot]
-    holds: list[HoldSnapshot]
-
-
-class SnapshotSource(Protocol):
-    """Where a cold cache loads from (the Postgres ledger)."""
-
-    async def snapshot(self, organization_id: str) -> Snapshot: ...
-
-
 @dataclass(frozen=True, slots=True)
 class BatchItem:
     action: str
@@ -116,28 +85,6 @@ class BatchItem:
     metadata: str  # JSON text, "" = none
     idempotency_key: str | None
     fingerprint: str
-
-
-def period_starts_ms(now_ms: int) -> tuple[int, int, int]:
-    """Start (ms, UTC) of the current day, ISO week (Monday) and month."""
-    now = dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.UTC)
-    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    week = day - dt.timedelta(days=day.weekday())
-    month = day.replace(day=1)
-    return tuple(int(x.timestamp() * 1000) for x in (day, week, month))  # type: ignore[return-value]
-
-
-def period_bounds(period: str, now_ms: int) -> tuple[dt.datetime, dt.datetime]:
-    """[start, end) of the current day / week / month, UTC."""
-    day_ms, week_ms, month_ms = period_starts_ms(now_ms)
-    start_ms = {"day": day_ms, "week": week_ms, "month": month_ms}[period]
-    start = dt.datetime.fromtimestamp(start_ms / 1000, tz=dt.UTC)
-    if period == "day":
-        return start, start + dt.timedelta(days=1)
-    if period == "week":
-        return start, start + dt.timedelta(days=7)
-    year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
-    return start, start.replace(year=year, month=month)
 
 
 def fingerprint(*parts: object) -> str:
@@ -162,15 +109,31 @@ class HotPath:
         default_burst: float,
         idempotency_ttl_s: int,
         durability: Durability = Durability.ASYNC,
+        key_prefix: str = "cr",
     ) -> None:
         self.redis = redis
+        self.key_prefix = key_prefix
         self.source = source
         self.partitions = partitions
         self.default_rate_per_s = default_rate_per_s
         self.default_burst = default_burst
         self.idempotency_ttl_ms = idempotency_ttl_s * 1000
         self.durability = durability
+        self._loading: dict[str, asyncio.Future[Result]] = {}
         self._scripts: dict[str, AsyncScript] = {name: redis.register_script(lua.source(name)) for name in lua.SCRIPTS}
+
+    @classmethod
+    def from_config(cls, redis: aioredis.Redis, source: SnapshotSource, config: Config) -> HotPath:
+        return cls(
+            redis,
+            source,
+            partitions=config.usage_partitions,
+            default_rate_per_s=config.rate_limit_per_s,
+            default_burst=config.rate_limit_burst,
+            idempotency_ttl_s=config.idempotency_ttl_s,
+            durability=config.durability,
+            key_prefix=config.redis_key_prefix,
+        )
 
     # -- keys ---------------------------------------------------------------------
     def partition(self, organization_id: str) -> int:
@@ -180,17 +143,21 @@ class HotPath:
         return f"{{cr{self.partition(organization_id)}}}"
 
     def stream_key(self, partition: int) -> str:
-        return f"cr:{{cr{partition}}}:usage"
+        return f"{self.key_prefix}:{{cr{partition}}}:usage"
 
     def org_keys(self, organization_id: str) -> list[str]:
         tag = self.tag(organization_id)
-        keys = [f"cr:{tag}:o:{organization_id}:{k}" for k in FIXED_KEYS]
+        keys = [f"{self.key_prefix}:{tag}:o:{organization_id}:{k}" for k in FIXED_KEYS]
         keys.append(self.stream_key(self.partition(organization_id)))
         return keys
 
     def idempotency_key(self, organization_id: str, key: str) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()[:40]
-        return f"cr:{self.tag(organization_id)}:o:{organization_id}:idem:{digest}"
+        return f"{self.key_prefix}:{self.tag(organization_id)}:o:{organization_id}:idem:{digest}"
+
+    def partition_key(self, partition: int, name: str) -> str:
+        """Another key of a partition's slot (e.g. the settler's lease)."""
+        return f"{self.key_prefix}:{{cr{partition}}}:{name}"
 
     # -- plumbing -----------------------------------------------------------------
     async def start(self) -> None:
@@ -229,7 +196,7 @@ class HotPath:
     async def _call_loaded(self, name: str, org: str, keys: Sequence[str], args: Sequence[Any]) -> Result:
         result = await self._call(name, keys, args)
         if result.status is Status.NOT_LOADED:
-            await self.load(org)
+            await self._load_once(org)
             result = await self._call(name, keys, args)
         return await self._durable(result)
 
@@ -243,10 +210,29 @@ class HotPath:
         return [self.idempotency_key(org, key)], [fp, self.idempotency_ttl_ms]
 
     # -- operations ---------------------------------------------------------------
+    async def _load_once(self, organization_id: str) -> None:
+        """Concurrent misses of one organization share one load."""
+        pending = self._loading.get(organization_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self.load(organization_id))
+            self._loading[organization_id] = pending
+            pending.add_done_callback(lambda _: self._loading.pop(organization_id, None))
+        await asyncio.shield(pending)
+
     async def load(self, organization_id: str) -> Result:
-        """Fill an empty cache from the ledger; a no-op when already loaded."""
-        snap = await self.source.snapshot(organization_id)
+        """Fill an empty cache from the ledger plus the organization's unsettled stream
+        entries (read first, see meter/replay.py); a no-op when already loaded."""
         keys = self.org_keys(organization_id)
+        try:
+            rows = await self.redis.xrange(keys[-1], min="-", max="+", count=UNSETTLED_SCAN_MAX + 1)
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+            raise Unavailable(f"redis: {exc}") from exc
+        if len(rows) > UNSETTLED_SCAN_MAX:
+            raise Unavailable("settlement is too far behind to load this organization; retry later")
+        org_bytes = organization_id.encode()
+        mine = [(eid.decode(), f[b"d"]) for eid, f in rows if f and f.get(b"o") == org_bytes]
+        snap = await self.source.snapshot(organization_id, self.partition(organization_id))
+        snap = replay(snap, (_decode(d) for eid, d in mine if entry_after(eid, snap.after)))
         return await self._call("load", keys, [organization_id, now_ms(), uuid.uuid4().hex, _encode(snap)])
 
     async def consume(
@@ -384,6 +370,15 @@ class HotPath:
         """Mirror a configuration change Postgres holds (cost, department, credential)."""
         args = [org, now_ms(), uuid.uuid4().hex, what, *values]
         return await self._call("configure", self.org_keys(org), args)
+
+    async def reconcile_read(self, org: str, *, after: str, scan_max: int, outbox: Sequence[tuple[str, int]]) -> Result:
+        """Cache balance, unsettled change and unpushed grants, read atomically."""
+        flat: list[str | int] = [x for pair in outbox for x in pair]
+        args = [org, now_ms(), uuid.uuid4().hex, after, scan_max, _encode(flat)]
+        return await self._call("reconcile", self.org_keys(org), args)
+
+    def script_shas(self) -> list[str]:
+        return [s.sha for s in self._scripts.values()]
 
     async def evict(self, organization_id: str) -> None:
         """Drop an organization's cached state (ops: force a reload from the ledger)."""

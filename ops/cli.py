@@ -74,7 +74,9 @@ def _run_with_services(config: Config, fn: Callable[[Services], Awaitable[int]])
 async def _serve(config: Config, *, announce: Callable[[Config], Awaitable[None]] | None = None) -> None:
     from meter.app import create_app
 
-    await migrate(config.database_url or "", app_password=config.app_db_password)
+    await migrate(
+        config.database_url or "", app_password=config.app_db_password, settler_password=config.settler_db_password
+    )
     runner = web.AppRunner(create_app(config), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.meter_port)
@@ -101,11 +103,25 @@ def _event_loop_runner() -> Callable[[Awaitable[None]], None]:
         return lambda coro: asyncio.run(coro)  # type: ignore[arg-type]
 
 
+async def _settle(config: Config) -> None:
+    from settler.worker import build_worker
+
+    await migrate(
+        config.database_url or "", app_password=config.app_db_password, settler_password=config.settler_db_password
+    )
+    worker = build_worker(config)
+    try:
+        await worker.async_run()
+    finally:
+        await worker.close()
+
+
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
-    if args.service != "meter":
-        raise SystemExit(f"unknown service {args.service!r}; available: meter")
     with servers(config) as cfg:
-        _event_loop_runner()(_serve(cfg))
+        if args.service == "meter":
+            _event_loop_runner()(_serve(cfg))
+        else:
+            _event_loop_runner()(_settle(cfg))
     return 0
 
 
@@ -165,7 +181,9 @@ def cmd_dev(config: Config, args: argparse.Namespace) -> int:
 def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
     with servers(config) as cfg:
         assert cfg.database_url is not None
-        applied = asyncio.run(migrate(cfg.database_url, app_password=cfg.app_db_password))
+        applied = asyncio.run(
+            migrate(cfg.database_url, app_password=cfg.app_db_password, settler_password=cfg.settler_db_password)
+        )
     _print({"applied": applied})
     return 0
 
@@ -266,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("dev", help="run the whole stack on embedded servers").set_defaults(fn=cmd_dev)
     serve = sub.add_parser("serve", help="run one service")
-    serve.add_argument("service", choices=["meter"])
+    serve.add_argument("service", choices=["meter", "settler"])
     serve.set_defaults(fn=cmd_serve)
     sub.add_parser("migrate", help="apply SQL migrations").set_defaults(fn=cmd_migrate)
 

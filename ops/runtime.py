@@ -89,19 +89,13 @@ async def connect(config: Config, *, run_migrations: bool = True) -> AsyncIterat
     """Ledger + hot path for ops commands (config must carry both URLs)."""
     assert config.redis_url is not None and config.database_url is not None
     if run_migrations:
-        await migrate(config.database_url, app_password=config.app_db_password)
+        await migrate(
+            config.database_url, app_password=config.app_db_password, settler_password=config.settler_db_password
+        )
     ledger = await Ledger.connect(config.app_dsn(), min_size=1, max_size=4)
     redis = aioredis.Redis.from_url(config.redis_url)
     try:
-        hot = HotPath(
-            redis,
-            ledger,
-            partitions=config.usage_partitions,
-            default_rate_per_s=config.rate_limit_per_s,
-            default_burst=config.rate_limit_burst,
-            idempotency_ttl_s=config.idempotency_ttl_s,
-            durability=config.durability,
-        )
+        hot = HotPath.from_config(redis, ledger, config)
         yield Services(config, ledger, hot, redis)
     finally:
         await redis.aclose()

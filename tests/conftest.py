@@ -95,14 +95,16 @@ def _fresh_database(redis_url: str, database_url: str, *, embedded: bool) -> Ite
 
 @pytest.fixture(scope="session")
 def config(servers: Servers) -> Config:
-    base = config_module.load({"JWT_SECRET": JWT_SECRET, "RATE_LIMIT_PER_S": "0"})
+    # A key prefix of its own: several test sessions may share one Redis database.
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    base = config_module.load({"JWT_SECRET": JWT_SECRET, "RATE_LIMIT_PER_S": "0", "REDIS_KEY_PREFIX": prefix})
     return replace(base, redis_url=servers.redis_url, database_url=servers.database_url)
 
 
 @pytest.fixture(scope="session")
 async def migrated(config: Config) -> Config:
     assert config.database_url is not None
-    await migrate(config.database_url, app_password=config.app_db_password)
+    await migrate(config.database_url, app_password=config.app_db_password, settler_password=config.settler_db_password)
     return config
 
 
@@ -123,14 +125,7 @@ async def redis(config: Config) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture(scope="session")
 async def hot(redis: aioredis.Redis, ledger: Ledger, config: Config) -> HotPath:
-    path = HotPath(
-        redis,
-        ledger,
-        partitions=config.usage_partitions,
-        default_rate_per_s=0,
-        default_burst=1,
-        idempotency_ttl_s=config.idempotency_ttl_s,
-    )
+    path = HotPath.from_config(redis, ledger, config)
     await path.start()
     return path
 

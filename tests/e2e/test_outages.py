@@ -121,7 +121,9 @@ async def test_postgres_down_keeps_the_hot_path_serving(tmp_path: Any, servers: 
     try:
         base = Config(jwt_secret="s" * 40, rate_limit_per_s=0)
         config = replace(base, redis_url=servers.redis_url, database_url=urls.database_url)
-        await migrate(urls.database_url, app_password=config.app_db_password)
+        await migrate(
+            urls.database_url, app_password=config.app_db_password, settler_password=config.settler_db_password
+        )
         led = await Ledger.connect(config.app_dsn(), min_size=1, max_size=2)
         _, key = await admin.create_organization(led, "pg-outage")
         await led.close()

@@ -32,11 +32,18 @@ async def test_migrations_twice_and_concurrently(servers: Servers, config: Confi
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
         url = _with_database(servers.database_url, name)
-        results = await asyncio.gather(*(migrate(url, app_password=config.app_db_password) for _ in range(4)))
+        results = await asyncio.gather(
+            *(
+                migrate(url, app_password=config.app_db_password, settler_password=config.settler_db_password)
+                for _ in range(4)
+            )
+        )
         applied = [r for r in results if r]
         assert len(applied) == 1  # exactly one runner applied each file
         assert applied[0] == [n for n, _ in migration_files()]
-        assert await migrate(url, app_password=config.app_db_password) == []
+        assert (
+            await migrate(url, app_password=config.app_db_password, settler_password=config.settler_db_password) == []
+        )
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()

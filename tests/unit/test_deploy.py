@@ -30,7 +30,7 @@ def test_redis_keeps_credits_safe() -> None:
 def test_services_share_one_image_and_valid_environment() -> None:
     services = compose()["services"]  # type: ignore[index]
     ours = {name: s for name, s in services.items() if s.get("image", "").startswith("agent-credits")}
-    assert {"migrate", "meter"} <= set(ours)
+    assert {"migrate", "meter", "settler"} <= set(ours)
     assert len({s["image"] for s in ours.values()}) == 1
     env = {k: "x" * 40 if k == "JWT_SECRET" else v for k, v in ours["meter"]["environment"].items()}
     env = {k: re.sub(r"\$\{[^}]*\}", "secret", str(v)) if k != "JWT_SECRET" else v for k, v in env.items()}

@@ -1,0 +1,270 @@
+"""The ledger's settlement door: stage decoded stream events, settle them in one
+transaction (the settle_staged stored procedure), and the cross-organization reads the
+settler's periodic jobs need. Connects as credits_settler, never as the owner.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+EVENT_COLUMNS = (
+    "seq",
+    "kind",
+    "org",
+    "id",
+    "action",
+    "units",
+    "amount",
+    "department_id",
+    "credential_id",
+    "metadata",
+    "created_at",
+    "reservation_id",
+    "how",
+    "expires_at",
+    "reason",
+    "grant_id",
+)
+ALLOC_COLUMNS = ("org", "event_id", "kind", "grant_id", "amount", "score")
+
+_STAGE_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS settle_events (
+  seq bigint, kind text, org uuid, id text, action text, units bigint, amount bigint,
+  department_id uuid, credential_id text, metadata jsonb, created_at timestamptz,
+  reservation_id text, how text, expires_at timestamptz, reason text, grant_id uuid
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS settle_allocs (
+  org uuid, event_id text, kind text, grant_id uuid, amount bigint, score double precision
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS settle_new (
+  seq bigint, org uuid, kind text, id text, amount bigint, reservation_id text, reason text, grant_id uuid
+) ON COMMIT DELETE ROWS;
+"""
+
+
+def _ts(ms: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+
+
+def _uuid(text: str) -> uuid.UUID | None:
+    return uuid.UUID(text) if text else None
+
+
+@dataclass
+class Staged:
+    """One batch of stream events, decoded and deduplicated, ready to COPY."""
+
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+    allocs: list[tuple[Any, ...]] = field(default_factory=list)
+    _seen: set[tuple[str, str, str]] = field(default_factory=set)
+
+    def _event(self, kind: str, org: str, event_id: str, **values: Any) -> bool:
+        key = (kind, org, event_id)
+        if key in self._seen:  # the same entry delivered twice within one batch
+            return False
+        self._seen.add(key)
+        row: dict[str, Any] = dict.fromkeys(EVENT_COLUMNS)
+        row.update(seq=len(self.events), kind=kind, org=uuid.UUID(org), id=event_id, **values)
+        self.events.append(tuple(row[c] for c in EVENT_COLUMNS))
+        return True
+
+    def _allocs(self, org: str, event_id: str, kind: str, flat: Sequence[Any], width: int) -> None:
+        for i in range(0, len(flat), width):
+            score = float(flat[i + 2]) if width == 3 else 0.0
+            self.allocs.append((uuid.UUID(org), event_id, kind, uuid.UUID(str(flat[i])), int(flat[i + 1]), score))
+
+    def add(self, org: str, ev: dict[str, Any]) -> None:
+        """Decode one stream entry (see lua/*.lua for each event's fields)."""
+        t = ev["t"]
+        if t == "use":
+            self._use(org, ev, ev.get("k", ""), int(ev["at"]))
+        elif t == "use_batch":
+            for item in ev["ev"]:
+                self._use(org, item, ev.get("k", ""), int(ev["at"]))
+        elif t == "hold":
+            if self._event(
+                "hold",
+                org,
+                ev["id"],
+                amount=int(ev["amt"]),
+                department_id=_uuid(ev.get("d", "")),
+                credential_id=ev.get("k", ""),
+                action=ev.get("act", ""),
+                metadata=ev.get("m") or "{}",
+                created_at=_ts(int(ev["at"])),
+                expires_at=_ts(int(ev["x"])),
+            ):
+                self._allocs(org, ev["id"], "hold", ev.get("g") or [], 3)
+        elif t == "hold_closed":
+            if self._event(
+                "close",
+                org,
+                ev["id"],
+                reservation_id=ev["r"],
+                how=ev["how"],
+                amount=int(ev["used"]),
+                created_at=_ts(int(ev["at"])),
+            ):
+                self._allocs(org, ev["id"], "capture", ev.get("g") or [], 2)
+        elif t == "grant_expired":
+            self._event(
+                "expiration",
+                org,
+                ev["id"],
+                amount=int(ev["amt"]),
+                grant_id=uuid.UUID(ev["g"]),
+                created_at=_ts(int(ev["at"])),
+            )
+        elif t in ("adjustment", "refund"):
+            if self._event(
+                t, org, ev["id"], amount=int(ev["amt"]), reason=ev.get("why", ""), created_at=_ts(int(ev["at"]))
+            ):
+                self._allocs(org, ev["id"], t, ev.get("g") or [], 3)
+        else:
+            raise ValueError(f"unknown stream event type {t!r}")
+
+    def _use(self, org: str, ev: dict[str, Any], cred: str, at_ms: int) -> None:
+        if self._event(
+            "use",
+            org,
+            ev["id"],
+            action=ev["act"],
+            units=int(ev["u"]),
+            amount=int(ev["amt"]),
+            department_id=_uuid(ev.get("d", "")),
+            credential_id=cred,
+            metadata=ev.get("m") or "{}",
+            created_at=_ts(at_ms),
+        ):
+            self._allocs(org, ev["id"], "use", ev.get("g") or [], 3)
+
+
+@dataclass(frozen=True)
+class OrgBalance:
+    organization_id: str
+    balance: int
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.execute(_STAGE_DDL)
+
+
+class Settlement:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 8) -> Settlement:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, command_timeout=30, init=_init_connection
+        )
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def settle(
+        self, staged: Staged, *, batch_id: str, partition: int, first_entry: str, last_entry: str
+    ) -> list[OrgBalance]:
+        """One transaction: COPY the batch into staging, settle it, record the batch."""
+        if not staged.events:
+            return []
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.copy_records_to_table("settle_events", records=staged.events, columns=list(EVENT_COLUMNS))
+            if staged.allocs:
+                await conn.copy_records_to_table("settle_allocs", records=staged.allocs, columns=list(ALLOC_COLUMNS))
+            rows = await conn.fetch("SELECT * FROM settle_staged($1)", batch_id)
+            await conn.execute(
+                "INSERT INTO settlement_batches (id, partition, first_entry, last_entry, events)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                batch_id,
+                partition,
+                first_entry,
+                last_entry,
+                len(staged.events),
+            )
+            ms, _, seq = last_entry.partition("-")
+            await conn.execute(
+                "INSERT INTO settlement_watermarks AS w (partition, last_ms, last_seq) VALUES ($1, $2, $3)"
+                " ON CONFLICT (partition) DO UPDATE SET last_ms = excluded.last_ms, last_seq = excluded.last_seq"
+                " WHERE (w.last_ms, w.last_seq) < (excluded.last_ms, excluded.last_seq)",
+                partition,
+                int(ms),
+                int(seq),
+            )
+        return [OrgBalance(str(r["organization_id"]), int(r["balance"])) for r in rows]
+
+    # -- what the periodic jobs look for -------------------------------------------
+    async def orgs_with_due_expiry(self, now: dt.datetime, *, limit: int = 100) -> list[str]:
+        """Organizations holding an expired open reservation or an expired grant."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT organization_id FROM reservations WHERE status = 'open' AND expires_at <= $1"
+                " UNION SELECT organization_id FROM credit_grants"
+                " WHERE remaining > 0 AND expires_at IS NOT NULL AND expires_at <= $1 LIMIT $2",
+                now,
+                limit,
+            )
+        return [str(r["organization_id"]) for r in rows]
+
+    async def outbox(self, *, limit: int = 500) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT o.grant_id, o.organization_id, g.amount, g.priority, g.expires_at FROM grant_outbox o"
+                " JOIN credit_grants g ON g.id = o.grant_id WHERE o.next_attempt_at <= now()"
+                " ORDER BY o.created_at LIMIT $1",
+                limit,
+            )
+        return [dict(r) for r in rows]
+
+    async def outbox_done(self, grant_id: uuid.UUID) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute("DELETE FROM grant_outbox WHERE grant_id = $1", grant_id)
+
+    async def outbox_retry_later(self, grant_id: uuid.UUID) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE grant_outbox SET attempts = attempts + 1,"
+                " next_attempt_at = now() + least(interval '60 seconds', interval '1 second' * power(2, attempts))"
+                " WHERE grant_id = $1",
+                grant_id,
+            )
+
+    async def balances(self, organization_ids: Iterable[str]) -> dict[str, int]:
+        ids = [uuid.UUID(o) for o in organization_ids]
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT id, balance FROM organizations WHERE id = ANY($1::uuid[])", ids)
+        return {str(r["id"]): int(r["balance"]) for r in rows}
+
+    async def ledger_view(self, organization_id: str, partition: int) -> tuple[int, str, list[tuple[str, int]]]:
+        """In one snapshot: the ledger balance, the partition's watermark (the first
+        stream entry the ledger does NOT hold) and the grants not yet confirmed in the
+        cache (outbox)."""
+        org = uuid.UUID(organization_id)
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            balance = await conn.fetchval("SELECT balance FROM organizations WHERE id = $1", org)
+            mark = await conn.fetchrow(
+                "SELECT last_ms, last_seq FROM settlement_watermarks WHERE partition = $1", partition
+            )
+            outbox = await conn.fetch(
+                "SELECT o.grant_id, g.amount FROM grant_outbox o JOIN credit_grants g ON g.id = o.grant_id"
+                " WHERE o.organization_id = $1",
+                org,
+            )
+        after = "0-0" if mark is None else f"{mark['last_ms']}-{int(mark['last_seq']) + 1}"
+        return int(balance or 0), after, [(str(r["grant_id"]), int(r["amount"])) for r in outbox]
+
+    async def organizations(self, *, after: str | None = None, limit: int = 1000) -> list[str]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM organizations WHERE ($1::uuid IS NULL OR id > $1::uuid) ORDER BY id LIMIT $2",
+                uuid.UUID(after) if after else None,
+                limit,
+            )
+        return [str(r["id"]) for r in rows]

@@ -1,0 +1,41 @@
+--[[ Read, in one atomic step, what reconciliation compares with the ledger.
+  KEYS[1..11]  the organization's fixed keys (see lib.lua)
+  ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
+  ARGV[4] first stream entry the ledger does not hold (its watermark + 1)
+  ARGV[5] most entries to scan   ARGV[6] grants in the outbox, msgpack [id, amount, ...]
+  Returns {status, msgpack payload}:
+    OK {balance, in_flight, unpushed, scanned, truncated}   (millicredits)
+       in_flight: the balance change of this organization's entries not yet settled
+       unpushed:  outbox grants the cache has not applied yet
+    NOT_LOADED {}   nothing cached: nothing to compare
+]]
+local after, scan_max = ARGV[4], tonumber(ARGV[5])
+local outbox = unpack(ARGV[6])
+if not loaded() then return reply(NOT_LOADED, {}) end
+
+local rows = redis.call('XRANGE', KEYS[K_STREAM], after, '+', 'COUNT', scan_max + 1)
+local in_flight, scanned = 0, 0
+for i = 1, math.min(#rows, scan_max) do
+  scanned = scanned + 1
+  local fields = rows[i][2]
+  local org, data = nil, nil
+  for j = 1, #fields, 2 do
+    if fields[j] == 'o' then org = fields[j + 1] elseif fields[j] == 'd' then data = fields[j + 1] end
+  end
+  if org == ORG and data then
+    local ev = unpack(data)
+    if ev.t == 'use' or ev.t == 'grant_expired' or ev.t == 'adjustment' or ev.t == 'refund' then
+      in_flight = in_flight - ev.amt
+    elseif ev.t == 'use_batch' then
+      for _, item in ipairs(ev.ev) do in_flight = in_flight - item.amt end
+    elseif ev.t == 'hold_closed' then
+      in_flight = in_flight - ev.used
+    end
+  end
+end
+local unpushed = 0
+for i = 1, #outbox, 2 do
+  if redis.call('SISMEMBER', KEYS[K_GAPPLIED], outbox[i]) == 0 then unpushed = unpushed + outbox[i + 1] end
+end
+return reply(OK, {balance = num(redis.call('HGET', KEYS[K_ACCT], 'bal')), in_flight = in_flight,
+                  unpushed = unpushed, scanned = scanned, truncated = #rows > scan_max})

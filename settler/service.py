@@ -1,0 +1,188 @@
+"""The settler process: partition settlers under leases, plus the periodic jobs
+(grant outbox, expiries, lag alerts, reconciliation). settler/worker.py runs it as an
+arq worker; tests drive it directly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+import prometheus_client
+import redis.asyncio as aioredis
+
+from core.config import Config
+from ledger.settlement import Settlement
+from ledger.store import Ledger
+from lua import Status
+from meter.hotpath import HotPath, Unavailable, now_ms
+from settler import reconcile
+from settler.stream import PartitionSettler, lag
+
+log = logging.getLogger(__name__)
+
+REGISTRY = prometheus_client.CollectorRegistry()
+LAG_ENTRIES = prometheus_client.Gauge(
+    "credits_settlement_lag_entries", "Unsettled stream entries", ["partition"], registry=REGISTRY
+)
+LAG_SECONDS = prometheus_client.Gauge(
+    "credits_settlement_lag_seconds", "Age of the oldest unsettled entry", ["partition"], registry=REGISTRY
+)
+LAG_ALERTS = prometheus_client.Counter(
+    "credits_settlement_lag_alerts", "Times settlement lag passed the alert threshold", registry=REGISTRY
+)
+DRIFT = prometheus_client.Gauge(
+    "credits_reconciliation_drift_millicredits", "Total absolute drift, cache vs ledger", registry=REGISTRY
+)
+SETTLED = prometheus_client.Counter("credits_settled_events", "Events settled into the ledger", registry=REGISTRY)
+
+SUPERVISE_INTERVAL_S = 1.0
+OUTBOX_BATCH = 500
+EXPIRY_BATCH = 100
+
+
+@dataclass
+class Settler:
+    config: Config
+    redis: aioredis.Redis
+    settlement: Settlement
+    ledger: Ledger
+    hot: HotPath
+    consumer: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    owned: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    lag_alerting: bool = False
+
+    @classmethod
+    async def open(cls, config: Config) -> Settler:
+        assert config.redis_url is not None
+        redis = aioredis.Redis.from_url(config.redis_url, max_connections=config.usage_partitions * 2 + 16)
+        settlement = await Settlement.connect(config.settler_dsn(), max_size=min(32, config.usage_partitions + 4))
+        ledger = await Ledger.connect(config.app_dsn(), min_size=1, max_size=4)
+        hot = HotPath.from_config(redis, ledger, config)
+        return cls(config, redis, settlement, ledger, hot)
+
+    async def close(self) -> None:
+        await self.stop_partitions()
+        await self.settlement.close()
+        await self.ledger.close()
+        await self.redis.aclose()
+
+    # -- partitions ------------------------------------------------------------
+    def partition_settler(self, partition: int) -> PartitionSettler:
+        return PartitionSettler(
+            self.redis,
+            self.settlement,
+            self.hot,
+            partition,
+            consumer=self.consumer,
+            batch_entries=self.config.settle_batch_entries,
+        )
+
+    async def supervise(self, stop: asyncio.Event) -> None:
+        """Own as many partitions as are free; restart a partition task that ended."""
+        while not stop.is_set():
+            for p in range(self.config.usage_partitions):
+                task = self.owned.get(p)
+                if task is not None and not task.done():
+                    continue
+                ps = self.partition_settler(p)
+                try:
+                    if await ps.acquire():
+                        self.owned[p] = asyncio.create_task(self._run_partition(ps, stop), name=f"settle-{p}")
+                except (aioredis.RedisError, OSError) as exc:
+                    log.warning("lease_failed partition=%d error=%s", p, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=SUPERVISE_INTERVAL_S)
+        await self.stop_partitions()
+
+    async def _run_partition(self, ps: PartitionSettler, stop: asyncio.Event) -> None:
+        before = ps.stats.settled_events
+        try:
+            await ps.run(stop)
+        finally:
+            SETTLED.inc(ps.stats.settled_events - before)
+
+    async def stop_partitions(self) -> None:
+        tasks = list(self.owned.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for p in list(self.owned):
+            with contextlib.suppress(Exception):
+                await self.partition_settler(p).release()
+        self.owned.clear()
+
+    # -- periodic jobs -----------------------------------------------------------
+    async def push_outbox(self) -> int:
+        """Grants the ledger holds and the cache has not confirmed: push them."""
+        pushed = 0
+        for row in await self.settlement.outbox(limit=OUTBOX_BATCH):
+            org = str(row["organization_id"])
+            grant_id = str(row["grant_id"])
+            expires = row["expires_at"]
+            try:
+                expires_ms = int(expires.timestamp() * 1000) if expires else 0
+                args = (grant_id, int(row["amount"]), int(row["priority"]), expires_ms)
+                result = await self.hot.grant(
+                    org, grant_id=args[0], amount=args[1], priority=args[2], expires_ms=args[3]
+                )
+                if result.status is Status.NOT_LOADED:
+                    await self.hot.load(org)
+                    result = await self.hot.grant(
+                        org, grant_id=args[0], amount=args[1], priority=args[2], expires_ms=args[3]
+                    )
+                if result.status not in (Status.OK, Status.DUPLICATE):
+                    raise Unavailable(result.status.name)
+                await self.settlement.outbox_done(row["grant_id"])
+                pushed += 1
+            except (Unavailable, aioredis.RedisError, OSError) as exc:
+                log.warning("grant_push_failed grant=%s error=%s", grant_id, exc)
+                await self.settlement.outbox_retry_later(row["grant_id"])
+        return pushed
+
+    async def expire_due(self) -> int:
+        """Expired holds and grants leave the cache (with their events) even for an
+        organization that sends no traffic: touching its balance runs the sweep."""
+        orgs = await self.settlement.orgs_with_due_expiry(dt.datetime.now(dt.UTC), limit=EXPIRY_BATCH)
+        for org in orgs:
+            await self.hot.balance(org)
+        return len(orgs)
+
+    async def watch_lag(self) -> float:
+        """Publish lag per partition; log an alert when it passes the threshold."""
+        now = now_ms()
+        worst = 0.0
+        for p in range(self.config.usage_partitions):
+            entries, age_s = await lag(self.redis, self.hot, p, now)
+            LAG_ENTRIES.labels(str(p)).set(entries)
+            LAG_SECONDS.labels(str(p)).set(age_s)
+            worst = max(worst, age_s)
+        alerting = worst > self.config.settlement_lag_alert_s
+        if alerting and not self.lag_alerting:
+            LAG_ALERTS.inc()
+            log.error("settlement_lag_alert lag_s=%.1f threshold_s=%.1f", worst, self.config.settlement_lag_alert_s)
+        elif self.lag_alerting and not alerting:
+            log.warning("settlement_lag_recovered lag_s=%.1f", worst)
+        self.lag_alerting = alerting
+        return worst
+
+    async def reconcile(self) -> int:
+        report = await reconcile.run(self.redis, self.hot, self.settlement)
+        DRIFT.set(sum(abs(d.difference) for d in report.drifts))
+        for d in report.drifts:
+            log.error(
+                "reconciliation_drift org=%s cache=%d ledger=%d in_flight=%d difference=%d",
+                d.organization_id,
+                d.cache,
+                d.ledger,
+                d.in_flight,
+                d.difference,
+            )
+        return len(report.drifts)

@@ -1,0 +1,272 @@
+"""Settlement into the ledger: exactly once, through crashes, claims and duplicates."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from core.config import Config
+from ledger.settlement import Settlement, Staged
+from ledger.store import Ledger
+from lua import Status
+from meter.hotpath import BatchItem, HotPath, fingerprint, now_ms
+from ops import admin
+from settler import reconcile
+from settler.stream import GROUP, PartitionSettler
+from tests.conftest import Org
+
+CREDIT = 1000
+
+
+@pytest.fixture(scope="session")
+async def settlement(migrated: Config) -> AsyncIterator[Settlement]:
+    s = await Settlement.connect(migrated.settler_dsn())
+    yield s
+    await s.close()
+
+
+def settler(
+    redis: aioredis.Redis, settlement: Settlement, hot: HotPath, org: str, consumer: str = "c1"
+) -> PartitionSettler:
+    return PartitionSettler(redis, settlement, hot, hot.partition(org), consumer=consumer, batch_entries=50)
+
+
+async def drain(ps: PartitionSettler) -> int:
+    assert await ps.acquire()
+    total = 0
+    for _ in range(1000):
+        n = await ps.settle_once(block_ms=1)
+        if n == 0:
+            return total
+        total += n
+    raise AssertionError("did not drain")
+
+
+async def ledger_state(ledger: Ledger, org: str) -> dict[str, int]:
+    async with ledger.tenant(org) as conn:
+        balance = await conn.fetchval("SELECT balance FROM organizations")
+        entries = await conn.fetchval("SELECT coalesce(sum(amount), 0) FROM ledger_entries")
+        grants = await conn.fetchval("SELECT coalesce(sum(amount), 0) FROM ledger_entries WHERE type = 'grant'")
+        usage = await conn.fetchval("SELECT coalesce(sum(credits), 0) FROM usage_events")
+        remaining = await conn.fetchval("SELECT coalesce(sum(remaining), 0) FROM credit_grants")
+        held = await conn.fetchval("SELECT coalesce(sum(amount), 0) FROM reservations WHERE status = 'open'")
+        captured = await conn.fetchval("SELECT coalesce(sum(used), 0) FROM reservations WHERE status <> 'open'")
+        other = await conn.fetchval(
+            "SELECT coalesce(sum(amount), 0) FROM ledger_entries WHERE type IN ('expiration', 'adjustment', 'refund')"
+        )
+    return {
+        "balance": int(balance),
+        "entries": int(entries),
+        "grants": int(grants),
+        "usage": int(usage),
+        "remaining": int(remaining),
+        "held": int(held),
+        "captured": int(captured),
+        "other": int(other),
+    }
+
+
+async def cache_balance(hot: HotPath, org: str) -> int:
+    r = await hot.balance(org)
+    assert r.status is Status.OK
+    return int(r.payload["balance"])
+
+
+def assert_conserved(state: dict[str, int], cache: int) -> None:
+    assert state["balance"] == state["entries"] == cache
+    assert state["grants"] - state["usage"] - state["captured"] + state["other"] == state["balance"]
+    assert state["remaining"] + state["held"] == state["balance"]
+
+
+async def test_everything_settles_exactly_once(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    await admin.grant(ledger, hot, org.id, amount=50 * CREDIT, reason="t", expires_at=now + dt.timedelta(hours=1))
+    cred = org.admin_key_id
+    assert (await hot.consume(org.id, cred, action="generate_content", units=3)).status is Status.OK
+    items = [BatchItem("web_search", 1, "", '{"q": "x"}', None, fingerprint("use", "web_search", 1))] * 4
+    assert (await hot.consume_batch(org.id, cred, items, atomic=True)).status is Status.OK
+    hold = await hot.reserve(org.id, cred, amount=120 * CREDIT, ttl_ms=60_000)  # spans the bonus and the grant
+    await hot.release(org.id, cred, reservation_id=hold.payload["id"], used=7 * CREDIT)
+    open_hold = await hot.reserve(org.id, cred, amount=5 * CREDIT, ttl_ms=60_000)
+    assert open_hold.status is Status.OK
+    await admin.adjust(ledger, hot, org.id, amount=-2 * CREDIT, reason="fix")
+    later = now_ms() + 2 * 3600 * 1000
+    await hot.balance(org.id, now=later)  # the grant's remainder expires
+    await drain(settler(redis, settlement, hot, org.id))
+
+    state = await ledger_state(ledger, org.id)
+    cache = await cache_balance(hot, org.id)
+    assert_conserved(state, cache)
+    assert state["usage"] == 5 * CREDIT
+    assert state["captured"] == 7 * CREDIT
+    assert state["held"] == 0  # the open hold expired too, two hours later
+    async with ledger.tenant(org.id) as conn:
+        statuses = sorted(r[0] for r in await conn.fetch("SELECT status FROM reservations"))
+        assert statuses == ["expired", "released"]
+        types = [r[0] for r in await conn.fetch("SELECT type FROM ledger_entries ORDER BY id")]
+        events = await conn.fetchval("SELECT count(*) FROM usage_events")
+        meta = await conn.fetchval("SELECT metadata->>'q' FROM usage_events WHERE action = 'web_search' LIMIT 1")
+        running = await conn.fetch("SELECT amount, balance_after FROM ledger_entries ORDER BY id")
+    assert types[:2] == ["grant", "grant"]
+    assert set(types[2:]) == {"usage", "reservation_capture", "adjustment", "expiration"}
+    assert events == 5 and meta == "x"
+    total = 0
+    for row in running:  # every entry's balance_after is the running sum
+        total += row["amount"]
+        assert row["balance_after"] == total
+
+
+async def test_a_batch_delivered_twice_counts_once(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
+) -> None:
+    for _ in range(5):
+        await hot.consume(org.id, org.admin_key_id, action="generate_content", units=1)
+    stream = hot.stream_key(hot.partition(org.id))
+    rows = [r for r in await redis.xrange(stream) if r[1][b"o"] == org.id.encode()]
+    for _ in range(3):  # the same entries, settled three times
+        staged = Staged()
+        for _, fields in rows:
+            staged.add(org.id, msgspec.msgpack.decode(fields[b"d"]))
+        await settlement.settle(
+            staged, batch_id=uuid.uuid4().hex, partition=hot.partition(org.id), first_entry="0-1", last_entry="0-1"
+        )
+    state = await ledger_state(ledger, org.id)
+    assert state["usage"] == 5 * CREDIT
+    assert_conserved(state, await cache_balance(hot, org.id))
+
+
+async def test_crash_after_commit_before_ack_is_claimed_and_not_recounted(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
+) -> None:
+    for _ in range(7):
+        await hot.consume(org.id, org.admin_key_id, action="generate_content", units=1)
+    dead = settler(redis, settlement, hot, org.id, consumer=f"dead-{uuid.uuid4().hex[:6]}")
+    assert await dead.acquire()
+    # The dead worker read and committed, then died before XACK.
+    entries = await dead._read(1)
+    staged = Staged()
+    for _, fields in entries:
+        staged.add(fields[b"o"].decode(), msgspec.msgpack.decode(fields[b"d"]))
+    await settlement.settle(
+        staged,
+        batch_id="dead-batch-" + uuid.uuid4().hex,
+        partition=dead.partition,
+        first_entry=entries[0][0],
+        last_entry=entries[-1][0],
+    )
+    pending = await redis.xpending(dead.stream, GROUP)
+    assert pending["pending"] >= len(entries)
+    await redis.delete(dead.lease_key)  # its lease runs out
+    survivor = settler(redis, settlement, hot, org.id, consumer=f"alive-{uuid.uuid4().hex[:6]}")
+    await drain(survivor)
+    assert (await redis.xpending(dead.stream, GROUP))["pending"] == 0
+    state = await ledger_state(ledger, org.id)
+    assert state["usage"] == 7 * CREDIT
+    assert_conserved(state, await cache_balance(hot, org.id))
+
+
+async def test_crash_mid_transaction_loses_nothing(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org, migrated: Config
+) -> None:
+    for _ in range(4):
+        await hot.consume(org.id, org.admin_key_id, action="generate_content", units=1)
+    ps = settler(redis, settlement, hot, org.id)
+    assert await ps.acquire()
+    # A connection dies inside the transaction: the settle raises, nothing is acked.
+    broken = await Settlement.connect(migrated.settler_dsn(), max_size=1)
+    async with broken.pool.acquire() as conn:
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+    killer = await Settlement.connect(migrated.database_url or "", max_size=1)
+    ps.settlement = broken
+    orig = broken.settle
+
+    async def settle_and_die(*args, **kwargs):  # type: ignore[no-untyped-def]
+        async with killer.pool.acquire() as k:
+            await k.execute("SELECT pg_terminate_backend($1)", pid)
+        return await orig(*args, **kwargs)
+
+    broken.settle = settle_and_die  # type: ignore[method-assign]
+    with pytest.raises(Exception):  # noqa: B017 - any connection error
+        await ps.settle_once(block_ms=1)
+    await broken.close()
+    await killer.close()
+    assert (await ledger_state(ledger, org.id))["usage"] == 0
+    ps.settlement = settlement
+    await drain(ps)
+    state = await ledger_state(ledger, org.id)
+    assert state["usage"] == 4 * CREDIT
+    assert_conserved(state, await cache_balance(hot, org.id))
+
+
+async def test_cold_load_with_unsettled_events(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
+) -> None:
+    dept = await ledger.create_department(org.id, "d")
+    await ledger.set_department_limit(org.id, dept.id, 20 * CREDIT, "month")
+    await hot.evict(org.id)
+    await hot.consume(org.id, org.admin_key_id, action="generate_content", units=3, department_id=dept.id)
+    await drain(settler(redis, settlement, hot, org.id))  # some settled...
+    h = await hot.reserve(org.id, org.admin_key_id, amount=10 * CREDIT, ttl_ms=60_000, department_id=dept.id)
+    await hot.consume(org.id, org.admin_key_id, action="generate_content", units=4, department_id=dept.id)
+    before = (await hot.balance(org.id, department_id=dept.id)).payload
+    await hot.evict(org.id)  # ...some not, and the cache is gone
+    after = (await hot.balance(org.id, department_id=dept.id)).payload
+    assert (after["balance"], after["reserved"], after["available"]) == (
+        before["balance"],
+        before["reserved"],
+        before["available"],
+    )
+    assert after["dept"]["spent"] == before["dept"]["spent"] == 17 * CREDIT
+    assert after["grants"] == before["grants"]
+    rel = await hot.release(org.id, org.admin_key_id, reservation_id=h.payload["id"], used=CREDIT)
+    assert rel.status is Status.OK and rel.payload["released"] == 9 * CREDIT
+    await drain(settler(redis, settlement, hot, org.id))
+    assert_conserved(await ledger_state(ledger, org.id), await cache_balance(hot, org.id))
+
+
+async def test_reconciliation_finds_and_repairs_drift(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
+) -> None:
+    await hot.consume(org.id, org.admin_key_id, action="generate_content", units=2)
+    # Unsettled events are in flight, not drift.
+    report = await reconcile.run(redis, hot, settlement, [org.id])
+    assert report.checked == 1 and report.drifts == []
+    await drain(settler(redis, settlement, hot, org.id))
+    assert (await reconcile.run(redis, hot, settlement, [org.id])).drifts == []
+    # Somebody edits the cache behind the ledger's back.
+    acct = hot.org_keys(org.id)[0]
+    await redis.hincrby(acct, "bal", 5 * CREDIT)
+    report = await reconcile.run(redis, hot, settlement, [org.id])
+    assert [(d.organization_id, d.difference) for d in report.drifts] == [(org.id, 5 * CREDIT)]
+    repaired = await reconcile.repair(hot, settlement, org.id)
+    assert repaired is not None and repaired.difference == 5 * CREDIT
+    assert (await reconcile.run(redis, hot, settlement, [org.id])).drifts == []
+    assert await cache_balance(hot, org.id) == 98 * CREDIT
+
+
+async def test_period_reset_racing_consumes(hot: HotPath, ledger: Ledger, org: Org) -> None:
+    """Consumes at the instant a period rolls over: each lands in exactly one period."""
+    dept = await ledger.create_department(org.id, "race")
+    await ledger.set_department_limit(org.id, dept.id, 30 * CREDIT, "day")
+    await hot.configure(org.id, "dept", dept.id, 30 * CREDIT, "day")
+    midnight = int(dt.datetime(2026, 12, 2, tzinfo=dt.UTC).timestamp() * 1000)
+    times = [midnight - 1 if i % 2 else midnight for i in range(40)]
+    results = await asyncio.gather(
+        *(
+            hot.consume(org.id, org.admin_key_id, action="generate_content", units=1, department_id=dept.id, now=t)
+            for t in times
+        )
+    )
+    ok_before = sum(1 for t, r in zip(times, results, strict=True) if r.status is Status.OK and t < midnight)
+    ok_after = sum(1 for t, r in zip(times, results, strict=True) if r.status is Status.OK and t >= midnight)
+    assert ok_before <= 30 and ok_after <= 30
+    spent = (await hot.balance(org.id, department_id=dept.id, now=midnight)).payload["dept"]["spent"]
+    assert spent <= 30 * CREDIT
