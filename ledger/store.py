@@ -516,3 +516,158 @@ class Ledger:
             )
         assert row is not None
         return StoredResponse(row["fingerprint"], int(row["status"]), bytes(row["response"]))
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    id: str
+    action: str
+    units: int
+    credits: int
+    department_id: str | None
+    metadata: str  # JSON text
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRow:
+    key: str
+    events: int
+    units: int
+    credits: int
+
+
+@dataclass(frozen=True, slots=True)
+class EntryRow:
+    id: int
+    type: str
+    amount: int
+    balance_after: int
+    reference: str
+    created_at: dt.datetime
+
+
+def usage_page_query(
+    organization_id: uuid.UUID,
+    *,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+    department_id: uuid.UUID | None = None,
+    action: str | None = None,
+    cursor: tuple[dt.datetime, str] | None = None,
+    limit: int = 20,
+) -> tuple[str, list[Any]]:
+    """The page query with only the filters in use, so each variant gets a plan of its
+    own that walks an index in order (no generic plan full of `$n IS NULL OR ...`)."""
+    args: list[Any] = [organization_id]
+    where = ["organization_id = $1"]
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if start is not None:
+        where.append(f"created_at >= {arg(start)}")
+    if end is not None:
+        where.append(f"created_at < {arg(end)}")
+    if department_id is not None:
+        where.append(f"department_id = {arg(department_id)}")
+    if action is not None:
+        where.append(f"action = {arg(action)}")
+    if cursor is not None:
+        where.append(f"(created_at, id) < ({arg(cursor[0])}, {arg(cursor[1])}::text)")
+    sql = (
+        "SELECT id, action, units, credits, department_id, metadata::text AS metadata, created_at"  # noqa: S608
+        f" FROM usage_events WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT {arg(limit)}"
+    )
+    return sql, args
+
+
+class LedgerReads:
+    """Read-only views of one organization's ledger for the API (cursor pages)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def usage(
+        self,
+        organization_id: str,
+        *,
+        start: dt.datetime | None,
+        end: dt.datetime | None,
+        department_id: str | None,
+        action: str | None,
+        limit: int,
+        starting_after: str | None,
+    ) -> tuple[list[UsageRow], bool]:
+        org = uuid.UUID(organization_id)
+        async with self.ledger.tenant(organization_id) as conn:
+            cursor_at: dt.datetime | None = None
+            if starting_after is not None:
+                cursor_at = await conn.fetchval(
+                    "SELECT created_at FROM usage_events WHERE organization_id = $1 AND id = $2", org, starting_after
+                )
+                if cursor_at is None:
+                    raise NotFound(f"no usage event {starting_after}")
+            sql, args = usage_page_query(
+                org,
+                start=start,
+                end=end,
+                department_id=uuid.UUID(department_id) if department_id else None,
+                action=action,
+                cursor=(cursor_at, starting_after) if cursor_at is not None and starting_after is not None else None,
+                limit=limit + 1,
+            )
+            rows = await conn.fetch(sql, *args)
+        page = [
+            UsageRow(
+                id=r["id"],
+                action=r["action"],
+                units=int(r["units"]),
+                credits=int(r["credits"]),
+                department_id=str(r["department_id"]) if r["department_id"] else None,
+                metadata=r["metadata"],
+                created_at=r["created_at"],
+            )
+            for r in rows[:limit]
+        ]
+        return page, len(rows) > limit
+
+    async def usage_summary(
+        self, organization_id: str, *, start: dt.datetime | None, end: dt.datetime | None, group_by: str
+    ) -> list[SummaryRow]:
+        key = {
+            "action": "action",
+            "department": "coalesce(department_id::text, '')",
+            "day": "to_char(date_trunc('day', created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD')",
+        }[group_by]
+        sql = (
+            f"SELECT {key} AS key, count(*) AS events, sum(units) AS units, sum(credits) AS credits"  # noqa: S608 - key from a fixed map
+            " FROM usage_events WHERE organization_id = $1"
+            " AND ($2::timestamptz IS NULL OR created_at >= $2) AND ($3::timestamptz IS NULL OR created_at < $3)"
+            " GROUP BY 1 ORDER BY 1"
+        )
+        async with self.ledger.tenant(organization_id) as conn:
+            rows = await conn.fetch(sql, uuid.UUID(organization_id), start, end)
+        return [SummaryRow(r["key"], int(r["events"]), int(r["units"]), int(r["credits"])) for r in rows]
+
+    async def transactions(
+        self, organization_id: str, *, type_: str | None, limit: int, starting_after: int | None
+    ) -> tuple[list[EntryRow], bool]:
+        async with self.ledger.tenant(organization_id) as conn:
+            rows = await conn.fetch(
+                "SELECT id, type, amount, balance_after, reference, created_at FROM ledger_entries"
+                " WHERE organization_id = $1 AND ($2::text IS NULL OR type = $2)"
+                " AND ($3::bigint IS NULL OR id < $3) ORDER BY id DESC LIMIT $4",
+                uuid.UUID(organization_id),
+                type_,
+                starting_after,
+                limit + 1,
+            )
+        page = [
+            EntryRow(
+                int(r["id"]), r["type"], int(r["amount"]), int(r["balance_after"]), r["reference"], r["created_at"]
+            )
+            for r in rows[:limit]
+        ]
+        return page, len(rows) > limit

@@ -13,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from core.money import PrecisionError, to_credits, to_milli
-from ledger.store import Conflict, Credential, NotFound, StoredResponse
+from ledger.store import Conflict, Credential, LedgerReads, NotFound, StoredResponse
 from lua import Status
 from meter import schemas as s
 from meter.appkeys import AUTH, CONFIG, HOT, LEDGER
@@ -491,6 +491,103 @@ async def put_limits(request: web.Request) -> web.Response:
     return respond(await _limit_view(request, cred, dept_id))
 
 
+# -- reading the ledger (settled events, from Postgres) -----------------------------------
+def query(request: web.Request, kind: type[T]) -> T:
+    """Query parameters decoded like bodies: unknown ones refused, param names the field."""
+    try:
+        return msgspec.convert(dict(request.query), kind, strict=False)
+    except msgspec.ValidationError as exc:
+        err = from_validation(exc)
+        if err.param and err.param.startswith("$."):
+            err.param = err.param[2:]
+        raise err from None
+
+
+def _iso(ts: dt.datetime) -> str:
+    return ts.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+async def usage(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    q = query(request, s.UsageQuery)
+    dept = department_for(cred, q.department_id) or None
+    await _request_token(request, cred)
+    try:
+        rows, more = await LedgerReads(request.app[LEDGER]).usage(
+            cred.organization_id,
+            start=q.from_,
+            end=q.to,
+            department_id=dept,
+            action=q.action,
+            limit=q.limit,
+            starting_after=q.starting_after,
+        )
+    except NotFound:
+        raise ApiError(
+            404, "not_found", "starting_after names no usage event of this organization", "starting_after"
+        ) from None
+    return respond(
+        s.UsageList(
+            data=[
+                s.UsageEvent(
+                    id=r.id,
+                    action=r.action,
+                    units=r.units,
+                    credits=credits(r.credits),
+                    department_id=r.department_id,
+                    metadata=msgspec.Raw(r.metadata.encode()),
+                    created_at=_iso(r.created_at),
+                )
+                for r in rows
+            ],
+            has_more=more,
+        )
+    )
+
+
+async def usage_summary(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    q = query(request, s.SummaryQuery)
+    await _request_token(request, cred)
+    rows = await LedgerReads(request.app[LEDGER]).usage_summary(
+        cred.organization_id, start=q.from_, end=q.to, group_by=q.group_by
+    )
+    return respond(
+        s.UsageSummary(
+            data=[s.SummaryItem(key=r.key, events=r.events, units=r.units, credits=credits(r.credits)) for r in rows],
+            total_credits=credits(sum(r.credits for r in rows)),
+        )
+    )
+
+
+async def transactions(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    q = query(request, s.TransactionsQuery)
+    await _request_token(request, cred)
+    rows, more = await LedgerReads(request.app[LEDGER]).transactions(
+        cred.organization_id,
+        type_=q.type,
+        limit=q.limit,
+        starting_after=int(q.starting_after) if q.starting_after else None,
+    )
+    return respond(
+        s.TransactionList(
+            data=[
+                s.Transaction(
+                    id=str(r.id),
+                    type=r.type,
+                    amount=credits(r.amount),
+                    balance_after=credits(r.balance_after),
+                    reference=r.reference,
+                    created_at=_iso(r.created_at),
+                )
+                for r in rows
+            ],
+            has_more=more,
+        )
+    )
+
+
 @dataclass(frozen=True)
 class Operation:
     """One endpoint: the route and the documentation come from this one record."""
@@ -557,6 +654,31 @@ OPERATIONS = (
         s.ReleaseResponse,
         idempotent=True,
         errors=(400, 401, 404, 409, 413, 429, 503),
+    ),
+    Operation(
+        "GET",
+        "/api/credits/usage",
+        usage,
+        "Settled usage events, newest first (cursor pages)",
+        response=s.UsageList,
+        query=("from", "to", "department_id", "action", "limit", "starting_after"),
+        errors=(400, 401, 403, 404, 429, 503),
+    ),
+    Operation(
+        "GET",
+        "/api/credits/usage/summary",
+        usage_summary,
+        "Settled usage grouped by action, department or day",
+        response=s.UsageSummary,
+        query=("from", "to", "group_by"),
+    ),
+    Operation(
+        "GET",
+        "/api/credits/transactions",
+        transactions,
+        "Ledger entries, newest first (cursor pages)",
+        response=s.TransactionList,
+        query=("type", "limit", "starting_after"),
     ),
     Operation("GET", "/api/credits/costs", list_costs, "Cost of every action", response=s.CostList),
     Operation(

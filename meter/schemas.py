@@ -3,6 +3,7 @@ these types (the OpenAPI document is generated from them, see meter/openapi.py).
 
 from __future__ import annotations
 
+import datetime as dt
 import decimal
 from typing import Annotated, Literal
 
@@ -185,6 +186,73 @@ class LimitView(Body):
     remaining: Credits | None
     period_start: str
     period_end: str
+
+
+Timestamp = Annotated[dt.datetime, Meta(tz=True, description="ISO 8601 with a time zone, e.g. 2026-11-23T12:00:00Z")]
+Limit = Annotated[int, Meta(ge=1, le=100)]
+LedgerType = Literal["grant", "usage", "reservation_capture", "expiration", "adjustment", "refund"]
+
+
+class UsageQuery(Body):
+    from_: Timestamp | None = msgspec.field(name="from", default=None)
+    to: Timestamp | None = None
+    department_id: DepartmentId | None = None
+    action: Action | None = None
+    limit: Limit = 20
+    starting_after: Identifier | None = None
+
+
+class SummaryQuery(Body):
+    from_: Timestamp | None = msgspec.field(name="from", default=None)
+    to: Timestamp | None = None
+    group_by: Literal["action", "department", "day"] = "action"
+
+
+class TransactionsQuery(Body):
+    type: LedgerType | None = None
+    limit: Limit = 20
+    starting_after: Annotated[str, Meta(pattern=r"^[0-9]{1,19}$")] | None = None
+
+
+class UsageEvent(Body):
+    id: str
+    action: str
+    units: int
+    credits: Credits
+    department_id: str | None
+    metadata: msgspec.Raw
+    created_at: str
+
+
+class UsageList(Body):
+    data: list[UsageEvent]
+    has_more: bool
+
+
+class SummaryItem(Body):
+    key: str
+    events: int
+    units: int
+    credits: Credits
+
+
+class UsageSummary(Body):
+    data: list[SummaryItem]
+    total_credits: Credits
+
+
+class Transaction(Body):
+    id: str
+    type: str
+    amount: Credits
+    balance_after: Credits
+    reference: str
+    created_at: str
+
+
+class TransactionList(Body):
+    data: list[Transaction]
+    has_more: bool
 
 
 class Health(Body):
