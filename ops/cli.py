@@ -24,6 +24,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from core import config as config_module
@@ -101,6 +102,27 @@ def _event_loop_runner() -> Callable[[Awaitable[None]], None]:
         return lambda coro: uvloop.run(coro)  # type: ignore[arg-type]
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return lambda coro: asyncio.run(coro)  # type: ignore[arg-type]
+
+
+async def _migrate_when_reachable(config: Config, *, attempts: int = 60) -> None:
+    """Services wait for Postgres at start (bounded), instead of dying with it down."""
+    for attempt in range(attempts):
+        try:
+            await migrate(
+                config.database_url or "",
+                app_password=config.app_db_password,
+                settler_password=config.settler_db_password,
+            )
+            return
+        except (
+            OSError,
+            asyncpg.exceptions.PostgresConnectionError,
+            asyncpg.exceptions.InsufficientPrivilegeError,
+        ) as exc:
+            if attempt == attempts - 1:
+                raise
+            log.warning("postgres not reachable (%s); retrying", exc)
+            await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
 
 
 async def _settle(config: Config) -> None:

@@ -61,8 +61,12 @@ class Settler:
     async def open(cls, config: Config) -> Settler:
         assert config.redis_url is not None
         redis = aioredis.Redis.from_url(config.redis_url, max_connections=config.usage_partitions * 2 + 16)
-        settlement = await Settlement.connect(config.settler_dsn(), max_size=min(32, config.usage_partitions + 4))
-        ledger = await Ledger.connect(config.app_dsn(), min_size=1, max_size=4)
+        # min_size=0: no connection is opened here, so the settler starts (and keeps
+        # the hot path's streams in order) while Postgres is down; work retries later.
+        settlement = await Settlement.connect(
+            config.settler_dsn(), min_size=0, max_size=min(32, config.usage_partitions + 4)
+        )
+        ledger = await Ledger.connect(config.app_dsn(), min_size=0, max_size=4)
         hot = HotPath.from_config(redis, ledger, config)
         return cls(config, redis, settlement, ledger, hot)
 
@@ -94,8 +98,10 @@ class Settler:
                 try:
                     if await ps.acquire():
                         self.owned[p] = asyncio.create_task(self._run_partition(ps, stop), name=f"settle-{p}")
-                except (aioredis.RedisError, OSError) as exc:
-                    log.warning("lease_failed partition=%d error=%s", p, exc)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # never let one partition stop the supervisor
+                    log.exception("lease_failed partition=%d", p)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=SUPERVISE_INTERVAL_S)
         await self.stop_partitions()
@@ -104,6 +110,10 @@ class Settler:
         before = ps.stats.settled_events
         try:
             await ps.run(stop)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # logged; the supervisor restarts the partition next round
+            log.exception("partition_failed partition=%d", ps.partition)
         finally:
             SETTLED.inc(ps.stats.settled_events - before)
 

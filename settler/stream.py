@@ -185,6 +185,7 @@ class PartitionSettler:
             now = time.monotonic()
             if now - last_renew > LEASE_TTL_MS / 3000:
                 if not await self.acquire():
+                    log.warning("lease_lost partition=%d", self.partition)
                     return  # another settler owns this partition now
                 last_renew = now
             try:
