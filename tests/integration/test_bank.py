@@ -141,9 +141,8 @@ async def wait_drained(redis: aioredis.Redis, hot: HotPath, partitions: int, tim
             lease = await redis.get(hot.partition_key(p, "settler-lease"))
             pending = await redis.xpending(hot.stream_key(p), "settlers")
             groups = await redis.xinfo_groups(hot.stream_key(p))
-            diag.append(
-                f"p{p}: lease={lease!r} ttl={await redis.pttl(hot.partition_key(p, 'settler-lease'))} pending={pending} groups={groups}"
-            )
+            ttl = await redis.pttl(hot.partition_key(p, "settler-lease"))
+            diag.append(f"p{p}: lease={lease!r} ttl={ttl} pending={pending} groups={groups}")
     raise AssertionError(f"settlement did not catch up: {counts}\n" + "\n".join(diag) + f"\nsettler log:\n{tail}")
 
 
