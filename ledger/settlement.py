@@ -268,3 +268,74 @@ class Settlement:
                 limit,
             )
         return [str(r["id"]) for r in rows]
+
+
+class AlertStore:
+    """Alert configuration and outgoing deliveries, across organizations (settler)."""
+
+    def __init__(self, settlement: Settlement) -> None:
+        self.pool = settlement.pool
+
+    async def alert_configs(self, organization_ids: list[str] | None) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            if organization_ids is None:
+                rows = await conn.fetch("SELECT organization_id, threshold, state FROM balance_alerts")
+            else:
+                rows = await conn.fetch(
+                    "SELECT organization_id, threshold, state FROM balance_alerts"
+                    " WHERE organization_id = ANY($1::uuid[])",
+                    [uuid.UUID(o) for o in organization_ids],
+                )
+        return [dict(r) for r in rows]
+
+    async def alert_crossed(
+        self, organization_id: str, old: str, new: str, event_type: str, payload: str
+    ) -> dict[str, Any] | None:
+        """Record a crossing and its delivery, once: None if another run recorded it."""
+        org = uuid.UUID(organization_id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE balance_alerts SET state = $2, updated_at = now() WHERE organization_id = $1 AND state = $3"
+                " RETURNING webhook_url, secret",
+                org,
+                new,
+                old,
+            )
+            if row is None:
+                return None
+            delivery_id = uuid.uuid4()
+            await conn.execute(
+                "INSERT INTO webhook_deliveries (id, organization_id, event_type, payload)"
+                " VALUES ($1, $2, $3, $4::jsonb)",
+                delivery_id,
+                org,
+                event_type,
+                payload,
+            )
+        return {"id": delivery_id, "webhook_url": row["webhook_url"], "secret": row["secret"], "payload": payload}
+
+    async def due_deliveries(self, *, limit: int) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT d.id, d.payload::text AS payload, a.webhook_url, a.secret FROM webhook_deliveries d"
+                " JOIN balance_alerts a ON a.organization_id = d.organization_id"
+                " WHERE d.delivered_at IS NULL AND d.next_attempt_at <= now() ORDER BY d.next_attempt_at LIMIT $1",
+                limit,
+            )
+        return [dict(r) for r in rows]
+
+    async def delivery_done(self, delivery_id: uuid.UUID) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE webhook_deliveries SET delivered_at = now(), attempts = attempts + 1 WHERE id = $1", delivery_id
+            )
+
+    async def delivery_retry(self, delivery_id: uuid.UUID, error: str) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, last_error = $2,"
+                " next_attempt_at = now() + least(interval '1 hour', interval '1 second' * power(2, attempts))"
+                " WHERE id = $1",
+                delivery_id,
+                error[:500],
+            )

@@ -406,6 +406,26 @@ class Ledger:
             after=after,
         )
 
+    # -- alerts ---------------------------------------------------------------------
+    async def set_alert(self, organization_id: str, *, threshold: int, webhook_url: str) -> str:
+        """Configure the low-balance alert; returns the signing secret (new each time)."""
+        if threshold < 0:
+            raise ValueError("threshold must not be negative")
+        if not webhook_url.startswith(("http://", "https://")):
+            raise ValueError("webhook_url must be an http(s) URL")
+        secret = "whsec_" + secrets.token_urlsafe(32)
+        async with self.tenant(organization_id) as conn:
+            await conn.execute(
+                "INSERT INTO balance_alerts (organization_id, threshold, webhook_url, secret) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (organization_id) DO UPDATE SET threshold = $2, webhook_url = $3, secret = $4,"
+                " updated_at = now()",
+                uuid.UUID(organization_id),
+                threshold,
+                webhook_url,
+                secret,
+            )
+        return secret
+
     # -- departments ----------------------------------------------------------------
     async def departments(self, organization_id: str) -> list[Department]:
         async with self.tenant(organization_id) as conn:

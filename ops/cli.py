@@ -72,12 +72,13 @@ def _run_with_services(config: Config, fn: Callable[[Services], Awaitable[int]])
 
 
 # -- services ------------------------------------------------------------------------
-async def _serve(config: Config, *, announce: Callable[[Config], Awaitable[None]] | None = None) -> None:
+async def _serve(
+    config: Config, *, announce: Callable[[Config], Awaitable[None]] | None = None, with_settler: bool = False
+) -> None:
     from meter.app import create_app
+    from settler.worker import build_worker
 
-    await migrate(
-        config.database_url or "", app_password=config.app_db_password, settler_password=config.settler_db_password
-    )
+    await _migrate_when_reachable(config)
     runner = web.AppRunner(create_app(config), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.meter_port)
@@ -87,11 +88,18 @@ async def _serve(config: Config, *, announce: Callable[[Config], Awaitable[None]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    settler = build_worker(config, handle_signals=False) if with_settler else None
+    settler_task = asyncio.create_task(settler.async_run()) if settler is not None else None
     try:
         if announce is not None:
             await announce(config)
         await stop.wait()
     finally:
+        if settler is not None and settler_task is not None:
+            settler_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await settler_task
+            await settler.close()
         await runner.cleanup()
 
 
@@ -194,7 +202,7 @@ def cmd_dev(config: Config, args: argparse.Namespace) -> int:
             )
 
         try:
-            _event_loop_runner()(_serve(cfg, announce=announce))
+            _event_loop_runner()(_serve(cfg, announce=announce, with_settler=True))
         finally:
             unpublish_urls(cfg)
     return 0
@@ -300,6 +308,66 @@ def cmd_balance(config: Config, args: argparse.Namespace) -> int:
     return _run_with_services(config, run)
 
 
+def cmd_alert_set(config: Config, args: argparse.Namespace) -> int:
+    async def run(s: Services) -> int:
+        try:
+            secret = await s.ledger.set_alert(args.org, threshold=args.threshold, webhook_url=args.url)
+        except ValueError as exc:
+            raise admin.AdminError(str(exc)) from None
+        _print(
+            {
+                "organization_id": args.org,
+                "threshold": str(to_credits(args.threshold)),
+                "url": args.url,
+                "secret": secret,
+            }
+        )
+        return 0
+
+    return _run_with_services(config, run)
+
+
+def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
+    from ledger.settlement import Settlement
+    from settler import reconcile
+
+    async def run(s: Services) -> int:
+        settlement = await Settlement.connect(s.config.settler_dsn(), max_size=2)
+        try:
+            orgs = [args.org] if args.org else None
+            report = await reconcile.run(s.redis, s.hot, settlement, orgs)
+            repaired: list[str] = []
+            if args.repair:
+                for d in report.drifts:
+                    await reconcile.repair(s.hot, settlement, d.organization_id)
+                    repaired.append(d.organization_id)
+        finally:
+            await settlement.close()
+        drifts = [
+            {
+                "organization_id": d.organization_id,
+                "redis": str(to_credits(d.cache)),
+                "ledger": str(to_credits(d.ledger)),
+                "in_flight": str(to_credits(d.in_flight)),
+                "unpushed_grants": str(to_credits(d.unpushed)),
+                "difference": str(to_credits(d.difference)),
+            }
+            for d in report.drifts
+        ]
+        out = {"checked": report.checked, "drifts": drifts, "lagging": report.lagging, "repaired": repaired}
+        if args.json:
+            _print(out)
+        else:
+            sys.stdout.write(f"checked {report.checked} organizations, {len(drifts)} drifting\n")
+            for row in drifts:
+                sys.stdout.write("  ".join(f"{k} {v}" for k, v in row.items()) + "\n")
+            for org in repaired:
+                sys.stdout.write(f"repaired {org} from the ledger\n")
+        return 1 if drifts and not args.repair else 0
+
+    return _run_with_services(config, run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="credits", description="Agent credits: services and operations.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -344,6 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--reason", required=True)
     a.add_argument("--reference", help="idempotency reference: the same one adjusts once")
     a.set_defaults(fn=cmd_adjust)
+
+    al = sub.add_parser("alert", help="low-balance alerts").add_subparsers(dest="alert_command", required=True)
+    als = al.add_parser("set", help="alert when available credits fall below a threshold (signed webhook)")
+    als.add_argument("--org", required=True)
+    als.add_argument("--threshold", type=_credits, required=True, help="credits")
+    als.add_argument("--url", required=True, help="where the signed webhook is POSTed")
+    als.set_defaults(fn=cmd_alert_set)
+
+    rc = sub.add_parser("reconcile", help="compare Redis with the ledger; repair from the ledger on request")
+    rc.add_argument("--org", help="one organization (default: all)")
+    rc.add_argument("--repair", action="store_true", help="rebuild drifting organizations from the ledger")
+    rc.add_argument("--json", action="store_true")
+    rc.set_defaults(fn=cmd_reconcile)
 
     b = sub.add_parser("balance", help="show an organization's balance")
     b.add_argument("--org", required=True)

@@ -13,15 +13,17 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+import aiohttp
 import prometheus_client
 import redis.asyncio as aioredis
 
 from core.config import Config
-from ledger.settlement import Settlement
+from ledger.settlement import AlertStore, Settlement
 from ledger.store import Ledger
 from lua import Status
 from meter.hotpath import HotPath, Unavailable, now_ms
 from settler import reconcile
+from settler.alerts import Alerts
 from settler.stream import PartitionSettler, lag
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ class Settler:
     consumer: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     owned: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     lag_alerting: bool = False
+    alerts: Alerts | None = None
+    http: aiohttp.ClientSession | None = None
 
     @classmethod
     async def open(cls, config: Config) -> Settler:
@@ -68,10 +72,15 @@ class Settler:
         )
         ledger = await Ledger.connect(config.app_dsn(), min_size=0, max_size=4)
         hot = HotPath.from_config(redis, ledger, config)
-        return cls(config, redis, settlement, ledger, hot)
+        settler = cls(config, redis, settlement, ledger, hot)
+        settler.http = aiohttp.ClientSession()
+        settler.alerts = Alerts(AlertStore(settlement), hot, settler.http)
+        return settler
 
     async def close(self) -> None:
         await self.stop_partitions()
+        if self.http is not None:
+            await self.http.close()
         await self.settlement.close()
         await self.ledger.close()
         await self.redis.aclose()
@@ -85,6 +94,7 @@ class Settler:
             partition,
             consumer=self.consumer,
             batch_entries=self.config.settle_batch_entries,
+            on_settled=self.alerts.check if self.alerts is not None else None,
         )
 
     async def supervise(self, stop: asyncio.Event) -> None:
@@ -182,6 +192,14 @@ class Settler:
             log.warning("settlement_lag_recovered lag_s=%.1f", worst)
         self.lag_alerting = alerting
         return worst
+
+    async def alerts_tick(self) -> int:
+        """Every configured organization, and the deliveries that are due."""
+        if self.alerts is None:
+            return 0
+        crossings = await self.alerts.check()
+        await self.alerts.deliver_due()
+        return crossings
 
     async def reconcile(self) -> int:
         report = await reconcile.run(self.redis, self.hot, self.settlement)

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +82,9 @@ class PartitionSettler:
         *,
         consumer: str,
         batch_entries: int = 500,
+        on_settled: Callable[[set[str]], Awaitable[object]] | None = None,
     ) -> None:
+        self.on_settled = on_settled
         self.redis = redis
         self.settlement = settlement
         self.hot = hot
@@ -161,6 +164,12 @@ class PartitionSettler:
         self.stats.settled_entries += len(entries)
         self.stats.settled_events += len(staged.events)
         self.stats.batches += 1
+        if self.on_settled is not None:
+            orgs = {fields[b"o"].decode() for _, fields in entries}
+            try:
+                await self.on_settled(orgs)
+            except Exception:  # an alert check must never hold settlement back
+                log.exception("on_settled_failed partition=%d", self.partition)
         return len(entries)
 
     async def _trim(self) -> None:

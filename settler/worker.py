@@ -45,12 +45,17 @@ async def watch_lag(ctx: dict[str, Any]) -> float:
     return await settler.watch_lag()
 
 
+async def alerts(ctx: dict[str, Any]) -> int:
+    settler: Settler = ctx["settler"]
+    return await settler.alerts_tick()
+
+
 async def reconcile(ctx: dict[str, Any]) -> int:
     settler: Settler = ctx["settler"]
     return await settler.reconcile()
 
 
-def build_worker(config: Config) -> Worker:
+def build_worker(config: Config, *, handle_signals: bool = True) -> Worker:
     assert config.redis_url is not None
 
     async def startup(ctx: dict[str, Any]) -> None:
@@ -78,12 +83,13 @@ def build_worker(config: Config) -> Worker:
             cron(push_outbox, second=EVERY_2_S, unique=True, timeout=JOB_TIMEOUT_S, run_at_startup=True),
             cron(expire_due, second=EVERY_5_S, unique=True, timeout=JOB_TIMEOUT_S),
             cron(watch_lag, second=EVERY_SECOND, unique=True, timeout=JOB_TIMEOUT_S),
+            cron(alerts, second=EVERY_SECOND, unique=True, timeout=JOB_TIMEOUT_S),
             cron(reconcile, second=EVERY_30_S, unique=True, timeout=JOB_TIMEOUT_S),
         ],
         redis_settings=RedisSettings.from_dsn(config.redis_url),
         on_startup=startup,
         on_shutdown=shutdown,
-        handle_signals=True,
+        handle_signals=handle_signals,
         max_jobs=4,
         job_timeout=JOB_TIMEOUT_S,
         keep_result=60,

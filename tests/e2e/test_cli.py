@@ -89,6 +89,16 @@ def test_dev_runs_the_whole_stack_on_embedded_servers(tmp_path: Path) -> None:
             )
             with urllib.request.urlopen(req, timeout=10) as r:
                 balances.append(json.loads(r.read())["balance"])
+            # The settler runs in the dev stack: the charge reaches the ledger.
+            settled = []
+            for _ in range(50):
+                req = urllib.request.Request(f"{info['meter_url']}/api/credits/usage", headers=headers)
+                with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - localhost
+                    settled = json.loads(r.read())["data"]
+                if len(settled) == len(balances):
+                    break
+                time.sleep(0.2)
+            assert len(settled) == len(balances)
             jwt_headers = {"Authorization": f"Bearer {info['jwt']}"}
             req = urllib.request.Request(f"{info['meter_url']}/api/credits/balance", headers=jwt_headers)
             with urllib.request.urlopen(req, timeout=10) as r:
@@ -106,3 +116,16 @@ def test_dev_runs_the_whole_stack_on_embedded_servers(tmp_path: Path) -> None:
                 proc.stderr.close()
         time.sleep(0.2)
     assert balances == [99, 98]
+
+
+def test_reconcile_and_alert_commands(migrated: Config) -> None:
+    org = json.loads(run(migrated, "org", "create", "--name", "R").stdout)["organization_id"]
+    run(migrated, "balance", "--org", org, "--json")  # cached now
+    report = json.loads(run(migrated, "reconcile", "--org", org, "--json").stdout)
+    assert report == {"checked": 1, "drifts": [], "lagging": [], "repaired": []}
+    alert = json.loads(
+        run(migrated, "alert", "set", "--org", org, "--threshold", "10", "--url", "https://example.test/hook").stdout
+    )
+    assert alert["secret"].startswith("whsec_") and alert["threshold"] == "10"
+    bad = run(migrated, "alert", "set", "--org", org, "--threshold", "10", "--url", "ftp://x", check=False)
+    assert bad.returncode == 1 and "http(s)" in bad.stderr

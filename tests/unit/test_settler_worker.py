@@ -13,7 +13,7 @@ def test_worker_settings_are_applied() -> None:
     w = worker.build_worker(config)
     try:
         names = {c.name for c in w.cron_jobs}
-        assert {"cron:push_outbox", "cron:expire_due", "cron:watch_lag", "cron:reconcile"} <= names
+        assert {"cron:push_outbox", "cron:expire_due", "cron:watch_lag", "cron:reconcile", "cron:alerts"} <= names
         assert all(c.unique for c in w.cron_jobs)
         assert w.queue_name == worker.QUEUE
         assert w.max_tries == 1

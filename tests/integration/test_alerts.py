@@ -1,0 +1,121 @@
+"""Low-balance and recovered alerts: signed webhooks to a real local receiver, once per
+crossing, retried until the receiver accepts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from core.config import Config
+from ledger.settlement import AlertStore, Settlement
+from ledger.store import Ledger
+from meter.hotpath import HotPath
+from ops import admin
+from settler.alerts import SIGNATURE_HEADER, Alerts, verify
+from settler.stream import PartitionSettler
+from tests.conftest import Org
+
+CREDIT = 1000
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.received: list[tuple[float, bytes, str]] = []
+        self.fail_next = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return web.Response(status=500)
+        self.received.append((time.monotonic(), body, request.headers[SIGNATURE_HEADER]))
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    r = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", r.handle)
+    server = TestServer(app)
+    await server.start_server()
+    yield r, str(server.make_url("/hook"))
+    await server.close()
+
+
+@pytest.fixture
+async def settlement(migrated: Config) -> AsyncIterator[Settlement]:
+    s = await Settlement.connect(migrated.settler_dsn())
+    yield s
+    await s.close()
+
+
+async def test_low_then_recovered_signed_and_once(
+    hot: HotPath,
+    ledger: Ledger,
+    settlement: Settlement,
+    redis: aioredis.Redis,
+    org: Org,
+    receiver: tuple[Receiver, str],
+) -> None:
+    rec, url = receiver
+    secret = await ledger.set_alert(org.id, threshold=90 * CREDIT, webhook_url=url)
+    async with aiohttp.ClientSession() as http:
+        alerts = Alerts(AlertStore(settlement), hot, http)
+        ps = PartitionSettler(redis, settlement, hot, hot.partition(org.id), consumer="alerts", on_settled=alerts.check)
+        assert await ps.acquire()
+        await hot.consume(org.id, org.admin_key_id, action="generate_content", units=5)
+        await ps.settle_once(block_ms=1)
+        assert rec.received == []  # 95 available: above the threshold
+        spent_at = time.monotonic()
+        await hot.consume(org.id, org.admin_key_id, action="generate_content", units=10)
+        await ps.settle_once(block_ms=1)
+        assert len(rec.received) == 1
+        at, body, header = rec.received[0]
+        assert at - spent_at < 1.0
+        assert verify(secret, body, header)
+        assert not verify("whsec_wrong", body, header)
+        event = json.loads(body)
+        assert (event["type"], event["available"], event["threshold"]) == ("balance.low", 85, 90)
+        # Still low: no second alert, however often it is checked.
+        await hot.consume(org.id, org.admin_key_id, action="generate_content", units=1)
+        await ps.settle_once(block_ms=1)
+        await alerts.check()
+        assert len(rec.received) == 1
+        await admin.grant(ledger, hot, org.id, amount=20 * CREDIT, reason="top-up")
+        await alerts.check([org.id])
+        assert [json.loads(b)["type"] for _, b, _ in rec.received] == ["balance.low", "balance.recovered"]
+
+
+async def test_failed_delivery_is_retried(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, org: Org, receiver: tuple[Receiver, str]
+) -> None:
+    rec, url = receiver
+    await ledger.set_alert(org.id, threshold=150 * CREDIT, webhook_url=url)
+    rec.fail_next = 1
+    async with aiohttp.ClientSession() as http:
+        alerts = Alerts(AlertStore(settlement), hot, http)
+        assert await alerts.check([org.id]) == 1
+        assert rec.received == []
+        async with settlement.pool.acquire() as conn:
+            await conn.execute("UPDATE webhook_deliveries SET next_attempt_at = now() WHERE delivered_at IS NULL")
+        for _ in range(20):
+            if await alerts.deliver_due():
+                break
+            await asyncio.sleep(0.1)
+        assert len(rec.received) == 1
+        async with settlement.pool.acquire() as conn:
+            row: Any = await conn.fetchrow(
+                "SELECT attempts, delivered_at, last_error FROM webhook_deliveries WHERE organization_id = $1::uuid",
+                org.id,
+            )
+        assert row["attempts"] == 2 and row["delivered_at"] is not None and row["last_error"] == "HTTP 500"
