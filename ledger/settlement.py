@@ -48,57 +48,107 @@ CREATE TEMP TABLE IF NOT EXISTS settle_new (
 """
 
 
-def _ts(ms: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
-
-
-def _uuid(text: str) -> uuid.UUID | None:
-    return uuid.UUID(text) if text else None
-
-
 @dataclass
 class Staged:
-    """One batch of stream events, decoded and deduplicated, ready to COPY."""
+    """One batch of stream events, decoded and deduplicated, ready to COPY.
+
+    This runs once per settled event, so it avoids per-event allocations it can share:
+    organization and grant ids, and timestamps, are converted once per batch."""
 
     events: list[tuple[Any, ...]] = field(default_factory=list)
     allocs: list[tuple[Any, ...]] = field(default_factory=list)
-    _seen: set[tuple[str, str, str]] = field(default_factory=set)
+    _seen: set[tuple[str, str]] = field(default_factory=set)
+    _uuids: dict[str, uuid.UUID] = field(default_factory=dict)
+    _times: dict[int, dt.datetime] = field(default_factory=dict)
 
-    def _event(self, kind: str, org: str, event_id: str, **values: Any) -> bool:
-        key = (kind, org, event_id)
+    def _uuid(self, text: str) -> uuid.UUID | None:
+        if not text:
+            return None
+        u = self._uuids.get(text)
+        if u is None:
+            u = self._uuids[text] = uuid.UUID(text)
+        return u
+
+    def _ts(self, ms: int) -> dt.datetime:
+        t = self._times.get(ms)
+        if t is None:
+            t = self._times[ms] = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+        return t
+
+    def _event(
+        self,
+        kind: str,
+        org: uuid.UUID | None,
+        event_id: str,
+        *,
+        action: str | None = None,
+        units: int | None = None,
+        amount: int | None = None,
+        department_id: uuid.UUID | None = None,
+        credential_id: str | None = None,
+        metadata: str | None = None,
+        created_at: dt.datetime | None = None,
+        reservation_id: str | None = None,
+        how: str | None = None,
+        expires_at: dt.datetime | None = None,
+        reason: str | None = None,
+        grant_id: uuid.UUID | None = None,
+    ) -> bool:
+        key = (kind, event_id)
         if key in self._seen:  # the same entry delivered twice within one batch
             return False
         self._seen.add(key)
-        row: dict[str, Any] = dict.fromkeys(EVENT_COLUMNS)
-        row.update(seq=len(self.events), kind=kind, org=uuid.UUID(org), id=event_id, **values)
-        self.events.append(tuple(row[c] for c in EVENT_COLUMNS))
+        self.events.append(
+            (
+                len(self.events),
+                kind,
+                org,
+                event_id,
+                action,
+                units,
+                amount,
+                department_id,
+                credential_id,
+                metadata,
+                created_at,
+                reservation_id,
+                how,
+                expires_at,
+                reason,
+                grant_id,
+            )
+        )
         return True
 
-    def _allocs(self, org: str, event_id: str, kind: str, flat: Sequence[Any], width: int) -> None:
+    def _allocs(self, org: uuid.UUID | None, event_id: str, kind: str, flat: Sequence[Any], width: int) -> None:
+        append = self.allocs.append
         for i in range(0, len(flat), width):
             score = float(flat[i + 2]) if width == 3 else 0.0
-            self.allocs.append((uuid.UUID(org), event_id, kind, uuid.UUID(str(flat[i])), int(flat[i + 1]), score))
+            append((org, event_id, kind, self._uuid(str(flat[i])), int(flat[i + 1]), score))
 
-    def add(self, org: str, ev: dict[str, Any]) -> None:
+    def add(self, org_text: str, ev: dict[str, Any]) -> None:
         """Decode one stream entry (see lua/*.lua for each event's fields)."""
+        org = self._uuid(org_text)
         t = ev["t"]
-        if t == "use":
-            self._use(org, ev, ev.get("k", ""), int(ev["at"]))
-        elif t == "use_batch":
+        if t == "use_batch":
+            cred = ev.get("k", "")
+            at = self._ts(int(ev["at"]))
             for item in ev["ev"]:
-                self._use(org, item, ev.get("k", ""), int(ev["at"]))
+                self._use(org, item, cred, at)
+        elif t == "use":
+            self._use(org, ev, ev.get("k", ""), self._ts(int(ev["at"])))
         elif t == "hold":
             if self._event(
                 "hold",
                 org,
                 ev["id"],
                 amount=int(ev["amt"]),
-                department_id=_uuid(ev.get("d", "")),
+                department_id=self._uuid(ev.get("d", "")),
                 credential_id=ev.get("k", ""),
                 action=ev.get("act", ""),
                 metadata=ev.get("m") or "{}",
-                created_at=_ts(int(ev["at"])),
-                expires_at=_ts(int(ev["x"])),
+                created_at=self._ts(int(ev["at"])),
+                expires_at=self._ts(int(ev["x"])),
             ):
                 self._allocs(org, ev["id"], "hold", ev.get("g") or [], 3)
         elif t == "hold_closed":
@@ -109,7 +159,7 @@ class Staged:
                 reservation_id=ev["r"],
                 how=ev["how"],
                 amount=int(ev["used"]),
-                created_at=_ts(int(ev["at"])),
+                created_at=self._ts(int(ev["at"])),
             ):
                 self._allocs(org, ev["id"], "capture", ev.get("g") or [], 2)
         elif t == "grant_expired":
@@ -118,31 +168,46 @@ class Staged:
                 org,
                 ev["id"],
                 amount=int(ev["amt"]),
-                grant_id=uuid.UUID(ev["g"]),
-                created_at=_ts(int(ev["at"])),
+                grant_id=self._uuid(ev["g"]),
+                created_at=self._ts(int(ev["at"])),
             )
         elif t in ("adjustment", "refund"):
             if self._event(
-                t, org, ev["id"], amount=int(ev["amt"]), reason=ev.get("why", ""), created_at=_ts(int(ev["at"]))
+                t, org, ev["id"], amount=int(ev["amt"]), reason=ev.get("why", ""), created_at=self._ts(int(ev["at"]))
             ):
                 self._allocs(org, ev["id"], t, ev.get("g") or [], 3)
         else:
             raise ValueError(f"unknown stream event type {t!r}")
 
-    def _use(self, org: str, ev: dict[str, Any], cred: str, at_ms: int) -> None:
-        if self._event(
-            "use",
-            org,
-            ev["id"],
-            action=ev["act"],
-            units=int(ev["u"]),
-            amount=int(ev["amt"]),
-            department_id=_uuid(ev.get("d", "")),
-            credential_id=cred,
-            metadata=ev.get("m") or "{}",
-            created_at=_ts(at_ms),
-        ):
-            self._allocs(org, ev["id"], "use", ev.get("g") or [], 3)
+    def _use(self, org: uuid.UUID | None, ev: dict[str, Any], cred: str, at: dt.datetime) -> None:
+        event_id = ev["id"]
+        key = ("use", event_id)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        self.events.append(
+            (
+                len(self.events),
+                "use",
+                org,
+                event_id,
+                ev["act"],
+                ev["u"],
+                ev["amt"],
+                self._uuid(ev.get("d", "")),
+                cred,
+                ev.get("m") or "{}",
+                at,
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
+        )
+        g = ev.get("g")
+        if g:
+            self._allocs(org, event_id, "use", g, 3)
 
 
 @dataclass(frozen=True)

@@ -89,8 +89,11 @@ CREATE TABLE grant_outbox (
   created_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- The one high-volume table. No foreign key to organizations: a per-row RI check
+-- would dominate bulk settlement, and settle_staged() locks (so proves) every
+-- organization of a batch before inserting its events.
 CREATE TABLE usage_events (
-  organization_id uuid NOT NULL REFERENCES organizations(id),
+  organization_id uuid NOT NULL,
   id text NOT NULL,                                     -- event id from the hot path
   action text NOT NULL,
   units bigint NOT NULL CHECK (units >= 1),

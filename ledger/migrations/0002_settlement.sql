@@ -86,13 +86,28 @@ GRANT EXECUTE ON FUNCTION current_org() TO credits_settler;
 CREATE FUNCTION settle_staged(p_batch text)
 RETURNS TABLE (organization_id uuid, balance bigint)
 LANGUAGE plpgsql AS $$
+DECLARE
+  v_orgs integer;
+  v_locked integer;
+  v_new_uses bigint;
+  v_staged_uses bigint;
 BEGIN
-  -- Lock the organizations in a fixed order; grant_credits locks the same rows.
-  PERFORM 1 FROM organizations o
-   WHERE o.id IN (SELECT DISTINCT e.org FROM settle_events e) ORDER BY o.id FOR UPDATE;
+  -- Lock the organizations in a fixed order; grant_credits locks the same rows. Every
+  -- organization of the batch must exist (usage_events has no foreign key).
+  SELECT count(DISTINCT e.org) INTO v_orgs FROM settle_events e;
+  WITH locked AS (
+    SELECT o.id FROM organizations o
+     WHERE o.id IN (SELECT DISTINCT e.org FROM settle_events e) ORDER BY o.id FOR UPDATE
+  )
+  SELECT count(*) INTO v_locked FROM locked;
+  IF v_locked <> v_orgs THEN
+    RAISE EXCEPTION 'settlement batch names % unknown organization(s)', v_orgs - v_locked
+      USING ERRCODE = 'foreign_key_violation';
+  END IF;
 
   TRUNCATE settle_new;
 
+  -- Usage events: inserted idempotently by id; only the new ones count below.
   WITH ins AS (
     INSERT INTO usage_events AS u (organization_id, id, action, units, credits, department_id,
                                    credential_id, metadata, created_at)
@@ -100,11 +115,12 @@ BEGIN
            e.metadata, e.created_at
       FROM settle_events e WHERE e.kind = 'use'
     ON CONFLICT DO NOTHING
-    RETURNING u.organization_id, u.id
+    RETURNING u.organization_id, u.id, u.credits
   )
   INSERT INTO settle_new (seq, org, kind, id, amount)
-  SELECT e.seq, e.org, 'use', e.id, -e.amount
-    FROM ins JOIN settle_events e ON e.kind = 'use' AND e.org = ins.organization_id AND e.id = ins.id;
+  SELECT 0, ins.organization_id, 'use', ins.id, -ins.credits FROM ins;
+  GET DIAGNOSTICS v_new_uses = ROW_COUNT;
+  SELECT count(*) INTO v_staged_uses FROM settle_events e WHERE e.kind = 'use';
 
   WITH ins AS (
     INSERT INTO reservations AS r (organization_id, id, amount, status, department_id,
@@ -149,10 +165,19 @@ BEGIN
   UPDATE credit_grants g SET remaining = g.remaining + d.delta
     FROM (
       SELECT x.grant_id, sum(x.delta) AS delta FROM (
+        -- usage: every staged event was new (the usual case), or only the new ones
+        SELECT a.grant_id, -a.amount AS delta
+          FROM settle_allocs a WHERE a.kind = 'use' AND v_new_uses = v_staged_uses
+        UNION ALL
+        SELECT a.grant_id, -a.amount AS delta
+          FROM settle_allocs a
+          JOIN settle_new n ON n.org = a.org AND n.id = a.event_id AND n.kind = 'use'
+         WHERE a.kind = 'use' AND v_new_uses <> v_staged_uses
+        UNION ALL
         SELECT a.grant_id, -a.amount AS delta
           FROM settle_allocs a
           JOIN settle_new n ON n.org = a.org AND n.id = a.event_id AND n.kind = a.kind
-         WHERE a.kind IN ('use', 'hold', 'adjustment', 'refund')
+         WHERE a.kind IN ('hold', 'adjustment', 'refund')
         UNION ALL
         SELECT ra.grant_id, ra.amount
           FROM settle_new n
