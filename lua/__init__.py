@@ -1,15 +1,23 @@
 """The hot path's Redis scripts, one file per operation, shipped with the package.
 
-`source(name)` returns what is sent to Redis: the status codes (generated from
-`Status`, the one mapping of return codes), the shared helpers of lib.lua, then the
-script itself.
+Two ways to send them, built from the same files:
+
+- `library()`: one Redis function library (FUNCTION LOAD, then FCALL): the status
+  codes (generated from `Status`, the one mapping of return codes) and the helpers of
+  lib.lua are loaded once; each operation is a function. Names carry a digest of the
+  code, so two versions of the sidecar (a rolling deploy) never call each other's
+  functions.
+- `source(name)`: one EVAL script per operation (status codes, lib.lua, the script),
+  for servers without functions (before Redis 7).
 """
 
 from __future__ import annotations
 
 import enum
 import functools
+import hashlib
 import importlib.resources
+from dataclasses import dataclass
 
 
 class Status(enum.IntEnum):
@@ -53,9 +61,37 @@ def _read(filename: str) -> str:
     return importlib.resources.files(__name__).joinpath(filename).read_text(encoding="utf-8")
 
 
+def _codes() -> str:
+    return "\n".join(f"local {s.name} = {s.value}" for s in Status)
+
+
 @functools.cache
 def source(name: str) -> str:
+    """One operation as an EVAL script."""
     if name not in SCRIPTS:
         raise KeyError(f"no script {name!r}")
-    codes = "\n".join(f"local {s.name} = {s.value}" for s in Status)
-    return f"{codes}\n{_read('lib.lua')}\n{_read(name + '.lua')}"
+    # KEYS and ARGV become locals that begin() sets, as in the function library.
+    prologue = "local KEYS, ARGV = KEYS, ARGV"
+    return f"{_codes()}\n{prologue}\n{_read('lib.lua')}\nbegin(KEYS, ARGV)\n{_read(name + '.lua')}"
+
+
+@dataclass(frozen=True)
+class Library:
+    """Every operation as a function of one Redis function library."""
+
+    name: str
+    code: str
+    functions: dict[str, str]  # operation -> function name
+
+
+@functools.cache
+def library() -> Library:
+    parts = [_codes(), "local KEYS, ARGV", _read("lib.lua")]
+    for name in SCRIPTS:
+        parts.append(f"local function op_{name}(keys, argv)\nbegin(keys, argv)\n{_read(name + '.lua')}\nend")
+    body = "\n".join(parts)
+    version = hashlib.sha256(body.encode()).hexdigest()[:12]
+    functions = {name: f"credits_{name}_{version}" for name in SCRIPTS}
+    registry = "\n".join(f"redis.register_function('{functions[name]}', op_{name})" for name in SCRIPTS)
+    lib_name = f"credits_{version}"
+    return Library(lib_name, f"#!lua name={lib_name}\n{body}\n{registry}\n", functions)

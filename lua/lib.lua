@@ -17,9 +17,15 @@
     ARGV[1] organization id   ARGV[2] now (ms since epoch)   ARGV[3] call id (unique per call)
 
   Scripts return {status, msgpack payload}. No script reads the server clock.
+
+  The same text runs two ways (lua/__init__.py): as one EVAL script per operation, or
+  as a Redis function library where every operation is a function and these helpers
+  are loaded once, not on every call. Either way an operation starts with
+  begin(KEYS, ARGV), which binds the per-call state below; Redis runs one call at a
+  time, so no two calls ever share it.
 ]]
-local pack = cmsgpack.pack
-local unpack = cmsgpack.unpack
+-- cmsgpack is bound in begin(): a function library may not read it while loading.
+local pack, unpack
 
 local K_ACCT, K_GREM, K_GQ, K_COSTS, K_DEPTS, K_CREDS = 1, 2, 3, 4, 5, 6
 local K_HOLDS, K_HX, K_HCLOSED, K_GAPPLIED, K_STREAM = 7, 8, 9, 10, 11
@@ -30,10 +36,15 @@ local HOLD_SWEEP_MAX = 50          -- expired holds closed per call, bounded
 local HOLD_KEEP_MS = 7 * 86400000  -- a closed hold answers reservation_closed this long
 local HOLD_PURGE_MAX = 20
 
-local ORG = ARGV[1]
-local NOW = tonumber(ARGV[2])
-local CALL_ID = ARGV[3]
+local ORG, NOW, CALL_ID
 local event_seq = 0
+
+local function begin(keys, argv)
+  pack, unpack = cmsgpack.pack, cmsgpack.unpack
+  KEYS, ARGV = keys, argv
+  ORG, NOW, CALL_ID = argv[1], tonumber(argv[2]), argv[3]
+  event_seq = 0
+end
 
 local function num(x)
   return tonumber(x) or 0

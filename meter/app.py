@@ -17,6 +17,7 @@ from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, REDIS
 from meter.auth import Authenticator
 from meter.errors import Handler, error_middleware
 from meter.hotpath import HotPath, Unavailable
+from meter.redisconn import PipelinedRedis
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,9 @@ async def readyz(request: web.Request) -> web.Response:
         checks["postgres"] = f"unreachable: {exc}"
     try:
         hot = request.app[HOT]
-        loaded = await request.app[REDIS].script_exists(*hot.script_shas())
-        checks["scripts"] = "ok" if all(loaded) else "not loaded"
-        if not all(loaded):
+        loaded = await hot.scripts_loaded()
+        checks["scripts"] = "ok" if loaded else "not loaded"
+        if not loaded:
             await hot.start()
     except (aioredis.RedisError, OSError, Unavailable) as exc:
         checks["scripts"] = f"unknown: {exc}"
@@ -110,11 +111,13 @@ def create_app(config: Config) -> web.Application:
             socket_connect_timeout=5,
             health_check_interval=30,
         )
+        # Script calls share one auto-pipelined connection; the rest uses the pool.
+        pipe = PipelinedRedis.from_url(config.redis_url)
         try:
             await check_redis_policy(redis)
             ledger = await Ledger.connect(config.app_dsn(), min_size=2, max_size=20)
             try:
-                hot = HotPath.from_config(redis, ledger, config)
+                hot = HotPath.from_config(redis, ledger, config, pipe=pipe)
                 await hot.start()
                 app[REDIS] = redis
                 app[LEDGER] = ledger
@@ -124,6 +127,7 @@ def create_app(config: Config) -> web.Application:
             finally:
                 await ledger.close()
         finally:
+            await pipe.close()
             await redis.aclose()
 
     app.cleanup_ctx.append(resources)

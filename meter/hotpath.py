@@ -8,23 +8,28 @@ HTTP edge.
 from __future__ import annotations
 
 import asyncio
+import enum
+import functools
 import hashlib
+import itertools
 import logging
+import os
+import secrets
 import time
-import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
 import lua
 from core.config import Config, Durability
 from core.periods import period_bounds, period_starts_ms
 from lua import Status
+from meter.redisconn import PipelinedRedis, pack_command
 from meter.replay import entry_after, replay
 from meter.snapshot import (
     CredSnapshot,
@@ -48,6 +53,8 @@ __all__ = [
     "period_starts_ms",
 ]
 UNSETTLED_SCAN_MAX = 200_000
+ORG_KEYS_CACHE_MAX = 4096  # organizations whose key names are kept ready
+DAY_MS = 86_400_000
 
 FIXED_KEYS = (
     "acct",
@@ -61,6 +68,7 @@ FIXED_KEYS = (
     "hclosed",
     "gapplied",
 )
+N_ORG_KEYS = len(FIXED_KEYS) + 1  # and the usage stream: KEYS[1..11] of every script
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
@@ -96,8 +104,69 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+# Call ids (and the event ids derived from them) must never repeat: the ledger drops an
+# event whose id it already holds. 80 random bits per process (drawn again in a forked
+# child) and a counter give that without a uuid4 (a getrandom call) per request.
+_id_prefix = ""
+_id_counter = itertools.count()
+
+
+def _reseed_ids() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = secrets.token_hex(10)
+    _id_counter = itertools.count()
+
+
+_reseed_ids()
+os.register_at_fork(after_in_child=_reseed_ids)
+
+
+def new_id() -> str:
+    """A unique 32-hex-digit id (the shape of uuid4().hex)."""
+    return f"{_id_prefix}{next(_id_counter):012x}"
+
+
+class _PeriodStarts:
+    """period_starts_ms, computed once per UTC day (a day is 86,400,000 ms in UTC)."""
+
+    def __init__(self) -> None:
+        self.day_start_ms = 0
+        self.starts = period_starts_ms(0)
+
+    def __call__(self, now: int) -> tuple[int, int, int]:
+        if not 0 <= now - self.day_start_ms < DAY_MS:
+            self.starts = period_starts_ms(now)
+            self.day_start_ms = self.starts[0]
+        return self.starts
+
+
+class Mode(enum.Enum):
+    """How scripts reach Redis: a function library (Redis >= 7) or EVALSHA."""
+
+    FUNCTIONS = "functions"
+    EVALSHA = "evalsha"
+
+
+def _missing_code(exc: ResponseError) -> bool:
+    """Redis lost (or never had) our code: loading it and calling again is safe,
+    because the call did not run."""
+    text = str(exc)
+    return text.startswith("NOSCRIPT") or "Function not found" in text
+
+
+def _no_functions(exc: ResponseError) -> bool:
+    text = str(exc).lower()
+    return "unknown command" in text and ("fcall" in text or "function" in text)
+
+
 class HotPath:
-    """Atomic credit operations on one organization, one Lua script each."""
+    """Atomic credit operations on one organization, one Lua script each.
+
+    Scripts run as functions of one Redis function library (FCALL), or through EVALSHA
+    on servers without functions. With `pipe` (the sidecar), every script call goes
+    over one auto-pipelined connection (meter/redisconn.py); without it (the settler,
+    the CLI), over the redis-py client. Everything else uses the redis-py client.
+    """
 
     def __init__(
         self,
@@ -110,8 +179,11 @@ class HotPath:
         idempotency_ttl_s: int,
         durability: Durability = Durability.ASYNC,
         key_prefix: str = "cr",
+        pipe: PipelinedRedis | None = None,
+        mode: Mode = Mode.FUNCTIONS,
     ) -> None:
         self.redis = redis
+        self.pipe = pipe
         self.key_prefix = key_prefix
         self.source = source
         self.partitions = partitions
@@ -120,10 +192,19 @@ class HotPath:
         self.idempotency_ttl_ms = idempotency_ttl_s * 1000
         self.durability = durability
         self._loading: dict[str, asyncio.Future[Result]] = {}
-        self._scripts: dict[str, AsyncScript] = {name: redis.register_script(lua.source(name)) for name in lua.SCRIPTS}
+        self._library = lua.library()
+        self._sources = {name: lua.source(name) for name in lua.SCRIPTS}
+        self._shas = {name: hashlib.sha1(code.encode()).hexdigest() for name, code in self._sources.items()}  # noqa: S324 (Redis names scripts by sha1)
+        self._installing: asyncio.Future[None] | None = None
+        self._period_starts = _PeriodStarts()
+        self._org_keys = functools.lru_cache(maxsize=ORG_KEYS_CACHE_MAX)(self._build_org_keys)
+        self._packed_keys = functools.lru_cache(maxsize=ORG_KEYS_CACHE_MAX)(self._pack_org_keys)
+        self._set_mode(mode)
 
     @classmethod
-    def from_config(cls, redis: aioredis.Redis, source: SnapshotSource, config: Config) -> HotPath:
+    def from_config(
+        cls, redis: aioredis.Redis, source: SnapshotSource, config: Config, *, pipe: PipelinedRedis | None = None
+    ) -> HotPath:
         return cls(
             redis,
             source,
@@ -133,6 +214,7 @@ class HotPath:
             idempotency_ttl_s=config.idempotency_ttl_s,
             durability=config.durability,
             key_prefix=config.redis_key_prefix,
+            pipe=pipe,
         )
 
     # -- keys ---------------------------------------------------------------------
@@ -145,11 +227,18 @@ class HotPath:
     def stream_key(self, partition: int) -> str:
         return f"{self.key_prefix}:{{cr{partition}}}:usage"
 
-    def org_keys(self, organization_id: str) -> list[str]:
+    def _build_org_keys(self, organization_id: str) -> tuple[str, ...]:
         tag = self.tag(organization_id)
         keys = [f"{self.key_prefix}:{tag}:o:{organization_id}:{k}" for k in FIXED_KEYS]
         keys.append(self.stream_key(self.partition(organization_id)))
-        return keys
+        return tuple(keys)
+
+    def _pack_org_keys(self, organization_id: str) -> bytes:
+        packed: bytes = pack_command(self._org_keys(organization_id))
+        return packed[packed.index(b"\r\n") + 2 :]  # without the array header
+
+    def org_keys(self, organization_id: str) -> list[str]:
+        return list(self._org_keys(organization_id))
 
     def idempotency_key(self, organization_id: str, key: str) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()[:40]
@@ -160,20 +249,105 @@ class HotPath:
         return f"{self.key_prefix}:{{cr{partition}}}:{name}"
 
     # -- plumbing -----------------------------------------------------------------
+    def _set_mode(self, mode: Mode) -> None:
+        self.mode = mode
+        if mode is Mode.FUNCTIONS:
+            self._names = dict(self._library.functions)
+            verb = "FCALL"
+        else:
+            self._names = dict(self._shas)
+            verb = "EVALSHA"
+        # RESP of the first two words of every call, ready to prepend.
+        self._heads = {name: self._pack_words(verb, target) for name, target in self._names.items()}
+        self._verb = verb
+
+    @staticmethod
+    def _pack_words(*words: str) -> bytes:
+        packed: bytes = pack_command(words)
+        return packed[packed.index(b"\r\n") + 2 :]
+
+    def _execute(self, *args: Any) -> Awaitable[Any]:
+        if self.pipe is not None:
+            return self.pipe.execute(*args)
+        return self.redis.execute_command(*args)  # type: ignore[no-untyped-call]
+
     async def start(self) -> None:
-        """Load every script once (EVALSHA then never sends the source again)."""
+        """Install the scripts once (calls then never send the code again)."""
         try:
-            for script in self._scripts.values():
-                await self.redis.script_load(script.script)
+            await self._install()
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
             raise Unavailable(f"redis: {exc}") from exc
 
-    async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Result:
+    async def _install(self) -> None:
+        """Load the function library (or the scripts); concurrent callers share one load."""
+        if self._installing is None:
+            self._installing = asyncio.ensure_future(self._install_now())
+            self._installing.add_done_callback(self._installed)
+        await asyncio.shield(self._installing)
+
+    def _installed(self, future: asyncio.Future[None]) -> None:
+        self._installing = None
+        if not future.cancelled():
+            future.exception()  # seen here; every waiter gets it through the shield
+
+    async def _install_now(self) -> None:
+        if self.mode is Mode.FUNCTIONS:
+            try:
+                await self._execute("FUNCTION", "LOAD", self._library.code)
+                return
+            except ResponseError as exc:
+                if "already exists" in str(exc):
+                    return
+                if not _no_functions(exc):
+                    raise
+            log.warning("redis_without_functions: falling back to EVALSHA")
+            self._set_mode(Mode.EVALSHA)
+        for code in self._sources.values():
+            await self._execute("SCRIPT", "LOAD", code)
+
+    async def scripts_loaded(self) -> bool:
+        """Whether Redis holds this version's scripts (readiness)."""
         try:
-            raw = await self._scripts[name](keys=keys, args=args)
+            if self.mode is Mode.FUNCTIONS:
+                libraries = await self._execute("FUNCTION", "LIST", "LIBRARYNAME", self._library.name)
+                return bool(libraries)
+            exists = await self._execute("SCRIPT", "EXISTS", *self._shas.values())
+            return all(int(x) for x in exists)
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
             raise Unavailable(f"redis: {exc}") from exc
-        status = Status(int(raw[0]))
+
+    def _send(self, name: str, org: str, extra_keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
+        if self.pipe is not None:
+            # Only the per-call words are encoded here; the rest is cached bytes.
+            numkeys = str(N_ORG_KEYS + len(extra_keys)).encode()
+            tail: bytes = pack_command((*extra_keys, *args))
+            command = b"".join(
+                (
+                    b"*%d\r\n" % (3 + N_ORG_KEYS + len(extra_keys) + len(args)),
+                    self._heads[name],
+                    b"$%d\r\n%s\r\n" % (len(numkeys), numkeys),
+                    self._packed_keys(org),
+                    tail[tail.index(b"\r\n") + 2 :],
+                )
+            )
+            return self.pipe.execute_packed(command)
+        keys = (*self._org_keys(org), *extra_keys)
+        return self.redis.execute_command(self._verb, self._names[name], len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+
+    async def _call(self, name: str, org: str, extra_keys: Sequence[str], args: Sequence[Any]) -> Result:
+        try:
+            try:
+                raw = await self._send(name, org, extra_keys, args)
+            except ResponseError as exc:
+                if not (_missing_code(exc) or _no_functions(exc)):
+                    raise
+                # Redis restarted without its data, or was flushed: the call did not
+                # run, so installing the code and calling once more is safe.
+                await self._install()
+                raw = await self._send(name, org, extra_keys, args)
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+            raise Unavailable(f"redis: {exc}") from exc
+        status = Status(raw[0])
         payload = _decode(raw[1])
         if not isinstance(payload, dict):  # an empty Lua table packs as an array
             payload = {}
@@ -184,6 +358,8 @@ class HotPath:
             return result
         replicas = 1 if self.durability is Durability.REPLICA else 0
         try:
+            # On the pooled client: WAITAOF blocks its connection until the fsync, and
+            # concurrent waits on several connections share one fsync.
             acked = await self.redis.execute_command("WAITAOF", 1, replicas, 1000)  # type: ignore[no-untyped-call]
         except (aioredis.RedisError, OSError) as exc:
             # The charge is applied in memory already; it cannot be un-done here.
@@ -193,21 +369,23 @@ class HotPath:
             log.error("durability_wait_short", extra={"acked": acked})
         return result
 
-    async def _call_loaded(self, name: str, org: str, keys: Sequence[str], args: Sequence[Any]) -> Result:
-        result = await self._call(name, keys, args)
+    async def _call_loaded(self, name: str, org: str, extra_keys: Sequence[str], args: Sequence[Any]) -> Result:
+        result = await self._call(name, org, extra_keys, args)
         if result.status is Status.NOT_LOADED:
             await self._load_once(org)
-            result = await self._call(name, keys, args)
+            result = await self._call(name, org, extra_keys, args)
+        if self.durability is Durability.ASYNC:
+            return result
         return await self._durable(result)
 
-    def _common(self, org: str, cred: str, now: int) -> list[Any]:
-        day, week, month = period_starts_ms(now)
-        return [org, now, uuid.uuid4().hex, cred, self.default_rate_per_s, self.default_burst, day, week, month]
+    def _common(self, org: str, cred: str, now: int, call_id: str) -> tuple[Any, ...]:
+        day, week, month = self._period_starts(now)
+        return (org, now, call_id, cred, self.default_rate_per_s, self.default_burst, day, week, month)
 
-    def _idem(self, org: str, key: str | None, fp: str) -> tuple[list[str], list[Any]]:
+    def _idem(self, org: str, key: str | None, fp: str) -> tuple[tuple[str, ...], tuple[Any, ...]]:
         if key is None:
-            return [], ["", self.idempotency_ttl_ms]
-        return [self.idempotency_key(org, key)], [fp, self.idempotency_ttl_ms]
+            return (), ("", self.idempotency_ttl_ms)
+        return (self.idempotency_key(org, key),), (fp, self.idempotency_ttl_ms)
 
     # -- operations ---------------------------------------------------------------
     async def _load_once(self, organization_id: str) -> None:
@@ -222,7 +400,7 @@ class HotPath:
     async def load(self, organization_id: str) -> Result:
         """Fill an empty cache from the ledger plus the organization's unsettled stream
         entries (read first, see meter/replay.py); a no-op when already loaded."""
-        keys = self.org_keys(organization_id)
+        keys = self._org_keys(organization_id)
         try:
             rows = await self.redis.xrange(keys[-1], min="-", max="+", count=UNSETTLED_SCAN_MAX + 1)
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
@@ -233,7 +411,7 @@ class HotPath:
         mine = [(eid.decode(), f[b"d"]) for eid, f in rows if f and f.get(b"o") == org_bytes]
         snap = await self.source.snapshot(organization_id, self.partition(organization_id))
         snap = replay(snap, (_decode(d) for eid, d in mine if entry_after(eid, snap.after)))
-        return await self._call("load", keys, [organization_id, now_ms(), uuid.uuid4().hex, _encode(snap)])
+        return await self._call("load", organization_id, (), (organization_id, now_ms(), new_id(), _encode(snap)))
 
     async def consume(
         self,
@@ -249,10 +427,10 @@ class HotPath:
         now: int | None = None,
     ) -> Result:
         now = now_ms() if now is None else now
+        call_id = new_id()  # also the usage event's id: one per call
         idem_keys, idem_args = self._idem(org, idempotency_key, fp)
-        args = self._common(org, cred, now) + idem_args
-        args += [action, units, department_id, metadata, uuid.uuid4().hex]
-        return await self._call_loaded("consume", org, self.org_keys(org) + idem_keys, args)
+        args = (*self._common(org, cred, now, call_id), *idem_args, action, units, department_id, metadata, call_id)
+        return await self._call_loaded("consume", org, idem_keys, args)
 
     async def consume_batch(
         self,
@@ -266,28 +444,27 @@ class HotPath:
         now: int | None = None,
     ) -> Result:
         now = now_ms() if now is None else now
-        keys = self.org_keys(org)
         # KEYS[12] is always present; without a request key it is never read.
-        keys.append(self.idempotency_key(org, idempotency_key or ""))
+        keys = [self.idempotency_key(org, idempotency_key or "")]
         packed = []
         for item in items:
             ki = 0
             if item.idempotency_key is not None:
                 keys.append(self.idempotency_key(org, item.idempotency_key))
-                ki = len(keys)
+                ki = N_ORG_KEYS + len(keys)
             packed.append(
                 {
                     "a": item.action,
                     "u": item.units,
                     "d": item.department_id,
                     "m": item.metadata,
-                    "id": uuid.uuid4().hex,
+                    "id": new_id(),
                     "ki": ki,
                     "fp": item.fingerprint,
                 }
             )
-        args = self._common(org, cred, now)
-        args += [fp if idempotency_key else "", self.idempotency_ttl_ms, "1" if atomic else "0", _encode(packed)]
+        args = self._common(org, cred, now, new_id())
+        args += (fp if idempotency_key else "", self.idempotency_ttl_ms, "1" if atomic else "0", _encode(packed))
         return await self._call_loaded("consume_batch", org, keys, args)
 
     async def reserve(
@@ -305,10 +482,10 @@ class HotPath:
         now: int | None = None,
     ) -> Result:
         now = now_ms() if now is None else now
+        call_id = new_id()  # also the reservation's id
         idem_keys, idem_args = self._idem(org, idempotency_key, fp)
-        args = self._common(org, cred, now) + idem_args
-        args += [amount, ttl_ms, department_id, action, metadata, uuid.uuid4().hex]
-        return await self._call_loaded("reserve", org, self.org_keys(org) + idem_keys, args)
+        args = (*self._common(org, cred, now, call_id), *idem_args, amount, ttl_ms, department_id, action, metadata)
+        return await self._call_loaded("reserve", org, idem_keys, (*args, call_id))
 
     async def release(
         self,
@@ -323,17 +500,17 @@ class HotPath:
     ) -> Result:
         now = now_ms() if now is None else now
         idem_keys, idem_args = self._idem(org, idempotency_key, fp)
-        args = self._common(org, cred, now) + idem_args + [reservation_id, used]
-        return await self._call_loaded("release", org, self.org_keys(org) + idem_keys, args)
+        args = (*self._common(org, cred, now, new_id()), *idem_args, reservation_id, used)
+        return await self._call_loaded("release", org, idem_keys, args)
 
     async def balance(self, org: str, cred: str = "", *, department_id: str = "", now: int | None = None) -> Result:
         now = now_ms() if now is None else now
-        args = self._common(org, cred, now) + [department_id]
-        return await self._call_loaded("balance", org, self.org_keys(org), args)
+        args = (*self._common(org, cred, now, new_id()), department_id)
+        return await self._call_loaded("balance", org, (), args)
 
     async def take_request_token(self, org: str, cred: str, *, now: int | None = None) -> Result:
         now = now_ms() if now is None else now
-        return await self._call_loaded("ratelimit", org, self.org_keys(org), self._common(org, cred, now)[:6])
+        return await self._call_loaded("ratelimit", org, (), self._common(org, cred, now, new_id())[:6])
 
     async def grant(
         self, org: str, *, grant_id: str, amount: int, priority: int, expires_ms: int, now: int | None = None
@@ -342,8 +519,8 @@ class HotPath:
         if amount <= 0:
             raise ValueError("a grant is positive; use debit() to take credits away")
         now = now_ms() if now is None else now
-        args = [org, now, uuid.uuid4().hex, grant_id, amount, priority, expires_ms]
-        return await self._durable(await self._call("grant", self.org_keys(org), args))
+        args = (org, now, new_id(), grant_id, amount, priority, expires_ms)
+        return await self._durable(await self._call("grant", org, (), args))
 
     async def debit(
         self,
@@ -361,28 +538,26 @@ class HotPath:
             raise ValueError("debit amount must be positive")
         now = now_ms() if now is None else now
         fp = fingerprint("debit", amount, kind, reason, partial)
-        keys = self.org_keys(org) + [self.idempotency_key(org, idempotency_key)]
-        args = [org, now, uuid.uuid4().hex, fp, amount, "1" if partial else "0", kind, reason]
-        args += [self.idempotency_ttl_ms, uuid.uuid4().hex]
-        return await self._call_loaded("debit", org, keys, args)
+        call_id = new_id()  # also the debit event's id
+        args = (org, now, call_id, fp, amount, "1" if partial else "0", kind, reason, self.idempotency_ttl_ms, call_id)
+        return await self._call_loaded("debit", org, (self.idempotency_key(org, idempotency_key),), args)
 
     async def configure(self, org: str, what: str, *values: str | int | float) -> Result:
         """Mirror a configuration change Postgres holds (cost, department, credential)."""
-        args = [org, now_ms(), uuid.uuid4().hex, what, *values]
-        return await self._call("configure", self.org_keys(org), args)
+        return await self._call("configure", org, (), (org, now_ms(), new_id(), what, *values))
 
     async def reconcile_read(self, org: str, *, after: str, scan_max: int, outbox: Sequence[tuple[str, int]]) -> Result:
         """Cache balance, unsettled change and unpushed grants, read atomically."""
         flat: list[str | int] = [x for pair in outbox for x in pair]
-        args = [org, now_ms(), uuid.uuid4().hex, after, scan_max, _encode(flat)]
-        return await self._call("reconcile", self.org_keys(org), args)
+        return await self._call("reconcile", org, (), (org, now_ms(), new_id(), after, scan_max, _encode(flat)))
 
     def script_shas(self) -> list[str]:
-        return [s.sha for s in self._scripts.values()]
+        """The EVALSHA names of the scripts (kept for callers of the EVALSHA era)."""
+        return list(self._shas.values())
 
     async def evict(self, organization_id: str) -> None:
         """Drop an organization's cached state (ops: force a reload from the ledger)."""
-        keys = self.org_keys(organization_id)[: len(FIXED_KEYS)]
+        keys = self._org_keys(organization_id)[: len(FIXED_KEYS)]
         try:
             await self.redis.delete(*keys)
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:

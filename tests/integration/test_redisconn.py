@@ -1,0 +1,51 @@
+"""The auto-pipelined connection and the function library against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import redis.asyncio as aioredis
+
+from core.config import Config
+from ledger.store import Ledger
+from lua import Status
+from meter.hotpath import HotPath
+from meter.redisconn import PipelinedRedis
+from tests.conftest import Org
+
+
+async def test_many_concurrent_commands_in_order(config: Config, redis: aioredis.Redis) -> None:
+    assert config.redis_url is not None
+    key = f"{config.redis_key_prefix}:pipe-test:{uuid.uuid4().hex}"
+    pipe = PipelinedRedis.from_url(config.redis_url)
+    try:
+        replies = await asyncio.gather(*(pipe.execute("INCR", key) for _ in range(2000)))
+        assert replies == list(range(1, 2001))
+        assert int(await redis.get(key)) == 2000  # the same database as the pool's
+    finally:
+        await redis.delete(key)
+        await pipe.close()
+
+
+async def test_a_lost_function_library_is_loaded_again(
+    config: Config, redis: aioredis.Redis, ledger: Ledger, org: Org
+) -> None:
+    assert config.redis_url is not None
+    pipe = PipelinedRedis.from_url(config.redis_url)
+    hot = HotPath.from_config(redis, ledger, config, pipe=pipe)
+    try:
+        await hot.start()
+        assert await hot.scripts_loaded()
+        first = await hot.consume(org.id, org.admin_key_id, action="generate_content", units=1)
+        assert first.status is Status.OK
+        await redis.function_delete(hot._library.name)  # as after a FUNCTION FLUSH
+        assert not await hot.scripts_loaded()
+        results = await asyncio.gather(
+            *(hot.consume(org.id, org.admin_key_id, action="generate_content", units=1) for _ in range(10))
+        )
+        assert [r.status for r in results] == [Status.OK] * 10
+        assert (await hot.balance(org.id)).payload["balance"] == 89_000  # each charged once
+        assert await hot.scripts_loaded()
+    finally:
+        await pipe.close()
