@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import prometheus_client
 import redis.asyncio as aioredis
@@ -48,13 +49,36 @@ async def check_redis_policy(redis: aioredis.Redis) -> None:
         )
 
 
+# Label children bound once per route (and status): labels() takes a lock and checks
+# its arguments on every call. Bounded by the routes times the statuses they answer.
+_request_counters: dict[tuple[str, int], Any] = {}
+_latency_histograms: dict[str, Any] = {}
+
+
+def _observe(route: str, status: int, seconds: float) -> None:
+    histogram = _latency_histograms.get(route)
+    if histogram is None:
+        histogram = _latency_histograms[route] = LATENCY.labels(route)
+    histogram.observe(seconds)
+    counter = _request_counters.get((route, status))
+    if counter is None:
+        counter = _request_counters[(route, status)] = REQUESTS.labels(route, str(status))
+    counter.inc()
+
+
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    """Outermost: it sees the response error_middleware made of any failure, so error
+    statuses are counted too."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
     started = time.perf_counter()
-    response = await handler(request)
-    LATENCY.labels(route).observe(time.perf_counter() - started)
-    REQUESTS.labels(route, str(response.status)).inc()
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # what error_middleware lets through (redirects)
+        _observe(route, exc.status, time.perf_counter() - started)
+        raise
+    _observe(route, response.status, time.perf_counter() - started)
     return response
 
 
@@ -98,7 +122,7 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 def create_app(config: Config) -> web.Application:
     """The sidecar. Needs config.redis_url and config.database_url (embedded or real)."""
-    app = web.Application(middlewares=[error_middleware, metrics_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
