@@ -30,10 +30,18 @@ def to_milli(credits: decimal.Decimal) -> int:
     return int(milli)
 
 
+def format_credits(milli: int) -> str:
+    """Millicredits (int) -> credits as exact decimal text ("1.5", "0.001", "-3"): no
+    exponent, no trailing zeros. Also a valid JSON number, so responses on the hot path
+    are written without building a Decimal."""
+    if milli < 0:
+        return "-" + format_credits(-milli)
+    whole, part = divmod(milli, MILLI_PER_CREDIT)
+    if part == 0:
+        return str(whole)
+    return f"{whole}.{part:03d}".rstrip("0")
+
+
 def to_credits(milli: int) -> decimal.Decimal:
     """Millicredits (int) -> credits (decimal), exact."""
-    whole, part = divmod(abs(milli), MILLI_PER_CREDIT)
-    sign = "-" if milli < 0 else ""
-    if part == 0:
-        return decimal.Decimal(f"{sign}{whole}")
-    return decimal.Decimal(f"{sign}{whole}.{part:03d}".rstrip("0"))
+    return decimal.Decimal(format_credits(milli))

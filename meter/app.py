@@ -2,37 +2,73 @@
 
 from __future__ import annotations
 
+import bisect
+import gc
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import prometheus_client
 import redis.asyncio as aioredis
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from core.config import Config
 from ledger.store import Ledger
 from meter import handlers, openapi
 from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, REDIS
 from meter.auth import Authenticator
-from meter.errors import Handler, error_middleware
+from meter.errors import Handler, shape_error
 from meter.hotpath import HotPath, Unavailable
 from meter.redisconn import PipelinedRedis
 
 log = logging.getLogger(__name__)
 
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class RequestStats(Collector):
+    """HTTP requests by route and status, and latency by route, kept as plain numbers
+    (one event loop, one thread: no locks) and turned into Prometheus metrics only when
+    /metrics is read. prometheus_client's own Counter and Histogram take a lock and
+    check their labels on every request, the sidecar's busiest path."""
+
+    def __init__(self, buckets_s: Sequence[float] = LATENCY_BUCKETS_S) -> None:
+        self.buckets_s = tuple(sorted(buckets_s))
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, list[float]] = {}  # per bucket (not cumulative), +Inf, then the sum
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        counts = self.latency.get(route)
+        if counts is None:
+            counts = self.latency[route] = [0.0] * (len(self.buckets_s) + 2)
+        counts[bisect.bisect_left(self.buckets_s, seconds)] += 1
+        counts[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "credits_http_requests", "HTTP requests by route and status", labels=["route", "status"]
+        )
+        for (route, status), n in sorted(self.requests.items()):
+            requests.add_metric([route, str(status)], n)
+        yield requests
+        latency = HistogramMetricFamily(
+            "credits_http_request_seconds", "HTTP request latency by route", labels=["route"]
+        )
+        for route, counts in sorted(self.latency.items()):
+            cumulative = list(itertools.accumulate(counts[:-1]))
+            bounds = [repr(b) for b in self.buckets_s] + ["+Inf"]  # as prometheus_client writes them
+            latency.add_metric([route], list(zip(bounds, cumulative, strict=True)), sum_value=counts[-1])
+        yield latency
+
+
 REGISTRY = prometheus_client.CollectorRegistry()
-REQUESTS = prometheus_client.Counter(
-    "credits_http_requests", "HTTP requests by route and status", ["route", "status"], registry=REGISTRY
-)
-LATENCY = prometheus_client.Histogram(
-    "credits_http_request_seconds",
-    "HTTP request latency by route",
-    ["route"],
-    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-    registry=REGISTRY,
-)
+STATS = RequestStats()
+REGISTRY.register(STATS)
 REDIS_POOL_CONNECTIONS_MAX = 256
 
 
@@ -49,36 +85,23 @@ async def check_redis_policy(redis: aioredis.Redis) -> None:
         )
 
 
-# Label children bound once per route (and status): labels() takes a lock and checks
-# its arguments on every call. Bounded by the routes times the statuses they answer.
-_request_counters: dict[tuple[str, int], Any] = {}
-_latency_histograms: dict[str, Any] = {}
-
-
-def _observe(route: str, status: int, seconds: float) -> None:
-    histogram = _latency_histograms.get(route)
-    if histogram is None:
-        histogram = _latency_histograms[route] = LATENCY.labels(route)
-    histogram.observe(seconds)
-    counter = _request_counters.get((route, status))
-    if counter is None:
-        counter = _request_counters[(route, status)] = REQUESTS.labels(route, str(status))
-    counter.inc()
-
-
 @web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost: it sees the response error_middleware made of any failure, so error
-    statuses are counted too."""
+async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure in the one error shape (meter/errors.py), and every answer counted,
+    error statuses included. One layer for both: each middleware layer costs every
+    request a coroutine."""
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     started = time.perf_counter()
     try:
         response = await handler(request)
-    except web.HTTPException as exc:  # what error_middleware lets through (redirects)
-        _observe(route, exc.status, time.perf_counter() - started)
-        raise
-    _observe(route, response.status, time.perf_counter() - started)
+    except Exception as exc:
+        try:
+            response = shape_error(request, exc)
+        except web.HTTPException as passed:  # not a failure (a redirect): counted, raised
+            STATS.observe(route, passed.status, time.perf_counter() - started)
+            raise
+    STATS.observe(route, response.status, time.perf_counter() - started)
     return response
 
 
@@ -122,7 +145,7 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 def create_app(config: Config) -> web.Application:
     """The sidecar. Needs config.redis_url and config.database_url (embedded or real)."""
-    app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[edge_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -147,6 +170,9 @@ def create_app(config: Config) -> web.Application:
                 app[LEDGER] = ledger
                 app[HOT] = hot
                 app[AUTH] = Authenticator(ledger, config.jwt_secret)
+                # What exists now lives as long as the process: keep it out of every
+                # garbage collection from here on (they run every few hundred requests).
+                gc.freeze()
                 yield
             finally:
                 await ledger.close()

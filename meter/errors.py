@@ -96,26 +96,30 @@ def _unavailable(request: web.Request, exc: BaseException) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
+def shape_error(request: web.Request, exc: Exception) -> web.Response:
+    """The response for a failure, in the one error shape. A web.HTTPException below 400
+    (a redirect) is not a failure: it is raised again."""
+    if isinstance(exc, ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
-    except Unavailable as exc:
+    if isinstance(exc, (Unavailable, *POSTGRES_DOWN)):
         return _unavailable(request, exc)
-    except POSTGRES_DOWN as exc:
-        return _unavailable(request, exc)
-    except web.HTTPRequestEntityTooLarge:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return error_response(413, "payload_too_large", "request body is too large")
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status == 404:
             return error_response(404, "not_found", f"no such endpoint: {request.method} {request.path}")
         if exc.status == 405:
             return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}")
         if exc.status < 400:
-            raise
+            raise exc
         return error_response(exc.status, "invalid_request", exc.reason)
-    except Exception:
-        log.exception("unhandled_error", extra={"path": request.path})
-        return error_response(500, "internal_error", "internal error")
+    log.error("unhandled_error", exc_info=exc, extra={"path": request.path})
+    return error_response(500, "internal_error", "internal error")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Exception as exc:
+        return shape_error(request, exc)

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from core.money import PrecisionError, to_credits, to_milli
+from core.money import PrecisionError, format_credits, to_credits, to_milli
 from ledger.store import Conflict, Credential, LedgerReads, NotFound, StoredResponse
 from lua import Status
 from meter import schemas as s
@@ -23,6 +23,7 @@ from meter.hotpath import BatchItem, Result, fingerprint, now_ms, period_bounds
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder(decimal_format="number")
+_json_encode = _json.encode
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -160,33 +161,43 @@ def pack_metadata(metadata: dict[str, Any] | None) -> str:
 
 
 # -- /use ------------------------------------------------------------------------
+def use_response_json(event_id: str, action: str, units: int, charged: int, balance: int, available: int) -> bytes:
+    """The JSON of s.UseResponse written directly, without a Decimal per amount: the
+    same bytes msgspec writes for the Struct (tests/unit/test_fast_paths.py compares them)."""
+    return b'{"id":%b,"action":%b,"units":%d,"credits":%b,"balance":%b,"available":%b}' % (
+        _json_encode(event_id),
+        _json_encode(action),
+        units,
+        format_credits(charged).encode(),
+        format_credits(balance).encode(),
+        format_credits(available).encode(),
+    )
+
+
 async def use(request: web.Request) -> web.Response:
-    cred = await request.app[AUTH](request)
+    app = request.app
+    cred = await app[AUTH](request)
     body = await decode(request, s.UseRequest)
     key = idempotency_key(request)
     dept = department_for(cred, body.department_id)
-    fp = fingerprint("use", body.action, body.units, dept, body.metadata)
-    p = ok(
-        await request.app[HOT].consume(
-            cred.organization_id,
-            cred.id,
-            action=body.action,
-            units=body.units,
-            department_id=dept,
-            metadata=pack_metadata(body.metadata),
-            idempotency_key=key,
-            fp=fp,
-        )
+    # The fingerprint tells a retry from a reuse of the key: no key, nothing to tell.
+    fp = "" if key is None else fingerprint("use", body.action, body.units, dept, body.metadata)
+    result = await app[HOT].consume(
+        cred.organization_id,
+        cred.id,
+        action=body.action,
+        units=body.units,
+        department_id=dept,
+        metadata=pack_metadata(body.metadata),
+        idempotency_key=key,
+        fp=fp,
     )
-    return respond(
-        s.UseResponse(
-            id=p["id"],
-            action=body.action,
-            units=body.units,
-            credits=credits(p["credits"]),
-            balance=credits(p["balance"]),
-            available=credits(p["available"]),
-        )
+    if result.status is not Status.OK and result.status is not Status.REPLAY:
+        raise fail(result)
+    p = result.payload
+    return web.Response(
+        body=use_response_json(p["id"], body.action, body.units, p["credits"], p["balance"], p["available"]),
+        content_type="application/json",
     )
 
 

@@ -77,12 +77,15 @@ class Unavailable(Exception):
     """Redis or the ledger could not be reached; nothing was charged."""
 
 
-@dataclass(frozen=True, slots=True)
-class Result:
-    """A script's answer: its status and payload (integers are millicredits)."""
+class Result(msgspec.Struct, frozen=True):
+    """A script's answer: its status and payload (integers are millicredits).
+    (A Struct: built on every call, and ~5x cheaper to build than a frozen dataclass.)"""
 
     status: Status
     payload: dict[str, Any]
+
+
+_STATUSES = {int(s): s for s in Status}  # a dict lookup, not an Enum call, per reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +201,7 @@ class HotPath:
         self._installing: asyncio.Future[None] | None = None
         self._period_starts = _PeriodStarts()
         self._org_keys = functools.lru_cache(maxsize=ORG_KEYS_CACHE_MAX)(self._build_org_keys)
-        self._packed_keys = functools.lru_cache(maxsize=ORG_KEYS_CACHE_MAX)(self._pack_org_keys)
+        self._command_head = functools.lru_cache(maxsize=4 * ORG_KEYS_CACHE_MAX)(self._pack_command_head)
         self._set_mode(mode)
 
     @classmethod
@@ -233,9 +236,13 @@ class HotPath:
         keys.append(self.stream_key(self.partition(organization_id)))
         return tuple(keys)
 
-    def _pack_org_keys(self, organization_id: str) -> bytes:
-        packed: bytes = pack_command(self._org_keys(organization_id))
-        return packed[packed.index(b"\r\n") + 2 :]  # without the array header
+    def _pack_command_head(self, name: str, organization_id: str, extra_keys: int, args: int) -> bytes:
+        """RESP of a call up to its organization's keys: the array header (the number
+        of words), the verb, the function (or sha), the number of keys, the 11 keys."""
+        numkeys = N_ORG_KEYS + extra_keys
+        words = (self._verb, self._names[name], numkeys, *self._org_keys(organization_id))
+        packed = pack_command(words)
+        return b"*%d\r\n" % (len(words) + extra_keys + args) + packed[packed.index(b"\r\n") + 2 :]
 
     def org_keys(self, organization_id: str) -> list[str]:
         return list(self._org_keys(organization_id))
@@ -257,14 +264,9 @@ class HotPath:
         else:
             self._names = dict(self._shas)
             verb = "EVALSHA"
-        # RESP of the first two words of every call, ready to prepend.
-        self._heads = {name: self._pack_words(verb, target) for name, target in self._names.items()}
         self._verb = verb
-
-    @staticmethod
-    def _pack_words(*words: str) -> bytes:
-        packed: bytes = pack_command(words)
-        return packed[packed.index(b"\r\n") + 2 :]
+        if hasattr(self, "_command_head"):
+            self._command_head.cache_clear()  # encoded with the other verb
 
     def _execute(self, *args: Any) -> Awaitable[Any]:
         if self.pipe is not None:
@@ -319,18 +321,9 @@ class HotPath:
     def _send(self, name: str, org: str, extra_keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
         if self.pipe is not None:
             # Only the per-call words are encoded here; the rest is cached bytes.
-            numkeys = str(N_ORG_KEYS + len(extra_keys)).encode()
-            tail: bytes = pack_command((*extra_keys, *args))
-            command = b"".join(
-                (
-                    b"*%d\r\n" % (3 + N_ORG_KEYS + len(extra_keys) + len(args)),
-                    self._heads[name],
-                    b"$%d\r\n%s\r\n" % (len(numkeys), numkeys),
-                    self._packed_keys(org),
-                    tail[tail.index(b"\r\n") + 2 :],
-                )
-            )
-            return self.pipe.execute_packed(command)
+            tail = pack_command((*extra_keys, *args))
+            head = self._command_head(name, org, len(extra_keys), len(args))
+            return self.pipe.execute_packed(head + tail[tail.index(b"\r\n") + 2 :])
         keys = (*self._org_keys(org), *extra_keys)
         return self.redis.execute_command(self._verb, self._names[name], len(keys), *keys, *args)  # type: ignore[no-untyped-call]
 
@@ -347,7 +340,7 @@ class HotPath:
                 raw = await self._send(name, org, extra_keys, args)
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
             raise Unavailable(f"redis: {exc}") from exc
-        status = Status(raw[0])
+        status = _STATUSES.get(raw[0]) or Status(raw[0])  # the Enum call raises on an unknown code
         payload = _decode(raw[1])
         if not isinstance(payload, dict):  # an empty Lua table packs as an array
             payload = {}

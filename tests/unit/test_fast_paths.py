@@ -1,0 +1,54 @@
+"""The hot path's shortcuts give exactly what the plain way gives: credits written
+without a Decimal, the /use response written without a Struct, period starts cached
+per day, call ids."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+
+import msgspec
+
+from core.money import format_credits, to_credits
+from core.periods import period_starts_ms
+from meter import schemas
+from meter.handlers import use_response_json
+from meter.hotpath import _PeriodStarts, new_id
+
+
+def test_format_credits_is_to_credits_as_text() -> None:
+    for m in (*range(-2100, 2100, 7), 10**15 - 1, -(10**15) + 1, 120_000, 1_000_000_001):
+        assert format_credits(m) == str(to_credits(m))
+        assert decimal.Decimal(format_credits(m)) * 1000 == m
+
+
+def test_use_response_written_directly_matches_the_struct() -> None:
+    encode = msgspec.json.Encoder(decimal_format="number").encode
+    for event_id, action, units, charged, balance, available in [
+        ("abcdef0123456789abcdef0123456789", "tool_call", 1, 100, 999_999_899_900, 999_999_899_900),
+        ("x.1", "llm_output_tokens", 1234, 2468, 0, -5),
+        ('q"\\', "a:b-c.d_e", 10**9, 10**15, 1, 10**15 - 1),
+    ]:
+        struct = schemas.UseResponse(
+            id=event_id,
+            action=action,
+            units=units,
+            credits=to_credits(charged),
+            balance=to_credits(balance),
+            available=to_credits(available),
+        )
+        assert use_response_json(event_id, action, units, charged, balance, available) == encode(struct)
+
+
+def test_period_starts_cached_per_day_are_the_computed_ones() -> None:
+    starts = _PeriodStarts()
+    t0 = int(dt.datetime(2026, 11, 29, 0, 0, tzinfo=dt.UTC).timestamp() * 1000)  # a Sunday, month end near
+    for hours in (*range(0, 24 * 5), 24 * 40):  # across days, a week and a month boundary, back and forth
+        for now in (t0 + hours * 3_600_000, t0 + hours * 3_600_000 - 1, t0 - hours * 3_600_000):
+            assert starts(now) == period_starts_ms(now), now
+
+
+def test_call_ids_are_unique_and_uuid_shaped() -> None:
+    ids = [new_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
