@@ -1,20 +1,25 @@
 --[[ Consume credits for many actions in one atomic step.
   KEYS[1..11]  the organization's fixed keys (see lib.lua)
   KEYS[12]     request idempotency record (used only when ARGV[10] is not empty)
-  KEYS[13..]   item idempotency records, referred to by items[i].ki
+  KEYS[13..]   item idempotency records, referred to by an item's ki
   ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
   ARGV[4] credential id          ARGV[5] default rate        ARGV[6] default burst
   ARGV[7..9] current day / week / month start (ms)
   ARGV[10] request idempotency fingerprint ('' = none)       ARGV[11] idempotency ttl (ms)
   ARGV[12] atomic ('1' = all or none, '0' = best effort)
-  ARGV[13] items, msgpack list of {a = action, u = units, d = department ('' none),
-           m = metadata (JSON text, '' none), id = event id, ki = KEYS index of the item's
-           idempotency record (0 none), fp = item fingerprint}
+  ARGV[13] the items in order, msgpack list of runs
+           {count, action, units, department ('' none), metadata (JSON text, '' none),
+            ki = KEYS index of the item's idempotency record (0 none), item fingerprint}:
+           `count` consecutive items alike (a run with ki > 0 is one item).
+           Item i (from 0) has the event id <call id>-<i>.
   Returns {status, msgpack payload}:
-    OK      {results = [{i, ok, id?, credits?, err?, need?, have?}], balance, available}
-            (best effort: each item succeeds or fails on its own; a failed item costs
-            nothing; an item whose key was used before returns its first result)
-    ITEM_FAILED {index, err, ...}  atomic mode only: nothing was charged
+    OK      {b = call id, c = {action = millicredits per unit, false when unknown},
+             f = failed items [{i, err, need?, have?}], r = replayed items [{i, id, credits}],
+             balance, available}
+            Every other item succeeded: id b-i, credits c[action] * units. (Best effort:
+            each item succeeds or fails on its own; a failed item costs nothing; an item
+            whose key was used before returns its first result.)
+    ITEM_FAILED {i, err, need?, have?}  atomic mode only: nothing was charged
     REPLAY | NOT_LOADED | IDEMPOTENCY_CONFLICT | UNAUTHENTICATED | RATE_LIMITED
   Item error codes (err): UNKNOWN_ACTION, DEPARTMENT_NOT_FOUND, INSUFFICIENT_CREDITS,
   DEPARTMENT_LIMIT, CAP_EXCEEDED, IDEMPOTENCY_CONFLICT.
@@ -25,7 +30,7 @@ local default_rate, default_burst = tonumber(ARGV[5]), tonumber(ARGV[6])
 local starts = {day = tonumber(ARGV[7]), week = tonumber(ARGV[8]), month = tonumber(ARGV[9])}
 local fp, idem_ttl_ms = ARGV[10], tonumber(ARGV[11])
 local atomic = ARGV[12] == '1'
-local items = unpack(ARGV[13])
+local runs = unpack(ARGV[13])
 
 if not loaded() then return reply(NOT_LOADED, {}) end
 local replay = idem_check(12, fp)
@@ -42,89 +47,85 @@ expire_grants(expired)
 
 local costs = {}
 local depts = {}
-local results = {}
+local failed = {}
+local replayed = {}
 local events = {}
 local stores = {}
 local total = 0
+local index = -1
+local id_prefix = CALL_ID .. '-'
 
-for i, it in ipairs(items) do
-  local r = {i = i - 1}
-  local replayed = nil
-  if it.ki > 0 then
-    local stored = redis.call('GET', KEYS[it.ki])
-    if stored then
-      local sep = string.find(stored, '\n', 1, true)
-      if string.sub(stored, 1, sep - 1) ~= it.fp then
-        r.err = IDEMPOTENCY_CONFLICT
+for _, run in ipairs(runs) do
+  local count, a, u, d, m, ki, item_fp = run[1], run[2], run[3], run[4], run[5], run[6], run[7]
+  -- What every item of the run shares: its cost, its department, a stored first result.
+  local err, stored = nil, nil
+  if ki > 0 then
+    local raw = redis.call('GET', KEYS[ki])
+    if raw then
+      local sep = string.find(raw, '\n', 1, true)
+      if string.sub(raw, 1, sep - 1) ~= item_fp then
+        err = IDEMPOTENCY_CONFLICT
       else
-        replayed = unpack(string.sub(stored, sep + 1))
+        stored = unpack(string.sub(raw, sep + 1))
       end
     end
   end
-  if replayed then
-    r.ok = true
-    r.id = replayed.id
-    r.credits = replayed.credits
-    r.replay = true
-  elseif not r.err then
-    local cost = costs[it.a]
-    if cost == nil then
-      cost = tonumber(redis.call('HGET', KEYS[K_COSTS], it.a)) or false
-      costs[it.a] = cost
-    end
-    local d = nil
+  local cost = costs[a]
+  if cost == nil then
+    cost = tonumber(redis.call('HGET', KEYS[K_COSTS], a)) or false
+    costs[a] = cost
+  end
+  local dstate = nil
+  if not err and not stored then
     if not cost then
-      r.err = UNKNOWN_ACTION
+      err = UNKNOWN_ACTION
+    elseif d ~= '' then
+      dstate = depts[d]
+      if dstate == nil then
+        dstate = dept_state(d, starts) or false
+        depts[d] = dstate
+      end
+      if not dstate then err = DEPARTMENT_NOT_FOUND end
+    end
+  end
+  local charge = cost and cost * u or 0
+  for _ = 1, count do
+    index = index + 1
+    local r = nil
+    if stored then
+      replayed[#replayed + 1] = {index, stored.id, stored.credits}
+    elseif err then
+      r = {i = index, err = err}
+    elseif charge > usable then
+      r = {i = index, err = INSUFFICIENT_CREDITS, need = charge, have = usable}
+    elseif dstate and dstate.limit >= 0 and dstate.spent + charge > dstate.limit then
+      r = {i = index, err = DEPARTMENT_LIMIT, need = charge, have = dept_room(dstate)}
+    elseif c.cap >= 0 and c.spent + charge > c.cap then
+      r = {i = index, err = CAP_EXCEEDED, need = charge, have = cred_room(c)}
     else
-      local charge = cost * it.u
-      if it.d ~= '' then
-        d = depts[it.d]
-        if d == nil then
-          d = dept_state(it.d, starts) or false
-          depts[it.d] = d
-        end
-        if not d then r.err = DEPARTMENT_NOT_FOUND end
+      usable = usable - charge
+      total = total + charge
+      c.spent = c.spent + charge
+      if dstate then
+        dstate.spent = dstate.spent + charge
+        dstate.dirty = true
       end
-      if not r.err then
-        if charge > usable then
-          r.err, r.need, r.have = INSUFFICIENT_CREDITS, charge, usable
-        elseif d and d.limit >= 0 and d.spent + charge > d.limit then
-          r.err, r.need, r.have = DEPARTMENT_LIMIT, charge, dept_room(d)
-        elseif c.cap >= 0 and c.spent + charge > c.cap then
-          r.err, r.need, r.have = CAP_EXCEEDED, charge, cred_room(c)
-        end
-      end
-      if not r.err then
-        usable = usable - charge
-        total = total + charge
-        c.spent = c.spent + charge
-        if d then
-          d.spent = d.spent + charge
-          d.dirty = true
-        end
-        local alloc = take(live, charge)
-        events[#events + 1] = {id = it.id, act = it.a, u = it.u, amt = charge, d = it.d,
-                               m = it.m, g = alloc}
-        r.ok = true
-        r.id = it.id
-        r.credits = charge
-        if it.ki > 0 then stores[#stores + 1] = {it.ki, it.fp, {id = it.id, credits = charge}} end
-      end
+      local event_id = id_prefix .. index
+      events[#events + 1] = {id = event_id, act = a, u = u, amt = charge, d = d, m = m,
+                             g = take(live, charge)}
+      if ki > 0 then stores[#stores + 1] = {ki, item_fp, {id = event_id, credits = charge}} end
+    end
+    if r then
+      if atomic then return reply(ITEM_FAILED, r) end
+      failed[#failed + 1] = r
     end
   end
-  if r.err then
-    r.ok = false
-    if atomic then
-      return reply(ITEM_FAILED, r)
-    end
-  end
-  results[#results + 1] = r
 end
 
 -- Every item decided: write once.
 flush_grants(live)
-for dept, d in pairs(depts) do
-  if d and d.dirty then dept_write(dept, d) end
+for dept, dstate in pairs(depts) do
+  if dstate and dstate.dirty then dept_write(dept, dstate) end
 end
 if total > 0 then
   redis.call('HSET', KEYS[K_CREDS], cred .. '|spent', c.spent)
@@ -137,6 +138,6 @@ end
 for _, s in ipairs(stores) do
   redis.call('SET', KEYS[s[1]], s[2] .. '\n' .. pack(s[3]), 'PX', idem_ttl_ms)
 end
-local payload = {results = results, balance = bal, available = bal - res}
+local payload = {b = CALL_ID, c = costs, f = failed, r = replayed, balance = bal, available = bal - res}
 idem_store(12, fp, payload, idem_ttl_ms)
 return reply(OK, payload)

@@ -202,40 +202,20 @@ async def use(request: web.Request) -> web.Response:
 
 
 async def use_batch(request: web.Request) -> web.Response:
-    cred = await request.app[AUTH](request)
+    app = request.app
+    cred = await app[AUTH](request)
     body = await decode(request, s.BatchRequest)
-    limit = request.app[CONFIG].max_batch_items
+    limit = app[CONFIG].max_batch_items
     if len(body.items) > limit:
         raise ApiError(413, "payload_too_large", f"at most {limit} items per batch", "$.items")
     key = idempotency_key(request)
-    seen: set[str] = set()
-    items: list[BatchItem] = []
-    for i, it in enumerate(body.items):
-        try:
-            dept = department_for(cred, it.department_id)
-        except ApiError as exc:
-            exc.param = f"$.items[{i}].department_id"
-            raise
-        if it.idempotency_key is not None:
-            if it.idempotency_key in seen:
-                raise invalid("idempotency_key repeats within the batch", f"$.items[{i}].idempotency_key")
-            seen.add(it.idempotency_key)
-        items.append(
-            BatchItem(
-                action=it.action,
-                units=it.units,
-                department_id=dept,
-                metadata=pack_metadata(it.metadata),
-                idempotency_key=it.idempotency_key,
-                fingerprint=fingerprint("use", it.action, it.units, dept, it.metadata),
-            )
-        )
-    fp = fingerprint(
-        "use_batch",
-        body.atomic,
-        [(it.action, it.units, it.department_id, it.metadata, it.idempotency_key) for it in body.items],
-    )
-    result = await request.app[HOT].consume_batch(
+    items = batch_items(cred, body.items)
+    # The fingerprint tells a retry from a reuse of the key: no key, nothing to tell.
+    fp = ""
+    if key is not None:
+        fields = [(it.action, it.units, it.department_id, it.metadata, it.idempotency_key) for it in body.items]
+        fp = fingerprint("use_batch", body.atomic, fields)
+    result = await app[HOT].consume_batch_compact(
         cred.organization_id, cred.id, items, atomic=body.atomic, idempotency_key=key, fp=fp
     )
     if result.status is Status.ITEM_FAILED:
@@ -250,17 +230,76 @@ async def use_batch(request: web.Request) -> web.Response:
             f"item {index}: {message}; nothing was charged",
             f"$.items[{index}]" + (f".{field}" if field else ""),
         )
-    p = ok(result)
-    results = []
-    for r in p["results"]:
-        if r.get("ok"):
-            results.append(s.BatchResult(index=int(r["i"]), ok=True, id=r["id"], credits=credits(int(r["credits"]))))
+    if result.status is not Status.OK and result.status is not Status.REPLAY:
+        raise fail(result)
+    return respond(batch_response(result.payload, items))
+
+
+def batch_items(cred: Credential, requested: list[s.BatchItem]) -> list[BatchItem]:
+    """The request's items as the hot path takes them: departments resolved, metadata
+    as JSON text, fingerprints for the items that carry a key (and only for those)."""
+    seen: set[str] = set()
+    items: list[BatchItem] = []
+    scoped = cred.department_id
+    for i, it in enumerate(requested):
+        dept = it.department_id
+        if scoped is not None:
+            if dept is not None and dept != scoped:
+                param = f"$.items[{i}].department_id"
+                raise ApiError(403, "forbidden", "this key is scoped to another department", param)
+            dept = scoped
+        elif dept is None:
+            dept = ""
+        item_key = it.idempotency_key
+        fp = ""
+        if item_key is not None:
+            if item_key in seen:
+                raise invalid("idempotency_key repeats within the batch", f"$.items[{i}].idempotency_key")
+            seen.add(item_key)
+            fp = fingerprint("use", it.action, it.units, dept, it.metadata)
+        metadata = pack_metadata(it.metadata) if it.metadata else ""
+        items.append(BatchItem(it.action, it.units, dept, metadata, item_key, fp))
+    return items
+
+
+def batch_response(p: dict[str, Any], items: list[BatchItem]) -> s.BatchResponse:
+    """The response from consume_batch's compact answer: only failures and replays are
+    spelled out there; every other item succeeded."""
+    memo: dict[int, decimal.Decimal] = {}  # a batch repeats a few amounts many times
+
+    def amount(milli: int) -> decimal.Decimal:
+        value = memo.get(milli)
+        if value is None:
+            value = memo[milli] = credits(milli)
+        return value
+
+    results: list[s.BatchResult] = []
+    if "results" in p:  # a replay of a batch answered by an earlier version
+        rows = p["results"]
+    else:
+        base = p["b"]
+        costs = p["c"] or {}  # an empty Lua table packs as an array
+        exceptions = {int(f["i"]): f for f in p["f"]}
+        exceptions.update((int(r[0]), {"i": r[0], "ok": True, "id": r[1], "credits": r[2]}) for r in p["r"])
+        if not exceptions:  # the common case: every item charged
+            for i, item in enumerate(items):
+                results.append(
+                    s.BatchResult(index=i, ok=True, id=f"{base}-{i}", credits=amount(costs[item.action] * item.units))
+                )
+            return s.BatchResponse(results=results, balance=credits(p["balance"]), available=credits(p["available"]))
+        rows = (
+            exceptions.get(i) or {"i": i, "ok": True, "id": f"{base}-{i}", "credits": costs[item.action] * item.units}
+            for i, item in enumerate(items)
+        )
+    for r in rows:
+        if r.get("ok", False):
+            results.append(s.BatchResult(index=int(r["i"]), ok=True, id=r["id"], credits=amount(int(r["credits"]))))
         else:
             _, code, message = ITEM_CODES[Status(int(r["err"]))]
             if "need" in r:
                 message += f" (needs {credits(int(r['need']))}, {credits(int(r['have']))} left)"
             results.append(s.BatchResult(index=int(r["i"]), ok=False, error=s.ItemError(code=code, message=message)))
-    return respond(s.BatchResponse(results=results, balance=credits(p["balance"]), available=credits(p["available"])))
+    return s.BatchResponse(results=results, balance=credits(p["balance"]), available=credits(p["available"]))
 
 
 # -- reservations ----------------------------------------------------------------

@@ -18,8 +18,7 @@ import secrets
 import time
 import zlib
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import redis.asyncio as aioredis
@@ -88,14 +87,36 @@ class Result(msgspec.Struct, frozen=True):
 _STATUSES = {int(s): s for s in Status}  # a dict lookup, not an Enum call, per reply
 
 
-@dataclass(frozen=True, slots=True)
-class BatchItem:
+class BatchItem(NamedTuple):
+    """One item of a batch consume (a tuple: a batch builds thousands of them)."""
+
     action: str
     units: int
     department_id: str
     metadata: str  # JSON text, "" = none
     idempotency_key: str | None
-    fingerprint: str
+    fingerprint: str  # of the item's parameters; read only when it has a key
+
+
+def batch_results(payload: dict[str, Any], items: Sequence[BatchItem]) -> list[dict[str, Any]]:
+    """The per-item results of consume_batch's compact answer, in order:
+    {i, ok, id, credits, replay?} or {i, ok=False, err, need?, have?}."""
+    if "results" in payload:  # answered (and stored for replays) by an earlier version
+        return list(payload["results"])
+    base = payload["b"]
+    costs = payload["c"] or {}  # an empty Lua table packs as an array
+    failed = {int(f["i"]): f for f in payload["f"]}
+    replayed = {int(r[0]): r for r in payload["r"]}
+    results: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        if i in failed:
+            results.append({**failed[i], "ok": False})
+        elif i in replayed:
+            _, event_id, credits = replayed[i]
+            results.append({"i": i, "ok": True, "id": event_id, "credits": credits, "replay": True})
+        else:
+            results.append({"i": i, "ok": True, "id": f"{base}-{i}", "credits": costs[item.action] * item.units})
+    return results
 
 
 def fingerprint(*parts: object) -> str:
@@ -436,28 +457,53 @@ class HotPath:
         fp: str = "",
         now: int | None = None,
     ) -> Result:
+        """consume_batch_compact, with the per-item results spelled out (payload
+        {results: [see batch_results], balance, available})."""
+        result = await self.consume_batch_compact(
+            org, cred, items, atomic=atomic, idempotency_key=idempotency_key, fp=fp, now=now
+        )
+        if result.status is not Status.OK and result.status is not Status.REPLAY:
+            return result
+        p = result.payload
+        return Result(
+            result.status,
+            {"results": batch_results(p, items), "balance": p["balance"], "available": p["available"]},
+        )
+
+    async def consume_batch_compact(
+        self,
+        org: str,
+        cred: str,
+        items: Sequence[BatchItem],
+        *,
+        atomic: bool,
+        idempotency_key: str | None = None,
+        fp: str = "",
+        now: int | None = None,
+    ) -> Result:
+        """Many consumes in one script call. OK's payload names only the exceptions
+        (see lua/consume_batch.lua): every item not failed or replayed succeeded, with the
+        id <b>-<index> and the credits c[action] * units."""
         now = now_ms() if now is None else now
         # KEYS[12] is always present; without a request key it is never read.
         keys = [self.idempotency_key(org, idempotency_key or "")]
-        packed = []
+        # Items go as runs: consecutive items alike (and without a key) are sent once,
+        # with a count; the script still decides, charges and records each of them.
+        runs: list[list[Any]] = []
+        previous: BatchItem | None = None
         for item in items:
-            ki = 0
             if item.idempotency_key is not None:
                 keys.append(self.idempotency_key(org, item.idempotency_key))
                 ki = N_ORG_KEYS + len(keys)
-            packed.append(
-                {
-                    "a": item.action,
-                    "u": item.units,
-                    "d": item.department_id,
-                    "m": item.metadata,
-                    "id": new_id(),
-                    "ki": ki,
-                    "fp": item.fingerprint,
-                }
-            )
+                runs.append([1, item.action, item.units, item.department_id, item.metadata, ki, item.fingerprint])
+                previous = None
+            elif previous is not None and item[:4] == previous[:4]:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, item.action, item.units, item.department_id, item.metadata, 0, ""])
+                previous = item
         args = self._common(org, cred, now, new_id())
-        args += (fp if idempotency_key else "", self.idempotency_ttl_ms, "1" if atomic else "0", _encode(packed))
+        args += (fp if idempotency_key else "", self.idempotency_ttl_ms, "1" if atomic else "0", _encode(runs))
         return await self._call_loaded("consume_batch", org, keys, args)
 
     async def reserve(

@@ -52,3 +52,36 @@ def test_call_ids_are_unique_and_uuid_shaped() -> None:
     ids = [new_id() for _ in range(10_000)]
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_batch_results_from_the_compact_answer_and_from_an_earlier_version() -> None:
+    from lua import Status
+    from meter.handlers import batch_response
+    from meter.hotpath import BatchItem, batch_results
+
+    items = [BatchItem(a, u, "", "", None, "") for a, u in [("t", 1), ("t", 1), ("x", 1), ("t", 3), ("w", 2)]]
+    compact = {
+        "b": "base",
+        "c": {"t": 100, "x": False, "w": 1500},
+        "f": [{"i": 2, "err": int(Status.UNKNOWN_ACTION)}],
+        "r": [[4, "first-call-id", 3000]],
+        "balance": 99_500,
+        "available": 99_000,
+    }
+    expanded = [
+        {"i": 0, "ok": True, "id": "base-0", "credits": 100},
+        {"i": 1, "ok": True, "id": "base-1", "credits": 100},
+        {"i": 2, "ok": False, "err": int(Status.UNKNOWN_ACTION)},
+        {"i": 3, "ok": True, "id": "base-3", "credits": 300},
+        {"i": 4, "ok": True, "id": "first-call-id", "credits": 3000, "replay": True},
+    ]
+    assert batch_results(compact, items) == expanded
+    earlier = {"results": expanded, "balance": 99_500, "available": 99_000}  # stored by the EVALSHA-era script
+    assert batch_results(earlier, items) == expanded
+    encode = msgspec.json.Encoder(decimal_format="number").encode
+    assert encode(batch_response(compact, items)) == encode(batch_response(earlier, items))
+    response = batch_response(compact, items)
+    assert [r.ok for r in response.results] == [True, True, False, True, True]
+    assert response.results[2].error is not None and response.results[2].error.code == "unknown_action"
+    assert [str(r.credits) for r in response.results] == ["0.1", "0.1", "None", "0.3", "3"]
+    assert (str(response.balance), str(response.available)) == ("99.5", "99")
