@@ -15,8 +15,9 @@ local dept = ARGV[10]
 
 if not loaded() then return reply(NOT_LOADED, {}) end
 if cred ~= '' then
-  if cred_state(cred).revoked then return reply(UNAUTHENTICATED, {}) end
-  local wait_ms = rate_take(cred, default_rate, default_burst)
+  local c = cred_state(cred)
+  if c.revoked then return reply(UNAUTHENTICATED, {}) end
+  local wait_ms = rate_take(cred, default_rate, default_burst, c)
   if wait_ms > 0 then return reply(RATE_LIMITED, {retry_after_ms = wait_ms}) end
 end
 local d = nil

@@ -24,16 +24,17 @@ local fp, idem_ttl_ms = ARGV[10], tonumber(ARGV[11])
 local action, units, dept = ARGV[12], tonumber(ARGV[13]), ARGV[14]
 local metadata, event_id = ARGV[15], ARGV[16]
 
-if not loaded() then return reply(NOT_LOADED, {}) end
+local acct = redis.call('HMGET', KEYS[K_ACCT], 'loaded', 'res')  -- res changes only if a hold closes
+if acct[1] ~= '1' then return reply(NOT_LOADED, {}) end
 local replay = idem_check(12, fp)
 if replay then return replay end
 
 local c = cred_state(cred)
 if c.revoked then return reply(UNAUTHENTICATED, {}) end
-local wait_ms = rate_take(cred, default_rate, default_burst)
+local wait_ms = rate_take(cred, default_rate, default_burst, c)
 if wait_ms > 0 then return reply(RATE_LIMITED, {retry_after_ms = wait_ms}) end
 
-sweep_holds(starts)
+local holds_closed = sweep_holds(starts)
 local live, expired, usable = scan_grants()
 expire_grants(expired)
 
@@ -67,7 +68,7 @@ if charge > 0 then
   redis.call('HINCRBY', KEYS[K_CREDS], cred .. '|spent', charge)
 end
 local bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - charge)
-local res = num(redis.call('HGET', KEYS[K_ACCT], 'res'))
+local res = num(holds_closed > 0 and redis.call('HGET', KEYS[K_ACCT], 'res') or acct[2])
 emit({t = 'use', id = event_id, act = action, u = units, amt = charge, d = dept, k = cred,
       m = metadata, g = alloc, at = NOW})
 local payload = {id = event_id, credits = charge, balance = bal, available = bal - res}

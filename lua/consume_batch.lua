@@ -32,16 +32,17 @@ local fp, idem_ttl_ms = ARGV[10], tonumber(ARGV[11])
 local atomic = ARGV[12] == '1'
 local runs = unpack(ARGV[13])
 
-if not loaded() then return reply(NOT_LOADED, {}) end
+local acct = redis.call('HMGET', KEYS[K_ACCT], 'loaded', 'res')  -- res changes only if a hold closes
+if acct[1] ~= '1' then return reply(NOT_LOADED, {}) end
 local replay = idem_check(12, fp)
 if replay then return replay end
 
 local c = cred_state(cred)
 if c.revoked then return reply(UNAUTHENTICATED, {}) end
-local wait_ms = rate_take(cred, default_rate, default_burst)
+local wait_ms = rate_take(cred, default_rate, default_burst, c)
 if wait_ms > 0 then return reply(RATE_LIMITED, {retry_after_ms = wait_ms}) end
 
-sweep_holds(starts)
+local holds_closed = sweep_holds(starts)
 local live, expired, usable = scan_grants()
 expire_grants(expired)
 
@@ -131,7 +132,7 @@ if total > 0 then
   redis.call('HSET', KEYS[K_CREDS], cred .. '|spent', c.spent)
 end
 local bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - total)
-local res = num(redis.call('HGET', KEYS[K_ACCT], 'res'))
+local res = num(holds_closed > 0 and redis.call('HGET', KEYS[K_ACCT], 'res') or acct[2])
 if #events > 0 then
   emit({t = 'use_batch', id = CALL_ID, k = cred, at = NOW, ev = events})
 end

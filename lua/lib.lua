@@ -88,13 +88,18 @@ end
 
 -- Grants in burn-down order (priority, then soonest expiry). Returns the live grants
 -- as a list of {id, remaining, score}, the expired ones, and the spendable total.
+-- Two reads whatever the number of grants (grem holds exactly the queued grants).
 local function scan_grants()
   local rows = redis.call('ZRANGE', KEYS[K_GQ], 0, -1, 'WITHSCORES')
   local live, expired, usable = {}, {}, 0
+  if #rows == 0 then return live, expired, usable end
+  local remaining = {}
+  local flat = redis.call('HGETALL', KEYS[K_GREM])
+  for i = 1, #flat, 2 do remaining[flat[i]] = flat[i + 1] end
   for i = 1, #rows, 2 do
     local gid = rows[i]
     local score = tonumber(rows[i + 1])
-    local rem = num(redis.call('HGET', KEYS[K_GREM], gid))
+    local rem = num(remaining[gid])
     if score % SCORE_SCALE <= NOW then
       expired[#expired + 1] = {gid, rem, score}
     else
@@ -108,6 +113,12 @@ end
 -- Take `amount` from the live grants in order (in memory); returns the allocation as a
 -- flat list {gid, amount, score, ...}. The caller checked that enough is usable.
 local function take(live, amount)
+  local first = live[1]
+  if amount > 0 and first and first[2] >= amount then  -- the usual case: one grant covers it
+    first[2] = first[2] - amount
+    first.dirty = true
+    return {first[1], amount, first[3]}
+  end
   local alloc = {}
   for _, g in ipairs(live) do
     if amount <= 0 then break end
@@ -182,10 +193,13 @@ local function dept_write(dept, d)
   redis.call('HSET', KEYS[K_DEPTS], dept .. '|pstart', d.pstart, dept .. '|spent', d.spent)
 end
 
--- Credential state: cap (-1 none) and spent, revoked flag.
+-- Credential state in one read: cap (-1 none) and spent, revoked flag, and the raw
+-- token bucket fields for rate_take.
 local function cred_state(cred)
-  local v = redis.call('HMGET', KEYS[K_CREDS], cred .. '|cap', cred .. '|spent', cred .. '|revoked')
-  return {cap = tonumber(v[1]) or -1, spent = num(v[2]), revoked = v[3] == '1'}
+  local v = redis.call('HMGET', KEYS[K_CREDS], cred .. '|cap', cred .. '|spent', cred .. '|revoked',
+    cred .. '|rate', cred .. '|burst', cred .. '|tok', cred .. '|ts')
+  return {cap = tonumber(v[1]) or -1, spent = num(v[2]), revoked = v[3] == '1',
+          rate = v[4], burst = v[5], tok = v[6], ts = v[7]}
 end
 
 local function cred_room(c)
@@ -194,15 +208,14 @@ local function cred_room(c)
 end
 
 -- Token bucket per credential. Returns 0 when a token was taken, otherwise the
--- milliseconds to wait. rate (tokens/s) <= 0 means unlimited.
-local function rate_take(cred, default_rate, default_burst)
-  local v = redis.call('HMGET', KEYS[K_CREDS], cred .. '|rate', cred .. '|burst',
-    cred .. '|tok', cred .. '|ts')
-  local rate = tonumber(v[1]) or default_rate
-  local burst = tonumber(v[2]) or default_burst
+-- milliseconds to wait. rate (tokens/s) <= 0 means unlimited. c: cred_state(cred),
+-- read in this call.
+local function rate_take(cred, default_rate, default_burst, c)
+  local rate = tonumber(c.rate) or default_rate
+  local burst = tonumber(c.burst) or default_burst
   if rate <= 0 then return 0 end
-  local tok = tonumber(v[3]) or burst
-  local ts = tonumber(v[4]) or NOW
+  local tok = tonumber(c.tok) or burst
+  local ts = tonumber(c.ts) or NOW
   if NOW > ts then tok = math.min(burst, tok + (NOW - ts) * rate / 1000) end
   if tok < 1 then
     return math.max(1, math.ceil((1 - tok) * 1000 / rate))
@@ -252,17 +265,21 @@ local function close_hold(rid, h, used, how, starts, event_id)
   return released
 end
 
--- Expired holds return to available before anything else is decided.
+-- Expired holds return to available before anything else is decided. Returns how
+-- many were closed (each changed the account's bal and res).
 local function sweep_holds(starts)
   local ids = redis.call('ZRANGEBYSCORE', KEYS[K_HX], '-inf', NOW, 'LIMIT', 0, HOLD_SWEEP_MAX)
+  local closed = 0
   for _, rid in ipairs(ids) do
     local raw = redis.call('HGET', KEYS[K_HOLDS], rid)
     if raw then
       close_hold(rid, unpack(raw), 0, 'expired', starts, rid .. '.expired')
+      closed = closed + 1
     else
       redis.call('ZREM', KEYS[K_HX], rid)
     end
   end
+  return closed
 end
 
 local function purge_closed_holds()

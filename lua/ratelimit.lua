@@ -7,7 +7,8 @@
 ]]
 local cred = ARGV[4]
 if not loaded() then return reply(NOT_LOADED, {}) end
-if cred_state(cred).revoked then return reply(UNAUTHENTICATED, {}) end
-local wait_ms = rate_take(cred, tonumber(ARGV[5]), tonumber(ARGV[6]))
+local c = cred_state(cred)
+if c.revoked then return reply(UNAUTHENTICATED, {}) end
+local wait_ms = rate_take(cred, tonumber(ARGV[5]), tonumber(ARGV[6]), c)
 if wait_ms > 0 then return reply(RATE_LIMITED, {retry_after_ms = wait_ms}) end
 return reply(OK, {})

@@ -27,7 +27,7 @@ if replay then return replay end
 
 local c = cred_state(cred)
 if c.revoked then return reply(UNAUTHENTICATED, {}) end
-local wait_ms = rate_take(cred, default_rate, default_burst)
+local wait_ms = rate_take(cred, default_rate, default_burst, c)
 if wait_ms > 0 then return reply(RATE_LIMITED, {retry_after_ms = wait_ms}) end
 
 -- Expiry first: a release that arrives after the TTL finds the hold already closed.
