@@ -101,24 +101,33 @@ async def test_replies_reach_their_callers_in_order() -> None:
 
 
 async def test_commands_of_one_loop_turn_go_out_in_one_write() -> None:
-    async with serving() as (_, conn):
+    await written_in(flush_at=1000, commands=200, writes=1)
+
+
+async def test_a_long_loop_turn_writes_every_flush_at_commands() -> None:
+    await written_in(flush_at=8, commands=200, writes=25)
+    await written_in(flush_at=8, commands=20, writes=3)  # 8, 8, and 4 at the end of the turn
+
+
+async def written_in(*, flush_at: int, commands: int, writes: int) -> None:
+    async with serving(flush_at=flush_at) as (_, conn):
         await conn.execute("PING")  # connected
         assert conn._transport is not None
         real = conn._transport
-        writes: list[bytes] = []
+        written: list[bytes] = []
 
         class Counting:
             def write(self, data: bytes) -> None:
-                writes.append(data)
+                written.append(data)
                 real.write(data)
 
             def abort(self) -> None:
                 real.abort()
 
         conn._transport = Counting()  # type: ignore[assignment]
-        replies = await asyncio.gather(*(conn.execute("ECHO", str(i)) for i in range(200)))
-        assert replies == [str(i).encode() for i in range(200)]
-        assert len(writes) == 1
+        replies = await asyncio.gather(*(conn.execute("ECHO", str(i)) for i in range(commands)))
+        assert replies == [str(i).encode() for i in range(commands)]
+        assert len(written) == writes
         conn._transport = real
 
 
