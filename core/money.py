@@ -9,6 +9,7 @@ from __future__ import annotations
 import decimal
 
 MILLI_PER_CREDIT = 1000
+_PLACES = len(str(MILLI_PER_CREDIT)) - 1  # decimal places of one millicredit
 # Largest amount accepted at the edge: 10^12 credits keeps every sum far inside the
 # 2^53 integers that Lua numbers (doubles) represent exactly.
 CREDITS_MAX = decimal.Decimal(10) ** 12
@@ -36,10 +37,12 @@ def format_credits(milli: int) -> str:
     are written without building a Decimal."""
     if milli < 0:
         return "-" + format_credits(-milli)
-    whole, part = divmod(milli, MILLI_PER_CREDIT)
-    if part == 0:
-        return str(whole)
-    return f"{whole}.{part:03d}".rstrip("0")
+    digits = str(milli)  # the decimal point goes _PLACES digits from the right
+    if len(digits) <= _PLACES:
+        part = digits.rjust(_PLACES, "0").rstrip("0")
+        return "0." + part if part else "0"
+    part = digits[-_PLACES:].rstrip("0")
+    return digits[:-_PLACES] + "." + part if part else digits[:-_PLACES]
 
 
 def to_credits(milli: int) -> decimal.Decimal:

@@ -85,24 +85,43 @@ async def check_redis_policy(redis: aioredis.Redis) -> None:
         )
 
 
-@web.middleware
-async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure in the one error shape (meter/errors.py), and every answer counted,
-    error statuses included. One layer for both: each middleware layer costs every
-    request a coroutine."""
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    started = time.perf_counter()
-    try:
-        response = await handler(request)
-    except Exception as exc:
+def at_the_edge(route: str, handler: Handler) -> Handler:
+    """The route's handler with what every answer gets: any failure in the one error
+    shape (meter/errors.py), and the answer counted, error statuses included.
+    Wrapping each route, rather than a middleware, costs a request one coroutine less
+    (aiohttp adds a layer of its own whenever there is a middleware) and no route lookup."""
+
+    async def edge(request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
         try:
-            response = shape_error(request, exc)
-        except web.HTTPException as passed:  # not a failure (a redirect): counted, raised
-            STATS.observe(route, passed.status, time.perf_counter() - started)
-            raise
-    STATS.observe(route, response.status, time.perf_counter() - started)
-    return response
+            response = await handler(request)
+        except Exception as exc:
+            try:
+                response = shape_error(request, exc)
+            except web.HTTPException as passed:  # not a failure (a redirect): counted, raised
+                STATS.observe(route, passed.status, time.perf_counter() - started)
+                raise
+        STATS.observe(route, response.status, time.perf_counter() - started)
+        return response
+
+    return edge
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    """The last route, for any path and method no other route takes: 405 when another
+    route has the path, 404 otherwise."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.canonical != UNMATCHED_PATH:
+            match, methods = await resource.resolve(request)
+            if match is None:
+                allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
+UNMATCHED_PATH = "/{tail}"
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -145,7 +164,7 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 def create_app(config: Config) -> web.Application:
     """The sidecar. Needs config.redis_url and config.database_url (embedded or real)."""
-    app = web.Application(middlewares=[edge_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(client_max_size=config.max_body_bytes)
     app[CONFIG] = config
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -181,13 +200,14 @@ def create_app(config: Config) -> web.Application:
             await redis.aclose()
 
     app.cleanup_ctx.append(resources)
-    app.add_routes(handlers.routes())
-    app.add_routes(
-        [
-            web.get("/healthz", healthz),
-            web.get("/readyz", readyz),
-            web.get("/metrics", metrics),
-            web.get("/api/openapi.json", openapi_json),
-        ]
-    )
+    for op in handlers.OPERATIONS:
+        app.router.add_route(op.method, op.path, at_the_edge(op.path, op.handler))
+    for path, handler in (
+        ("/healthz", healthz),
+        ("/readyz", readyz),
+        ("/metrics", metrics),
+        ("/api/openapi.json", openapi_json),
+    ):
+        app.router.add_get(path, at_the_edge(path, handler))  # HEAD too
+    app.router.add_route("*", "/{tail:.*}", at_the_edge("unmatched", unmatched))  # last: what no route takes
     return app

@@ -176,7 +176,8 @@ def use_response_json(event_id: str, action: str, units: int, charged: int, bala
 
 async def use(request: web.Request) -> web.Response:
     app = request.app
-    cred = await app[AUTH](request)
+    auth = app[AUTH]
+    cred = auth.cached(request) or await auth(request)
     body = await decode(request, s.UseRequest)
     key = idempotency_key(request)
     dept = department_for(cred, body.department_id)
@@ -203,7 +204,8 @@ async def use(request: web.Request) -> web.Response:
 
 async def use_batch(request: web.Request) -> web.Response:
     app = request.app
-    cred = await app[AUTH](request)
+    auth = app[AUTH]
+    cred = auth.cached(request) or await auth(request)
     body = await decode(request, s.BatchRequest)
     limit = app[CONFIG].max_batch_items
     if len(body.items) > limit:

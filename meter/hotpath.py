@@ -87,6 +87,15 @@ class Result(msgspec.Struct, frozen=True):
 _STATUSES = {int(s): s for s in Status}  # a dict lookup, not an Enum call, per reply
 
 
+def _result(raw: Any) -> Result:
+    """A script's reply {status, msgpack payload} as a Result."""
+    status = _STATUSES.get(raw[0]) or Status(raw[0])  # the Enum call raises on an unknown code
+    payload = _decode(raw[1])
+    if not isinstance(payload, dict):  # an empty Lua table packs as an array
+        payload = {}
+    return Result(status, payload)
+
+
 class BatchItem(NamedTuple):
     """One item of a batch consume (a tuple: a batch builds thousands of them)."""
 
@@ -350,22 +359,27 @@ class HotPath:
 
     async def _call(self, name: str, org: str, extra_keys: Sequence[str], args: Sequence[Any]) -> Result:
         try:
-            try:
-                raw = await self._send(name, org, extra_keys, args)
-            except ResponseError as exc:
-                if not (_missing_code(exc) or _no_functions(exc)):
-                    raise
-                # Redis restarted without its data, or was flushed: the call did not
-                # run, so installing the code and calling once more is safe.
-                await self._install()
-                raw = await self._send(name, org, extra_keys, args)
-        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
-            raise Unavailable(f"redis: {exc}") from exc
-        status = _STATUSES.get(raw[0]) or Status(raw[0])  # the Enum call raises on an unknown code
-        payload = _decode(raw[1])
-        if not isinstance(payload, dict):  # an empty Lua table packs as an array
-            payload = {}
-        return Result(status, payload)
+            raw = await self._send(name, org, extra_keys, args)
+        except (ResponseError, aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+            raw = await self._call_again(exc, name, org, extra_keys, args)
+        return _result(raw)
+
+    async def _call_again(
+        self, exc: BaseException, name: str, org: str, extra_keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        """The rare outcomes of a call: Redis lost (or never had) our code, or cannot be
+        reached (Unavailable: nothing was charged, or the caller cannot know)."""
+        try:
+            if not isinstance(exc, ResponseError):
+                raise exc
+            if not (_missing_code(exc) or _no_functions(exc)):
+                raise exc
+            # Redis restarted without its data, or was flushed: the call did not run,
+            # so installing the code and calling once more is safe.
+            await self._install()
+            return await self._send(name, org, extra_keys, args)
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as error:
+            raise Unavailable(f"redis: {error}") from error
 
     async def _durable(self, result: Result) -> Result:
         if self.durability is Durability.ASYNC or result.status is not Status.OK:
@@ -384,7 +398,12 @@ class HotPath:
         return result
 
     async def _call_loaded(self, name: str, org: str, extra_keys: Sequence[str], args: Sequence[Any]) -> Result:
-        result = await self._call(name, org, extra_keys, args)
+        """_call, loading the organization from the ledger first when it is not cached."""
+        try:
+            raw = await self._send(name, org, extra_keys, args)
+        except (ResponseError, aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+            raw = await self._call_again(exc, name, org, extra_keys, args)
+        result = _result(raw)
         if result.status is Status.NOT_LOADED:
             await self._load_once(org)
             result = await self._call(name, org, extra_keys, args)

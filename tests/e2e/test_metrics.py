@@ -37,3 +37,21 @@ async def test_unknown_routes_are_counted(client: Client) -> None:
     before = await requests_total(client, "unmatched", 404)
     assert (await client.get("/no/such/thing")).status == 404
     assert await requests_total(client, "unmatched", 404) == before + 1
+
+
+async def test_unknown_paths_and_methods_in_the_error_shape(client: Client) -> None:
+    before = await requests_total(client, "unmatched", 405)
+    r = await client.delete("/api/credits/use")
+    body = await r.json()
+    assert r.status == 405 and body["error"]["code"] == "method_not_allowed"
+    assert body["error"]["message"] == "DELETE is not allowed on /api/credits/use"
+    assert await requests_total(client, "unmatched", 405) == before + 1
+    r = await client.post("/api/nothing/here", json={})
+    body = await r.json()
+    assert r.status == 404 and body["error"] == {
+        "type": "invalid_request_error",
+        "code": "not_found",
+        "message": "no such endpoint: POST /api/nothing/here",
+        "param": None,
+    }
+    assert (await client.head("/healthz")).status == 200
