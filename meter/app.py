@@ -29,6 +29,23 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
+class RouteStats:
+    """One route's answers by status and its latency histogram, as plain numbers."""
+
+    __slots__ = ("buckets_s", "latency", "statuses")
+
+    def __init__(self, buckets_s: tuple[float, ...]) -> None:
+        self.buckets_s = buckets_s
+        self.statuses: dict[int, int] = {}
+        self.latency = [0.0] * (len(buckets_s) + 2)  # per bucket (not cumulative), +Inf, then the sum
+
+    def observe(self, status: int, seconds: float) -> None:
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        latency = self.latency
+        latency[bisect.bisect_left(self.buckets_s, seconds)] += 1
+        latency[-1] += seconds
+
+
 class RequestStats(Collector):
     """HTTP requests by route and status, and latency by route, kept as plain numbers
     (one event loop, one thread: no locks) and turned into Prometheus metrics only when
@@ -37,32 +54,33 @@ class RequestStats(Collector):
 
     def __init__(self, buckets_s: Sequence[float] = LATENCY_BUCKETS_S) -> None:
         self.buckets_s = tuple(sorted(buckets_s))
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency: dict[str, list[float]] = {}  # per bucket (not cumulative), +Inf, then the sum
+        self.routes: dict[str, RouteStats] = {}
+
+    def route(self, route: str) -> RouteStats:
+        """The route's numbers (bound once per route, then observed per request)."""
+        stats = self.routes.get(route)
+        if stats is None:
+            stats = self.routes[route] = RouteStats(self.buckets_s)
+        return stats
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        key = (route, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        counts = self.latency.get(route)
-        if counts is None:
-            counts = self.latency[route] = [0.0] * (len(self.buckets_s) + 2)
-        counts[bisect.bisect_left(self.buckets_s, seconds)] += 1
-        counts[-1] += seconds
+        self.route(route).observe(status, seconds)
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "credits_http_requests", "HTTP requests by route and status", labels=["route", "status"]
         )
-        for (route, status), n in sorted(self.requests.items()):
-            requests.add_metric([route, str(status)], n)
-        yield requests
         latency = HistogramMetricFamily(
             "credits_http_request_seconds", "HTTP request latency by route", labels=["route"]
         )
-        for route, counts in sorted(self.latency.items()):
-            cumulative = list(itertools.accumulate(counts[:-1]))
-            bounds = [repr(b) for b in self.buckets_s] + ["+Inf"]  # as prometheus_client writes them
-            latency.add_metric([route], list(zip(bounds, cumulative, strict=True)), sum_value=counts[-1])
+        bounds = [repr(b) for b in self.buckets_s] + ["+Inf"]  # as prometheus_client writes them
+        for name, stats in sorted(self.routes.items()):
+            for status, n in sorted(stats.statuses.items()):
+                requests.add_metric([name, str(status)], n)
+            if stats.statuses:
+                cumulative = list(itertools.accumulate(stats.latency[:-1]))
+                latency.add_metric([name], list(zip(bounds, cumulative, strict=True)), sum_value=stats.latency[-1])
+        yield requests
         yield latency
 
 
@@ -91,6 +109,8 @@ def at_the_edge(route: str, handler: Handler) -> Handler:
     Wrapping each route, rather than a middleware, costs a request one coroutine less
     (aiohttp adds a layer of its own whenever there is a middleware) and no route lookup."""
 
+    stats = STATS.route(route)
+
     async def edge(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         try:
@@ -99,9 +119,9 @@ def at_the_edge(route: str, handler: Handler) -> Handler:
             try:
                 response = shape_error(request, exc)
             except web.HTTPException as passed:  # not a failure (a redirect): counted, raised
-                STATS.observe(route, passed.status, time.perf_counter() - started)
+                stats.observe(passed.status, time.perf_counter() - started)
                 raise
-        STATS.observe(route, response.status, time.perf_counter() - started)
+        stats.observe(response.status, time.perf_counter() - started)
         return response
 
     return edge

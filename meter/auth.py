@@ -23,6 +23,8 @@ CACHE_TTL_S = 30.0
 CACHE_ENTRIES_MAX = 10_000
 JWT_LEEWAY_S = 30
 ROLES = ("agent", "admin")
+_BEARER_API_KEY = "Bearer " + API_KEY_PREFIX  # the usual spelling of an API key header
+_BEARER_LENGTH = len("Bearer ")
 
 
 def unauthenticated(message: str) -> ApiError:
@@ -41,11 +43,10 @@ class Authenticator:
     def cached(self, request: web.Request) -> Credential | None:
         """The credential of an API key authenticated in the last CACHE_TTL_S, without
         a coroutine (the hot path's common case); None: await the authenticator."""
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token.startswith(API_KEY_PREFIX):
+        header = request.headers.get("Authorization")
+        if header is None or not header.startswith(_BEARER_API_KEY):  # other spellings: __call__
             return None
-        hit = self._cache.get(hashlib.sha256(token.encode()).digest())
+        hit = self._cache.get(hashlib.sha256(header[_BEARER_LENGTH:].encode()).digest())
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
         return None

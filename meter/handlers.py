@@ -161,24 +161,43 @@ def pack_metadata(metadata: dict[str, Any] | None) -> str:
 
 
 # -- /use ------------------------------------------------------------------------
+_CHARGES_KEPT_MAX = 1024
+_charge_text: dict[int, bytes] = {}  # the few amounts an agent's actions cost, as JSON
+
+
 def use_response_json(event_id: str, action: str, units: int, charged: int, balance: int, available: int) -> bytes:
     """The JSON of s.UseResponse written directly, without a Decimal per amount: the
     same bytes msgspec writes for the Struct (tests/unit/test_fast_paths.py compares them)."""
+    charged_text = _charge_text.get(charged)
+    if charged_text is None:
+        charged_text = format_credits(charged).encode()
+        if len(_charge_text) < _CHARGES_KEPT_MAX:
+            _charge_text[charged] = charged_text
+    balance_text = format_credits(balance).encode()
+    # Without open reservations the two are equal.
+    available_text = balance_text if available == balance else format_credits(available).encode()
     return b'{"id":%b,"action":%b,"units":%d,"credits":%b,"balance":%b,"available":%b}' % (
         _json_encode(event_id),
         _json_encode(action),
         units,
-        format_credits(charged).encode(),
-        format_credits(balance).encode(),
-        format_credits(available).encode(),
+        charged_text,
+        balance_text,
+        available_text,
     )
+
+
+_decode_use = msgspec.json.Decoder(s.UseRequest).decode
 
 
 async def use(request: web.Request) -> web.Response:
     app = request.app
     auth = app[AUTH]
     cred = auth.cached(request) or await auth(request)
-    body = await decode(request, s.UseRequest)
+    raw = await request.read()
+    try:
+        body = _decode_use(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise from_validation(exc) from None
     key = idempotency_key(request)
     dept = department_for(cred, body.department_id)
     # The fingerprint tells a retry from a reuse of the key: no key, nothing to tell.
