@@ -406,6 +406,23 @@ class Ledger:
             after=after,
         )
 
+    async def ledger_view(self, organization_id: str, partition: int) -> tuple[int, str, list[tuple[str, int]]]:
+        """Reconciliation's ledger side for one organization, in one snapshot (see
+        ledger.settlement.Settlement.ledger_view, the settler's cross-tenant twin)."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            await conn.execute("SELECT set_config('app.organization_id', $1, true)", str(organization_id))
+            balance = await conn.fetchval("SELECT balance FROM organizations")
+            if balance is None:
+                raise NotFound(f"organization {organization_id} not found")
+            mark = await conn.fetchrow(
+                "SELECT last_ms, last_seq FROM settlement_watermarks WHERE partition = $1", partition
+            )
+            outbox = await conn.fetch(
+                "SELECT o.grant_id, g.amount FROM grant_outbox o JOIN credit_grants g ON g.id = o.grant_id"
+            )
+        after = "0-0" if mark is None else f"{mark['last_ms']}-{int(mark['last_seq']) + 1}"
+        return int(balance), after, [(str(r["grant_id"]), int(r["amount"])) for r in outbox]
+
     # -- alerts ---------------------------------------------------------------------
     async def set_alert(self, organization_id: str, *, threshold: int, webhook_url: str) -> str:
         """Configure the low-balance alert; returns the signing secret (new each time)."""

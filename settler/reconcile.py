@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import redis.asyncio as aioredis
 
@@ -22,6 +23,12 @@ from meter.hotpath import HotPath
 SCAN_ENTRIES_MAX = 100_000
 CONFIRM_DELAY_S = 0.2
 PAGE = 1000
+
+
+class LedgerView(Protocol):
+    """The ledger side: the settler's cross-tenant Settlement, or a tenant's Ledger."""
+
+    async def ledger_view(self, organization_id: str, partition: int) -> tuple[int, str, list[tuple[str, int]]]: ...
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class Report:
     lagging: list[str] = field(default_factory=list)  # too much unsettled to compare now
 
 
-async def measure(hot: HotPath, settlement: Settlement, org: str) -> Drift | None:
+async def measure(hot: HotPath, settlement: LedgerView, org: str) -> Drift | None:
     """One reading; None when the organization is not cached or too far behind."""
     ledger_balance, after, outbox = await settlement.ledger_view(org, hot.partition(org))
     result = await hot.reconcile_read(org, after=after, scan_max=SCAN_ENTRIES_MAX, outbox=outbox)
@@ -56,7 +63,7 @@ async def measure(hot: HotPath, settlement: Settlement, org: str) -> Drift | Non
     return Drift(org, int(p["balance"]), ledger_balance, int(p["in_flight"]), int(p["unpushed"]))
 
 
-async def check(hot: HotPath, settlement: Settlement, org: str) -> Drift | None:
+async def check(hot: HotPath, settlement: LedgerView, org: str) -> Drift | None:
     """A confirmed drift of one organization, or None when cache and ledger agree."""
     first = await measure(hot, settlement, org)
     if first is None or first.difference == 0:
@@ -93,7 +100,7 @@ async def run(
     return report
 
 
-async def repair(hot: HotPath, settlement: Settlement, org: str) -> Drift | None:
+async def repair(hot: HotPath, settlement: LedgerView, org: str) -> Drift | None:
     """Rebuild one organization's cache from the ledger. Only when nothing of it is in
     flight (settle first), since the ledger would not hold those entries yet. Returns
     the drift that was repaired, None if there was none."""

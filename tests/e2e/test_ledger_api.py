@@ -28,10 +28,13 @@ async def settle(client: Client, settlement: Settlement, org: str) -> None:
     hot = client.app[HOT]
     ps = PartitionSettler(client.app[REDIS], settlement, hot, hot.partition(org), consumer="e2e")
     assert await ps.acquire()
-    for _ in range(100):
-        if await ps.settle_once(block_ms=1) == 0:
-            return
-    raise AssertionError("did not drain")
+    try:
+        for _ in range(100):
+            if await ps.settle_once(block_ms=1) == 0:
+                return
+        raise AssertionError("did not drain")
+    finally:
+        await ps.release()
 
 
 def h(org: Org) -> dict[str, str]:

@@ -40,12 +40,15 @@ def settler(
 async def drain(ps: PartitionSettler) -> int:
     assert await ps.acquire()
     total = 0
-    for _ in range(1000):
-        n = await ps.settle_once(block_ms=1)
-        if n == 0:
-            return total
-        total += n
-    raise AssertionError("did not drain")
+    try:
+        for _ in range(1000):
+            n = await ps.settle_once(block_ms=1)
+            if n == 0:
+                return total
+            total += n
+        raise AssertionError("did not drain")
+    finally:
+        await ps.release()
 
 
 async def ledger_state(ledger: Ledger, org: str) -> dict[str, int]:
