@@ -1,0 +1,160 @@
+"""What the SDK sends and what it returns: typed, immutable, credits as ``Decimal``.
+
+These mirror the sidecar's documented bodies (shared/API.md, ``GET /api/openapi.json``)
+but are the SDK's own copies, on purpose: an agent installs the SDK without the server,
+and a client must be lenient where the server is strict. The server forbids unknown
+fields in what it receives; these types ignore unknown fields in what they receive, so
+a sidecar that adds a field (which the contract allows) never breaks a deployed agent.
+A unit test (tests/unit/test_sdk_models.py) checks field by field that these copies
+have not drifted from meter/schemas.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+MetadataValue = str | int | float | bool | None
+Metadata = dict[str, MetadataValue]
+# What callers may pass: any mapping (a dict[str, str] is one; dict itself is invariant).
+MetadataInput = Mapping[str, MetadataValue]
+
+
+class Model(msgspec.Struct, frozen=True, kw_only=True):
+    """Base of every response type.
+
+    frozen: a result is a record of what happened; nobody edits it afterwards.
+    kw_only: fields are built by name, so adding one never shifts another.
+    Unknown fields are ignored (msgspec's default): see the module docstring.
+    """
+
+
+class Item(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One action to charge in a batch or a bulk job.
+
+    ``idempotency_key`` shares the namespace of ``consume`` keys: an item retried alone
+    (or in another batch) with the same key replays instead of charging again.
+    omit_defaults: an unset field is left out of the request, as the API expects.
+    """
+
+    action: str
+    units: int = 1
+    department_id: str | None = None
+    metadata: MetadataInput | None = None
+    idempotency_key: str | None = None
+
+
+# -- responses -------------------------------------------------------------------------
+class Grant(Model, frozen=True, kw_only=True):
+    id: str
+    source: str
+    remaining: decimal.Decimal
+    expires_at: dt.datetime | None = None
+
+
+class DepartmentBudget(Model, frozen=True, kw_only=True):
+    id: str
+    limit: decimal.Decimal | None
+    period: str
+    spent: decimal.Decimal
+    remaining: decimal.Decimal | None
+
+
+class Balance(Model, frozen=True, kw_only=True):
+    organization_id: str
+    balance: decimal.Decimal
+    reserved: decimal.Decimal
+    available: decimal.Decimal
+    grants: list[Grant] = []
+    department: DepartmentBudget | None = None
+
+
+class Consumption(Model, frozen=True, kw_only=True):
+    """The answer to one consume: ``credits`` is what was charged."""
+
+    id: str
+    action: str
+    units: int
+    credits: decimal.Decimal
+    balance: decimal.Decimal
+    available: decimal.Decimal
+
+
+class ItemError(Model, frozen=True, kw_only=True):
+    code: str
+    message: str
+
+
+class BatchItemResult(Model, frozen=True, kw_only=True):
+    """One item of a batch: ``index`` is its position in the request."""
+
+    index: int
+    ok: bool
+    id: str | None = None
+    credits: decimal.Decimal | None = None
+    error: ItemError | None = None
+
+
+class BatchResult(Model, frozen=True, kw_only=True):
+    results: list[BatchItemResult]
+    balance: decimal.Decimal
+    available: decimal.Decimal
+
+
+class Reservation(Model, frozen=True, kw_only=True):
+    id: str
+    amount: decimal.Decimal
+    expires_at: dt.datetime
+    balance: decimal.Decimal
+    available: decimal.Decimal
+
+
+class Release(Model, frozen=True, kw_only=True):
+    """``used`` was charged; ``released`` went back to available."""
+
+    id: str
+    used: decimal.Decimal
+    released: decimal.Decimal
+    balance: decimal.Decimal
+    available: decimal.Decimal
+
+
+class Cost(Model, frozen=True, kw_only=True):
+    action: str
+    credits: decimal.Decimal
+    unit: str = ""
+    description: str = ""
+
+
+class CostList(Model, frozen=True, kw_only=True):
+    data: list[Cost]
+
+
+class UsageEvent(Model, frozen=True, kw_only=True):
+    id: str
+    action: str
+    units: int
+    credits: decimal.Decimal
+    department_id: str | None = None
+    metadata: dict[str, Any] | None = None
+    created_at: dt.datetime | None = None
+
+
+class UsagePage(Model, frozen=True, kw_only=True):
+    data: list[UsageEvent]
+    has_more: bool
+
+
+class ErrorDetail(Model, frozen=True, kw_only=True):
+    type: str = ""
+    code: str = ""
+    message: str = ""
+    param: str | None = None
+
+
+class ErrorBody(Model, frozen=True, kw_only=True):
+    error: ErrorDetail
