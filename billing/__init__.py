@@ -1,0 +1,1 @@
+"""Billing: Stripe customers, plans, subscriptions, credit packages and the credits they buy."""

@@ -1,0 +1,174 @@
+"""Request and response bodies of the billing API: decoded by, and documented from,
+these types (billing/openapi.py generates the OpenAPI document from them)."""
+
+from __future__ import annotations
+
+import decimal
+from typing import Annotated, Any
+
+from msgspec import Meta
+
+from core.structs import Body
+
+Credits = Annotated[decimal.Decimal, Meta(description="credits, exact to 0.001")]
+Cents = Annotated[int, Meta(ge=0, description="money in the currency's minor unit (cents)")]
+Currency = Annotated[str, Meta(pattern=r"^[a-z]{3}$", description="lowercase ISO 4217 code")]
+Timestamp = Annotated[str, Meta(description="ISO 8601, UTC")]
+CatalogId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$", description="a plan or package id")]
+StripeId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]{3,255}$", description="a Stripe object id")]
+Email = Annotated[str, Meta(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
+Name = Annotated[str, Meta(min_length=1, max_length=200)]
+
+
+# -- requests ----------------------------------------------------------------------
+class CustomerRequest(Body):
+    email: Email
+    name: Name | None = None
+
+
+class SubscriptionRequest(Body):
+    plan_id: CatalogId
+    payment_method_id: StripeId | None = None
+
+
+class ChangePlanRequest(Body):
+    plan_id: CatalogId
+
+
+class PurchaseRequest(Body):
+    package_id: CatalogId
+    payment_method_id: StripeId
+
+
+class PaymentMethodRequest(Body):
+    payment_method_id: StripeId
+    set_default: bool = False
+
+
+# -- responses ---------------------------------------------------------------------
+class CustomerView(Body):
+    id: str
+    stripe_customer_id: str
+    email: str
+    name: str | None
+
+
+class PlanView(Body):
+    id: str
+    name: str
+    description: str
+    price_cents: Cents
+    currency: Currency
+    interval: str
+    credits_per_period: Credits
+    features: list[str]
+
+
+class PlanList(Body):
+    data: list[PlanView]
+
+
+class SubscriptionView(Body):
+    id: str
+    plan_id: str | None
+    status: str
+    current_period_start: Timestamp | None
+    current_period_end: Timestamp | None
+    cancel_at_period_end: bool
+    canceled_at: Timestamp | None = None
+    client_secret: Annotated[
+        str | None, Meta(description="set while the first invoice needs the customer (3-D Secure)")
+    ] = None
+
+
+class PackageView(Body):
+    id: str
+    name: str
+    credits: Credits
+    price_cents: Cents
+    currency: Currency
+
+
+class PackageList(Body):
+    data: list[PackageView]
+
+
+class PurchaseResponse(Body):
+    payment_id: str
+    status: str
+    credits: Credits
+    client_secret: Annotated[
+        str | None, Meta(description="set when the payment needs the customer (3-D Secure): finish it with Stripe.js")
+    ] = None
+
+
+class PaymentMethodView(Body):
+    id: str
+    brand: str | None
+    last4: str | None
+    exp_month: int | None
+    exp_year: int | None
+    is_default: bool
+
+
+class PaymentMethodList(Body):
+    data: list[PaymentMethodView]
+
+
+class DeletedView(Body):
+    id: str
+    deleted: bool
+
+
+class SetupIntentView(Body):
+    client_secret: str
+    setup_intent_id: str
+
+
+class InvoiceView(Body):
+    id: str
+    number: str | None
+    status: str
+    amount_due: Cents
+    amount_paid: Cents
+    currency: Currency
+    period_start: Timestamp | None
+    period_end: Timestamp | None
+    hosted_invoice_url: str | None = None
+
+
+class InvoiceList(Body):
+    data: list[InvoiceView]
+    has_more: bool
+
+
+class PaymentView(Body):
+    id: str
+    amount: Cents
+    currency: Currency
+    status: Annotated[
+        str,
+        Meta(description="Stripe's PaymentIntent status, `failed`, `refunded` or `partially_refunded`"),
+    ]
+    description: str
+    created_at: Timestamp
+    credits: Credits | None = None
+    amount_refunded: Cents = 0
+
+
+class PaymentList(Body):
+    data: list[PaymentView]
+    has_more: bool
+
+
+class WebhookAck(Body):
+    received: bool
+
+
+class StripeEventBody(Body, forbid_unknown_fields=False):
+    """A Stripe event, signed (Stripe-Signature header): verified on the raw body."""
+
+    id: str
+    type: str
+    created: int
+    data: dict[str, Any]

@@ -1,0 +1,1 @@
+"""Stripe webhooks: signature verification, the durable event queue, event processing."""
