@@ -1,7 +1,8 @@
 """`credits`: the one command-line tool for developers and operations staff.
 
 credits dev                      the whole stack on embedded servers, with a demo org
-credits serve meter              one service (embedded servers unless URLs are set)
+credits serve meter|settler|billing  one service (embedded servers unless URLs are set)
+credits catalog sync             create in Stripe what the billing catalog lacks
 credits migrate                  apply SQL migrations (safe to repeat)
 credits org create --name N      prints {"organization_id": ..., "api_key": ...}
 credits key create|revoke ...    API keys (role agent|admin, department, cap, rate)
@@ -27,6 +28,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
+from billing.config import BillingConfig
 from core import config as config_module
 from core.config import Config, ConfigError
 from core.money import PrecisionError, to_credits, to_milli
@@ -73,7 +75,11 @@ def _run_with_services(config: Config, fn: Callable[[Services], Awaitable[int]])
 
 # -- services ------------------------------------------------------------------------
 async def _serve(
-    config: Config, *, announce: Callable[[Config], Awaitable[None]] | None = None, with_settler: bool = False
+    config: Config,
+    *,
+    announce: Callable[[Config], Awaitable[None]] | None = None,
+    with_settler: bool = False,
+    billing: BillingConfig | None = None,
 ) -> None:
     from meter.app import create_app
     from settler.worker import build_worker
@@ -84,6 +90,11 @@ async def _serve(
     site = web.TCPSite(runner, config.host, config.meter_port)
     await site.start()
     log.info("meter listening on http://%s:%d", config.host, config.meter_port)
+    billing_service = None
+    if billing is not None:  # credits dev: the billing service too, on BILLING_PORT
+        from billing.runtime import start_billing
+
+        billing_service = await start_billing(config, billing)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -100,6 +111,8 @@ async def _serve(
             with contextlib.suppress(asyncio.CancelledError):
                 await settler_task
             await settler.close()
+        if billing_service is not None:
+            await billing_service.stop()
         await runner.cleanup()
 
 
@@ -146,12 +159,41 @@ async def _settle(config: Config) -> None:
         await worker.close()
 
 
+async def _serve_billing(config: Config, billing: BillingConfig) -> None:
+    from billing.runtime import serve_billing
+
+    await _migrate_when_reachable(config)
+    await serve_billing(config, billing)
+
+
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    from billing import config as billing_config
+    from billing.runtime import stripe_backend
+
     with servers(config) as cfg:
         if args.service == "meter":
             _event_loop_runner()(_serve(cfg))
+        elif args.service == "billing":
+            with stripe_backend(billing_config.load(), cfg.data_dir) as billing:
+                _event_loop_runner()(_serve_billing(cfg, billing))
         else:
             _event_loop_runner()(_settle(cfg))
+    return 0
+
+
+def cmd_catalog_sync(config: Config, args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from billing import config as billing_config
+    from billing.runtime import stripe_backend, sync_catalog_once
+
+    async def run(cfg: Config, billing: BillingConfig) -> list[dict[str, Any]]:
+        await _migrate_when_reachable(cfg)
+        return [asdict(item) for item in await sync_catalog_once(cfg, billing)]
+
+    with servers(config) as cfg, stripe_backend(billing_config.load(), cfg.data_dir) as billing:
+        synced = asyncio.run(run(cfg, billing))
+    _print({"synced": synced})
     return 0
 
 
@@ -169,11 +211,14 @@ def _dev_jwt_secret(config: Config) -> str:
 def cmd_dev(config: Config, args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from billing import config as billing_config
+    from billing.runtime import stripe_backend
     from meter.auth import issue_jwt
 
     if config.jwt_secret is None:
         config = replace(config, jwt_secret=_dev_jwt_secret(config))
-    with servers(config) as cfg:
+    billing_settings = billing_config.load()
+    with servers(config) as cfg, stripe_backend(billing_settings, cfg.data_dir, publish=True) as billing:
 
         async def announce(cfg: Config) -> None:
             demo_path = cfg.data_dir / DEMO_FILE
@@ -193,6 +238,9 @@ def cmd_dev(config: Config, args: argparse.Namespace) -> int:
             _print(
                 {
                     "meter_url": f"http://{cfg.host}:{cfg.meter_port}",
+                    "billing_url": f"http://{cfg.host}:{billing.billing_port}",
+                    "stripe_api_base": billing.stripe_api_base,
+                    "stripe_publishable_key": billing.stripe_publishable_key,
                     "redis_url": cfg.redis_url,
                     "database_url": cfg.database_url,
                     "organization_id": demo["organization_id"],
@@ -202,7 +250,7 @@ def cmd_dev(config: Config, args: argparse.Namespace) -> int:
             )
 
         try:
-            _event_loop_runner()(_serve(cfg, announce=announce, with_settler=True))
+            _event_loop_runner()(_serve(cfg, announce=announce, with_settler=True, billing=billing))
         finally:
             unpublish_urls(cfg)
     return 0
@@ -374,9 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("dev", help="run the whole stack on embedded servers").set_defaults(fn=cmd_dev)
     serve = sub.add_parser("serve", help="run one service")
-    serve.add_argument("service", choices=["meter", "settler"])
+    serve.add_argument("service", choices=["meter", "settler", "billing"])
     serve.set_defaults(fn=cmd_serve)
     sub.add_parser("migrate", help="apply SQL migrations").set_defaults(fn=cmd_migrate)
+    catalog = sub.add_parser("catalog", help="the billing catalog")
+    catalog_commands = catalog.add_subparsers(dest="catalog_command", required=True)
+    sync = catalog_commands.add_parser("sync", help="create in Stripe what the catalog lacks (idempotent)")
+    sync.set_defaults(fn=cmd_catalog_sync)
 
     org = sub.add_parser("org", help="organizations").add_subparsers(dest="org_command", required=True)
     oc = org.add_parser("create", help="create an organization; prints its id and an admin API key")

@@ -93,7 +93,7 @@ def test_dev_runs_the_whole_stack_on_embedded_servers(tmp_path: Path) -> None:
             settled = []
             for _ in range(50):
                 req = urllib.request.Request(f"{info['meter_url']}/api/credits/usage", headers=headers)
-                with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - localhost
+                with urllib.request.urlopen(req, timeout=10) as r:
                     settled = json.loads(r.read())["data"]
                 if len(settled) == len(balances):
                     break
