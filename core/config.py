@@ -51,6 +51,8 @@ class Config:
     host: str = "127.0.0.1"
     meter_port: int = 8080
     log_level: str = "INFO"
+    settler_port: int = 8082  # the settler's /metrics and ops endpoints; 0 = off
+    ops_token: str | None = None  # bearer token for /api/admin/* on the settler
     settle_batch_entries: int = 500
     settlement_lag_alert_s: float = 5.0
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -130,6 +132,13 @@ def _prefix(env: Mapping[str, str]) -> str:
     return raw
 
 
+def _ops_token(env: Mapping[str, str]) -> str | None:
+    raw = env.get("OPS_TOKEN") or None
+    if raw is not None and len(raw) < 32:
+        raise ConfigError("OPS_TOKEN: must be at least 32 characters")
+    return raw
+
+
 def load(env: Mapping[str, str] | None = None) -> Config:
     """Decode the configuration from `env` (default: os.environ)."""
     env = os.environ if env is None else env
@@ -165,6 +174,8 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         host=env.get("HOST", "127.0.0.1"),
         meter_port=_int(env, "METER_PORT", 8080, 0, 65535),
         log_level=level,
+        settler_port=_int(env, "SETTLER_PORT", 8082, 0, 65535),
+        ops_token=_ops_token(env),
         settle_batch_entries=_int(env, "SETTLE_BATCH_ENTRIES", 500, 1, 10_000),
         settlement_lag_alert_s=_float(env, "SETTLEMENT_LAG_ALERT_S", 5.0, 0.1),
     )

@@ -64,6 +64,15 @@ def build_worker(config: Config, *, handle_signals: bool = True) -> Worker:
         ctx["settler"] = settler
         ctx["stop"] = stop
         ctx["supervisor"] = asyncio.create_task(settler.supervise(stop), name="settler-supervisor")
+        if config.settler_port:
+            from aiohttp import web
+
+            from settler.http import create_app
+
+            runner = web.AppRunner(create_app(settler), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, config.host, config.settler_port).start()
+            ctx["http"] = runner
         log.info("settler started as %s on %d partitions", settler.consumer, config.usage_partitions)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
@@ -72,6 +81,9 @@ def build_worker(config: Config, *, handle_signals: bool = True) -> Worker:
             stop.set()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await ctx["supervisor"]
+        runner = ctx.get("http")
+        if runner is not None:
+            await runner.cleanup()
         settler: Settler | None = ctx.get("settler")
         if settler is not None:
             await settler.close()

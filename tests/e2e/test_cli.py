@@ -75,6 +75,8 @@ def test_dev_runs_the_whole_stack_on_embedded_servers(tmp_path: Path) -> None:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "JWT_SECRET")}
     env.update({"CREDITS_DATA_DIR": str(tmp_path / "data"), "METER_PORT": str(port), "LOG_LEVEL": "WARNING"})
+    env["SETTLER_PORT"] = str(_free_port())
+    env["BILLING_PORT"] = str(_free_port())
     balances = []
     for _ in range(2):
         proc = subprocess.Popen([*CLI, "dev"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -57,6 +57,7 @@ def start_settler(config: Config) -> subprocess.Popen[bytes]:
         "DATABASE_URL": config.database_url or "",
         "REDIS_KEY_PREFIX": config.redis_key_prefix,
         "SETTLE_BATCH_ENTRIES": "20",
+        "SETTLER_PORT": "0",
         "LOG_LEVEL": "WARNING",
     }
     log = open(SETTLER_LOG, "ab")  # noqa: SIM115 - handed to the child
