@@ -33,7 +33,11 @@ def test_services_share_one_image_and_valid_environment() -> None:
     assert {"migrate", "meter", "settler"} <= set(ours)
     assert len({s["image"] for s in ours.values()}) == 1
     env = {k: "x" * 40 if k == "JWT_SECRET" else v for k, v in ours["meter"]["environment"].items()}
-    env = {k: re.sub(r"\$\{[^}]*\}", "secret", str(v)) if k != "JWT_SECRET" else v for k, v in env.items()}
+    # ${VAR:-default} -> its default; a required ${VAR:?...} -> a long secret
+    def expand(value: str) -> str:
+        return re.sub(r"\$\{[^}:]*:-([^}]*)\}", r"\1", re.sub(r"\$\{[^}:]*:\?[^}]*\}", "s" * 40, value))
+
+    env = {k: expand(str(v)) if k != "JWT_SECRET" else v for k, v in env.items()}
     env["DURABILITY"] = "async"
     config = load(env)  # every variable decodes
     assert config.redis_url == "redis://redis:6379/0" and not config.embedded
