@@ -33,6 +33,7 @@ def test_services_share_one_image_and_valid_environment() -> None:
     assert {"migrate", "meter", "settler"} <= set(ours)
     assert len({s["image"] for s in ours.values()}) == 1
     env = {k: "x" * 40 if k == "JWT_SECRET" else v for k, v in ours["meter"]["environment"].items()}
+
     # ${VAR:-default} -> its default; a required ${VAR:?...} -> a long secret
     def expand(value: str) -> str:
         return re.sub(r"\$\{[^}:]*:-([^}]*)\}", r"\1", re.sub(r"\$\{[^}:]*:\?[^}]*\}", "s" * 40, value))
