@@ -794,7 +794,3 @@ OPERATIONS = (
         errors=(400, 401, 403, 404, 413, 429, 503),
     ),
 )
-
-
-def routes() -> list[web.RouteDef]:
-    return [web.route(op.method, op.path, op.handler) for op in OPERATIONS]
