@@ -102,7 +102,7 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, lo: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float = float("inf")) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -110,9 +110,26 @@ def _float(env: Mapping[str, str], name: str, default: float, lo: float) -> floa
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
-    if not value >= lo:
-        raise ConfigError(f"{name}: must be at least {lo}, got {raw}")
+    if not lo <= value <= hi:
+        bound = f"at least {lo}" if hi == float("inf") else f"between {lo} and {hi}"
+        raise ConfigError(f"{name}: must be {bound}, got {raw}")
     return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+# The decoders other components' configuration modules use (billing/config.py).
+env_int, env_float, env_bool = _int, _float, _bool
 
 
 def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
