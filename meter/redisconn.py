@@ -127,6 +127,7 @@ class PipelinedRedis:
         self.connect_timeout_s = connect_timeout_s
         self.pending_max = pending_max
         self.flush_at = flush_at
+        self._loop: asyncio.AbstractEventLoop | None = None  # the connection's
         self._transport: asyncio.Transport | None = None
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Task[None] | None = None
@@ -164,7 +165,11 @@ class PipelinedRedis:
 
     def execute_packed(self, command: bytes) -> asyncio.Future[Any]:
         """Queue one command already encoded in RESP (see `pack_command`)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or (self._transport is None and self._connecting is None):
+            # Bound while a connection is open or opening (Python 3.11 asks the OS for
+            # its pid on every get_running_loop(): a system call per request).
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed:
             future.set_exception(RedisConnectionError("the hot path's Redis connection is closed"))
