@@ -85,3 +85,28 @@ def test_batch_results_from_the_compact_answer_and_from_an_earlier_version() -> 
     assert response.results[2].error is not None and response.results[2].error.code == "unknown_action"
     assert [str(r.credits) for r in response.results] == ["0.1", "0.1", "None", "0.3", "3"]
     assert (str(response.balance), str(response.available)) == ("99.5", "99")
+
+
+def test_consume_encoded_by_hand_is_what_the_generic_path_sends() -> None:
+    from meter.hotpath import HotPath, pack_command
+    from meter.redisconn import PipelinedRedis
+
+    for rate, burst in ((0.0, 0.0), (1000.0, 2000.0), (2.5, 7)):
+        hot = HotPath(
+            None,  # type: ignore[arg-type]  # no call is made
+            None,  # type: ignore[arg-type]
+            partitions=16,
+            default_rate_per_s=rate,
+            default_burst=burst,
+            idempotency_ttl_s=172_800,
+            pipe=PipelinedRedis(),
+        )
+        for org, cred, action, units, dept, metadata, key in [
+            ("0b9e4a0c-6a55-4c3b-9c47-8d8a0e6f5b11", "k", "tool_call", 1, "", "", None),
+            ("o", "jwt:user-1", "llm_output_tokens", 10**9, "d", '{"é": "ü", "n": 1}', "retry-7"),
+        ]:
+            now = 1_764_000_123_456
+            extra, idem = hot._idem(org, key, "fp" if key else "")
+            args = (*hot._common(org, cred, now, "c" * 32), *idem, action, units, dept, metadata, "c" * 32)
+            generic = pack_command(("FCALL", hot._names["consume"], 11 + len(extra), *hot.org_keys(org), *extra, *args))
+            assert hot._consume_command(org, extra, args) == generic
