@@ -2,9 +2,9 @@
 
 Every command issued during one turn of the event loop is written to the socket in
 one `write` (one per `flush_at` commands), and the replies, which Redis sends back in
-order, are parsed by hiredis and handed to the waiting callers in the same order. Fifty concurrent requests cost
-one system call each way instead of fifty, and there is no pool, no lock and no
-per-call retry or timeout wrapper on the way.
+order, are parsed by hiredis and handed to the waiting callers in the same order.
+Fifty concurrent requests cost a few system calls each way instead of fifty, and there
+is no pool, no lock and no per-call retry or timeout wrapper on the way.
 
 Why not a library: redis-py (5.x and 6.x) has no auto-pipelining: each command takes a
 pooled connection, writes, and waits for its own reply. coredis 6 runs on anyio and
@@ -326,7 +326,8 @@ class PipelinedRedis:
         if transport is not None:
             transport.abort()
         if self._outbox and not self._closed and self._connecting is None:
-            # Queued, never written: nothing ran, so they may go out on a new connection.
+            # Queued, never written: nothing ran, so their callers may safely answer
+            # 503 (a connect attempt in progress fails or flushes them itself).
             self._fail_outbox(exc)
 
     # -- liveness ----------------------------------------------------------------------
