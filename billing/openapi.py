@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from billing.handlers import IDEMPOTENCY_HEADER, OPERATIONS
+from core.openapi import numbers_not_strings
 from meter.schemas import ErrorBody
 
 VERSION = "0.1.0"
@@ -24,19 +25,6 @@ _STATUS_TEXT = {
     413: "payload_too_large",
     503: "unavailable: Postgres, Redis or Stripe unreachable; retry with the same Idempotency-Key",
 }
-
-
-def _numbers(node: Any) -> Any:
-    """Credits are JSON numbers in and out (exact decimals), not strings."""
-    if isinstance(node, dict):
-        if node.get("type") == "string" and node.get("format") == "decimal":
-            out = {k: v for k, v in node.items() if k not in ("type", "format")}
-            out["type"] = "number"
-            return out
-        return {k: _numbers(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_numbers(v) for v in node]
-    return node
 
 
 def _operation(op: Any) -> dict[str, Any]:
@@ -99,7 +87,7 @@ def document() -> bytes:
         "info": {"title": "Agent credits billing API", "version": VERSION},
         "paths": paths,
         "components": {
-            "schemas": _numbers(components),
+            "schemas": numbers_not_strings(components),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }

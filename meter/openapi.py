@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from core.openapi import numbers_not_strings
 from meter import schemas as s
 from meter.handlers import IDEMPOTENCY_HEADER, OPERATIONS
 
@@ -24,19 +25,6 @@ _STATUS_TEXT = {
     429: "rate_limited (Retry-After header)",
     503: "unavailable: nothing was charged",
 }
-
-
-def _numbers(node: Any) -> Any:
-    """Credits are JSON numbers in and out (exact decimals), not strings."""
-    if isinstance(node, dict):
-        if node.get("type") == "string" and node.get("format") == "decimal":
-            out = {k: v for k, v in node.items() if k not in ("type", "format")}
-            out["type"] = "number"
-            return out
-        return {k: _numbers(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_numbers(v) for v in node]
-    return node
 
 
 @functools.cache
@@ -92,7 +80,7 @@ def document() -> bytes:
         "info": {"title": "Agent credits API", "version": VERSION},
         "paths": paths,
         "components": {
-            "schemas": _numbers(components),
+            "schemas": numbers_not_strings(components),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }

@@ -24,6 +24,23 @@ def _ms(value: object) -> int:
     return int(value.timestamp() * 1000) if isinstance(value, dt.datetime) else 0
 
 
+async def push_one(
+    hot: HotPath, organization_id: str, *, grant_id: str, amount: int, priority: int, expires_at: object
+) -> None:
+    """Push one grant the ledger holds; raises Unavailable if the cache refuses it."""
+    expires_ms = _ms(expires_at)
+    result = await hot.grant(
+        organization_id, grant_id=grant_id, amount=amount, priority=priority, expires_ms=expires_ms
+    )
+    if result.status is Status.NOT_LOADED:
+        await hot.load(organization_id)
+        result = await hot.grant(
+            organization_id, grant_id=grant_id, amount=amount, priority=priority, expires_ms=expires_ms
+        )
+    if result.status not in (Status.OK, Status.DUPLICATE):
+        raise Unavailable(f"grant push refused: {result.status.name}")
+
+
 async def push_pending(ledger: Ledger, hot: HotPath, organization_id: str) -> int:
     """Push every outbox grant of one organization; return how many were confirmed.
 
@@ -32,18 +49,14 @@ async def push_pending(ledger: Ledger, hot: HotPath, organization_id: str) -> in
     confirmed = 0
     for row in await ledger.pending_pushes(organization_id):
         grant_id = str(row["id"])
-        args = {
-            "grant_id": grant_id,
-            "amount": int(row["amount"]),
-            "priority": int(row["priority"]),
-            "expires_ms": _ms(row["expires_at"]),
-        }
-        result = await hot.grant(organization_id, **args)  # type: ignore[arg-type]
-        if result.status is Status.NOT_LOADED:
-            await hot.load(organization_id)
-            result = await hot.grant(organization_id, **args)  # type: ignore[arg-type]
-        if result.status not in (Status.OK, Status.DUPLICATE):
-            raise Unavailable(f"grant push refused: {result.status.name}")
+        await push_one(
+            hot,
+            organization_id,
+            grant_id=grant_id,
+            amount=int(row["amount"]),
+            priority=int(row["priority"]),
+            expires_at=row["expires_at"],
+        )
         await ledger.grant_pushed(organization_id, grant_id)
         confirmed += 1
     return confirmed

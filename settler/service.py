@@ -20,10 +20,10 @@ import redis.asyncio as aioredis
 from core.config import Config
 from ledger.settlement import AlertStore, Settlement
 from ledger.store import Ledger
-from lua import Status
 from meter.hotpath import HotPath, Unavailable, now_ms
 from settler import reconcile
 from settler.alerts import Alerts
+from settler.outbox import push_one
 from settler.stream import PartitionSettler, lag
 
 log = logging.getLogger(__name__)
@@ -146,20 +146,15 @@ class Settler:
         for row in await self.settlement.outbox(limit=OUTBOX_BATCH):
             org = str(row["organization_id"])
             grant_id = str(row["grant_id"])
-            expires = row["expires_at"]
             try:
-                expires_ms = int(expires.timestamp() * 1000) if expires else 0
-                args = (grant_id, int(row["amount"]), int(row["priority"]), expires_ms)
-                result = await self.hot.grant(
-                    org, grant_id=args[0], amount=args[1], priority=args[2], expires_ms=args[3]
+                await push_one(
+                    self.hot,
+                    org,
+                    grant_id=grant_id,
+                    amount=int(row["amount"]),
+                    priority=int(row["priority"]),
+                    expires_at=row["expires_at"],
                 )
-                if result.status is Status.NOT_LOADED:
-                    await self.hot.load(org)
-                    result = await self.hot.grant(
-                        org, grant_id=args[0], amount=args[1], priority=args[2], expires_ms=args[3]
-                    )
-                if result.status not in (Status.OK, Status.DUPLICATE):
-                    raise Unavailable(result.status.name)
                 await self.settlement.outbox_done(row["grant_id"])
                 pushed += 1
             except (Unavailable, aioredis.RedisError, OSError) as exc:
