@@ -8,6 +8,7 @@ Errors are the API's (`ApiError`): the handlers are thin, so the rules live here
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,9 @@ from meter.errors import ApiError
 log = logging.getLogger(__name__)
 
 SUBSCRIPTION_LOCK_TTL_S = 60.0
+# A webhook holds the same lease for one Stripe fetch and one row write: a caller waits
+# that out instead of getting a 409 for a change nobody else asked for.
+SUBSCRIPTION_LOCK_WAIT_S = 5.0
 FINAL_PAYMENT_STATUSES = ("succeeded", "canceled")
 
 
@@ -196,8 +200,13 @@ class BillingActions:
     # -- subscriptions ---------------------------------------------------------------------
     @asynccontextmanager
     async def _subscription_lock(self, org: str) -> AsyncIterator[None]:
-        if not await self.store.lock_subscriptions(org, ttl_s=SUBSCRIPTION_LOCK_TTL_S):
-            raise ApiError(409, "subscription_busy", "another change of this subscription is in progress; retry")
+        deadline = asyncio.get_running_loop().time() + SUBSCRIPTION_LOCK_WAIT_S
+        pause = 0.01
+        while not await self.store.lock_subscriptions(org, ttl_s=SUBSCRIPTION_LOCK_TTL_S):
+            if asyncio.get_running_loop().time() + pause > deadline:
+                raise ApiError(409, "subscription_busy", "another change of this subscription is in progress; retry")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
         try:
             yield
         finally:

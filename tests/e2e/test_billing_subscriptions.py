@@ -3,6 +3,7 @@ upgrades and downgrades, cancellation, 3-D Secure, refunds of an invoice."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import replace
@@ -11,8 +12,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from billing import actions
 from billing.app import create_app
 from billing.config import BillingConfig
+from billing.store import BillingStore
 from core.config import Config
 from ledger.store import Ledger
 from meter.hotpath import HotPath
@@ -329,3 +332,38 @@ async def test_rollover_setting_keeps_plan_credits(
         assert status == 201, json.dumps(body)
     [grant] = await subscription_grants(ledger, org)
     assert grant["amount"] == 500 * MILLI and grant["expires_at"] is None
+
+
+async def test_a_plan_change_waits_out_a_webhook_holding_the_subscription(
+    billing_client: Client,
+    stripe_driver: StripeDriver,
+    org: Org,
+    ledger: Ledger,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A webhook holds the subscription lease briefly; a caller's change waits for it
+    (a 409 only when the lease outlives the wait, and then nothing changed)."""
+    await with_card(billing_client, org, stripe_driver)
+    await subscribe(billing_client, org, "starter")
+    store = BillingStore(ledger)
+    await wait_for(lambda: store.lock_subscriptions(org.id, ttl_s=30), what="the subscription lease")
+
+    async def release_soon() -> None:
+        await asyncio.sleep(0.3)
+        await store.unlock_subscriptions(org.id)
+
+    releasing = asyncio.create_task(release_soon())
+    status, body = await call(billing_client, "PUT", "/api/billing/subscription", org, {"plan_id": "professional"})
+    await releasing
+    assert status == 200 and body["plan_id"] == "professional", body
+
+    monkeypatch.setattr(actions, "SUBSCRIPTION_LOCK_WAIT_S", 0.3)
+    await wait_for(lambda: store.lock_subscriptions(org.id, ttl_s=30), what="the subscription lease")
+    try:
+        status, body = await call(billing_client, "PUT", "/api/billing/subscription", org, {"plan_id": "enterprise"})
+        assert status == 409 and body["error"]["code"] == "subscription_busy", body
+    finally:
+        await store.unlock_subscriptions(org.id)
+    status, current = await call(billing_client, "GET", "/api/billing/subscription", org)
+    assert current["plan_id"] == "professional"
+    assert [g["amount"] for g in await subscription_grants(ledger, org)] == [500 * MILLI, 1500 * MILLI]
