@@ -73,8 +73,25 @@ async def _setup(config: Config, partitions: int) -> tuple[Ledger, HotPath, aior
     return ledger, hot, redis, orgs
 
 
-async def throughput(config: Config, events: int) -> dict[str, float]:
-    ledger, hot, redis, orgs = await _setup(config, 4)
+async def _settle_partition(settler: Settler, partition: int, entries: int) -> None:
+    """Run the settler's own loop (read-ahead and all) on one partition until it has
+    settled `entries` entries; the alert check after each batch stays on, as deployed."""
+    ps = settler.partition_settler(partition)
+    stop = asyncio.Event()
+    alerts = ps.on_settled
+
+    async def on_settled(orgs: set[str]) -> None:
+        if alerts is not None:
+            await alerts(orgs)
+        if ps.stats.settled_entries >= entries:
+            stop.set()
+
+    ps.on_settled = on_settled
+    await ps.run(stop)
+    await ps.release()
+
+
+async def _fill(hot: HotPath, orgs: list[tuple[str, str]], events: int) -> None:
     per_call = 1000
     items = [BatchItem("tool_call", 1, "", "", None, "")] * per_call
     made = 0
@@ -83,40 +100,51 @@ async def throughput(config: Config, events: int) -> dict[str, float]:
             r = await hot.consume_batch(org, cred, items, atomic=False)
             assert r.status is Status.OK
             made += per_call
-    # Settle everything, timing only the settlement.
-    settler = await Settler.open(replace(config, settle_batch_entries=10))
-    started = time.perf_counter()
-    settled = 0
-    for p in range(config.usage_partitions):
-        ps = settler.partition_settler(p)
-        ps.on_settled = None
-        if not await ps.acquire():
-            continue
-        while n := await ps.settle_once(block_ms=1):
-            settled += n
-        await ps.release()
-    settle_s = time.perf_counter() - started
-    events_settled = 0
+
+
+async def _usage_events(ledger: Ledger, orgs: list[tuple[str, str]]) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
     for org, _ in orgs:
         async with ledger.tenant(org) as t:
-            events_settled += int(await t.fetchval("SELECT count(*) FROM usage_events"))
+            rows.extend(tuple(r.values()) for r in await t.fetch("SELECT * FROM usage_events ORDER BY created_at, id"))
+    return rows
+
+
+async def throughput(config: Config, events: int) -> dict[str, float]:
+    ledger, hot, redis, orgs = await _setup(config, 4)
+    settler = await Settler.open(replace(config, settle_batch_entries=10))
+
+    # One partition after the other: one settling loop, one transaction at a time (the
+    # like of one COPY stream). Only the settlement is timed.
+    await _fill(hot, orgs, events)
+    backlog = {p: int(await redis.xlen(hot.stream_key(p))) for p in range(config.usage_partitions)}
+    started = time.perf_counter()
+    for p, entries in backlog.items():
+        if entries:
+            await _settle_partition(settler, p, entries)
+    settle_s = time.perf_counter() - started
+    rows = await _usage_events(ledger, orgs)
+    events_settled = len(rows)
+
+    # The settler service as deployed: every partition's loop at once.
+    await _fill(hot, orgs, events)
+    backlog = {p: int(await redis.xlen(hot.stream_key(p))) for p in range(config.usage_partitions)}
+    started = time.perf_counter()
+    await asyncio.gather(*(_settle_partition(settler, p, n) for p, n in backlog.items() if n))
+    service_s = time.perf_counter() - started
+    service_events = len(await _usage_events(ledger, orgs)) - events_settled
     await settler.close()
 
-    # The bare COPY: the same rows into a table with the same columns and indexes.
+    # The bare COPY: the same rows into a table with the same columns and indexes, in
+    # transactions of the settler's batch size.
     owner = await asyncpg.connect(config.database_url)
     try:
         await owner.execute("CREATE TABLE copy_target (LIKE usage_events INCLUDING DEFAULTS INCLUDING INDEXES)")
-        staged = Staged()
-        for org, _ in orgs:
-            async with ledger.tenant(org) as t:
-                rows = await t.fetch("SELECT * FROM usage_events")
-            for r in rows:
-                staged.events.append(tuple(r.values()))
-        cols = list(rows[0].keys())
+        cols = [a.name for a in (await owner.prepare("SELECT * FROM usage_events")).get_attributes()]
         started = time.perf_counter()
-        for i in range(0, len(staged.events), 10_000):
+        for i in range(0, len(rows), 10_000):
             async with owner.transaction():
-                await owner.copy_records_to_table("copy_target", records=staged.events[i : i + 10_000], columns=cols)
+                await owner.copy_records_to_table("copy_target", records=rows[i : i + 10_000], columns=cols)
         copy_s = time.perf_counter() - started
     finally:
         await owner.close()
@@ -125,8 +153,10 @@ async def throughput(config: Config, events: int) -> dict[str, float]:
     return {
         "events": events_settled,
         "settle_events_per_s": events_settled / settle_s,
-        "copy_rows_per_s": len(staged.events) / copy_s,
-        "ratio": (events_settled / settle_s) / (len(staged.events) / copy_s),
+        "service_events_per_s": service_events / service_s,
+        "copy_rows_per_s": len(rows) / copy_s,
+        "ratio": (events_settled / settle_s) / (len(rows) / copy_s),
+        "service_ratio": (service_events / service_s) / (len(rows) / copy_s),
     }
 
 
@@ -142,10 +172,8 @@ def _lag_worker(config_json: str, out_path: str) -> None:
         async def settle(staged: Staged, **kw: Any) -> Any:
             result = await original(staged, **kw)
             done = dt.datetime.now(dt.UTC)
-            for row in staged.events:
-                created = row[10]
-                if row[1] == "use" and created is not None:
-                    lags_ms.append((done - created).total_seconds() * 1000)
+            for row in staged.uses:
+                lags_ms.append((done - row[8]).total_seconds() * 1000)
             return result
 
         settler.settlement.settle = settle  # type: ignore[method-assign]
@@ -210,10 +238,16 @@ async def run(args: argparse.Namespace) -> None:
         base = config_module.load({"RATE_LIMIT_PER_S": "0", "REDIS_KEY_PREFIX": f"b{uuid.uuid4().hex[:6]}"})
         config = replace(base, redis_url=redis_url, database_url=_with_db(base_db, name))
         t = await throughput(config, args.events)
-        print(f"settlement: {t['events']:,} events in the ledger; {t['settle_events_per_s']:,.0f} events/s")
-        print(f"bare COPY of the same rows: {t['copy_rows_per_s']:,.0f} rows/s")
+        print(f"bare COPY of the same rows: {t['copy_rows_per_s']:,.0f} rows/s ({t['events']:,} rows)")
         verdict = "met" if t["ratio"] >= 0.5 else "MISSED"
-        print(f"settlement / COPY = {t['ratio']:.2f}x (target 0.5) {verdict}")
+        print(
+            f"settlement, one partition at a time: {t['settle_events_per_s']:,.0f} events/s"
+            f" = {t['ratio']:.2f}x COPY (target 0.5) {verdict}"
+        )
+        print(
+            f"settlement, the service (every partition at once): {t['service_events_per_s']:,.0f} events/s"
+            f" = {t['service_ratio']:.2f}x COPY"
+        )
         config = replace(config, redis_key_prefix=f"b{uuid.uuid4().hex[:6]}")
         lg = await lag(config, args.lag_seconds, args.concurrency)
         verdict = "met" if lg["lag_p99_ms"] < 1000 else "MISSED"

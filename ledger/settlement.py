@@ -1,6 +1,7 @@
 """The ledger's settlement door: stage decoded stream events, settle them in one
-transaction (the settle_staged stored procedure), and the cross-organization reads the
-settler's periodic jobs need. Connects as credits_settler, never as the owner.
+transaction (the settle_staged stored procedure, migrations/0005), and the
+cross-organization reads the settler's periodic jobs need. Connects as
+credits_settler, never as the owner.
 """
 
 from __future__ import annotations
@@ -13,6 +14,20 @@ from typing import Any
 
 import asyncpg
 
+# Usage events (nearly all of them) have a narrow staging table of their own.
+USE_COLUMNS = (
+    "org",
+    "id",
+    "action",
+    "units",
+    "amount",
+    "department_id",
+    "credential_id",
+    "metadata",
+    "created_at",
+)
+DEBIT_COLUMNS = ("org", "grant_id", "amount")
+# Every other event: holds, closes, expirations, adjustments, refunds.
 EVENT_COLUMNS = (
     "seq",
     "kind",
@@ -34,6 +49,11 @@ EVENT_COLUMNS = (
 ALLOC_COLUMNS = ("org", "event_id", "kind", "grant_id", "amount", "score")
 
 _STAGE_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS settle_uses (
+  org uuid, id text, action text, units bigint, amount bigint, department_id uuid,
+  credential_id text, metadata jsonb, created_at timestamptz
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS settle_debits (org uuid, grant_id uuid, amount bigint) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS settle_events (
   seq bigint, kind text, org uuid, id text, action text, units bigint, amount bigint,
   department_id uuid, credential_id text, metadata jsonb, created_at timestamptz,
@@ -45,21 +65,52 @@ CREATE TEMP TABLE IF NOT EXISTS settle_allocs (
 CREATE TEMP TABLE IF NOT EXISTS settle_new (
   seq bigint, org uuid, kind text, id text, amount bigint, reservation_id text, reason text, grant_id uuid
 ) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS settle_batch_orgs (org uuid PRIMARY KEY) ON COMMIT DELETE ROWS;
 """
+
+# A batch whose usage events the ledger partly holds already is staged again without
+# them; more rounds than this means something else keeps inserting the same events.
+RESTAGE_ROUNDS = 5
 
 
 @dataclass
 class Staged:
     """One batch of stream events, decoded and deduplicated, ready to COPY.
 
-    This runs once per settled event, so it avoids per-event allocations it can share:
-    organization and grant ids, and timestamps, are converted once per batch."""
+    Usage events go to `uses` (one row each) and what they took from each grant is
+    summed per (organization, grant) as they are added; every other event goes to
+    `events` with its allocations in `allocs`. This runs once per settled event, so it
+    avoids per-event allocations it can share: organization and grant ids, and
+    timestamps, are converted once per batch."""
 
+    uses: list[tuple[Any, ...]] = field(default_factory=list)
     events: list[tuple[Any, ...]] = field(default_factory=list)
     allocs: list[tuple[Any, ...]] = field(default_factory=list)
+    # Per use, in step with `uses`: its grant allocations as the stream carried them
+    # ([grant, amount, score, ...]), to sum again when some uses are dropped.
+    _use_grants: list[Sequence[Any]] = field(default_factory=list)
+    _debits: dict[tuple[uuid.UUID | None, str], int] = field(default_factory=dict)
     _seen: set[tuple[str, str]] = field(default_factory=set)
+    _seen_uses: set[str] = field(default_factory=set)
     _uuids: dict[str, uuid.UUID] = field(default_factory=dict)
     _times: dict[int, dt.datetime] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.uses) + len(self.events)
+
+    def debits(self) -> list[tuple[uuid.UUID | None, uuid.UUID | None, int]]:
+        """(organization, grant, amount) the usage events took, summed per grant."""
+        return [(org, self._uuid(grant), amount) for (org, grant), amount in self._debits.items() if amount]
+
+    def without_uses(self, settled: set[tuple[uuid.UUID, str]]) -> Staged:
+        """The same batch without the usage events the ledger already holds."""
+        out = Staged(events=self.events, allocs=self.allocs, _uuids=self._uuids, _times=self._times)
+        for row, grants in zip(self.uses, self._use_grants, strict=True):
+            if (row[0], row[1]) not in settled:
+                out.uses.append(row)
+                out._use_grants.append(grants)
+                out._debit(row[0], grants)
+        return out
 
     def _uuid(self, text: str) -> uuid.UUID | None:
         if not text:
@@ -74,6 +125,12 @@ class Staged:
         if t is None:
             t = self._times[ms] = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
         return t
+
+    def _debit(self, org: uuid.UUID | None, flat: Sequence[Any]) -> None:
+        debits = self._debits
+        for i in range(0, len(flat), 3):
+            key = (org, str(flat[i]))
+            debits[key] = debits.get(key, 0) + int(flat[i + 1])
 
     def _event(
         self,
@@ -181,14 +238,11 @@ class Staged:
 
     def _use(self, org: uuid.UUID | None, ev: dict[str, Any], cred: str, at: dt.datetime) -> None:
         event_id = ev["id"]
-        key = ("use", event_id)
-        if key in self._seen:
+        if event_id in self._seen_uses:
             return
-        self._seen.add(key)
-        self.events.append(
+        self._seen_uses.add(event_id)
+        self.uses.append(
             (
-                len(self.events),
-                "use",
                 org,
                 event_id,
                 ev["act"],
@@ -198,16 +252,12 @@ class Staged:
                 cred,
                 ev.get("m") or "{}",
                 at,
-                None,
-                None,
-                None,
-                None,
-                None,
             )
         )
-        g = ev.get("g")
+        g = ev.get("g") or ()
+        self._use_grants.append(g)
         if g:
-            self._allocs(org, event_id, "use", g, 3)
+            self._debit(org, g)
 
 
 @dataclass(frozen=True)
@@ -237,11 +287,44 @@ class Settlement:
     async def settle(
         self, staged: Staged, *, batch_id: str, partition: int, first_entry: str, last_entry: str
     ) -> list[OrgBalance]:
-        """One transaction: COPY the batch into staging, settle it, record the batch."""
-        if not staged.events:
+        """Settle one batch in one transaction; idempotent (see migrations/0005)."""
+        if not staged:
             return []
+        for _ in range(RESTAGE_ROUNDS):
+            try:
+                return await self._settle(
+                    staged, batch_id=batch_id, partition=partition, first_entry=first_entry, last_entry=last_entry
+                )
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name != "usage_events_pkey":
+                    raise
+                # Some of these usage events were settled before (redelivery after a
+                # crash): nothing of this attempt stayed; settle the rest.
+                staged = staged.without_uses(await self._settled_uses(staged))
+        raise RuntimeError(f"batch {batch_id}: usage events keep being settled by someone else")
+
+    async def _settled_uses(self, staged: Staged) -> set[tuple[uuid.UUID, str]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT u.organization_id, u.id FROM usage_events u"
+                " JOIN unnest($1::uuid[], $2::text[]) AS s(org, id) ON u.organization_id = s.org AND u.id = s.id",
+                [row[0] for row in staged.uses],
+                [row[1] for row in staged.uses],
+            )
+        return {(r["organization_id"], r["id"]) for r in rows}
+
+    async def _settle(
+        self, staged: Staged, *, batch_id: str, partition: int, first_entry: str, last_entry: str
+    ) -> list[OrgBalance]:
+        """One transaction: COPY the batch into staging, settle it, record the batch."""
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.copy_records_to_table("settle_events", records=staged.events, columns=list(EVENT_COLUMNS))
+            if staged.uses:
+                await conn.copy_records_to_table("settle_uses", records=staged.uses, columns=list(USE_COLUMNS))
+                debits = staged.debits()
+                if debits:
+                    await conn.copy_records_to_table("settle_debits", records=debits, columns=list(DEBIT_COLUMNS))
+            if staged.events:
+                await conn.copy_records_to_table("settle_events", records=staged.events, columns=list(EVENT_COLUMNS))
             if staged.allocs:
                 await conn.copy_records_to_table("settle_allocs", records=staged.allocs, columns=list(ALLOC_COLUMNS))
             rows = await conn.fetch("SELECT * FROM settle_staged($1)", batch_id)
@@ -252,7 +335,7 @@ class Settlement:
                 partition,
                 first_entry,
                 last_entry,
-                len(staged.events),
+                len(staged),
             )
             ms, _, seq = last_entry.partition("-")
             await conn.execute(

@@ -8,7 +8,12 @@ several settler processes share the partitions. The sequence for each batch:
   2. settle them in ONE Postgres transaction (ledger.settlement) that skips any event
      already settled, so a batch delivered twice counts once;
   3. only after the commit: XACK, then trim the stream below the oldest entry still
-     unsettled.
+     unsettled (one script, one round trip).
+
+While a batch's transaction runs, the loop already reads and decodes the next one
+(only when nothing else is pending, so the order holds): Redis and Python work overlap
+with Postgres work. Should the transaction fail, the entries read ahead stay pending
+and are read again, after the failed ones.
 
 A crash before 3 leaves the entries pending; whoever owns the partition next claims
 them (XAUTOCLAIM) and settles them first, in stream order. Postgres down: step 2
@@ -43,12 +48,34 @@ CLAIM_COUNT = 1000
 
 _decode = msgspec.msgpack.Decoder().decode
 
+Entry = tuple[str, dict[bytes, bytes]]
+
 # Renew the lease only if we still hold it.
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"""
+# Acknowledge a settled batch (ARGV[3..]) and trim the stream below the oldest entry
+# still unsettled: the oldest pending one of any consumer, or ARGV[2] (the entry after
+# the batch), whichever is older. Entry ids compare as (ms, seq) pairs.
+_ACK_TRIM = """
+local acked = 0
+for i = 3, #ARGV, 1000 do
+  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+local function older(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local threshold = ARGV[2]
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1])
+if pending[1] > 0 and older(pending[2], threshold) then threshold = pending[2] end
+redis.call('XTRIM', KEYS[1], 'MINID', threshold)
+return acked
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -96,6 +123,7 @@ class PartitionSettler:
         self.stats = PartitionStats()
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._ack_trim = redis.register_script(_ACK_TRIM)
         self._backoff_s = 0.0
 
     # -- ownership -------------------------------------------------------------
@@ -130,39 +158,48 @@ class PartitionSettler:
                 return
 
     # -- one batch ---------------------------------------------------------------
-    async def _read(self, block_ms: int) -> list[tuple[str, dict[bytes, bytes]]]:
-        # Our own pending entries first (left by a crash or a failed commit), in order.
+    async def _read(self, block_ms: int) -> tuple[list[Entry], bool]:
+        """The next batch: our own pending entries first (left by a crash or a failed
+        commit), in order; else new ones. Also says whether they are new ones."""
         for start in ("0", ">"):
-            reply = await self.redis.xreadgroup(
-                GROUP,
-                self.consumer,
-                {self.stream: start},
-                count=self.batch_entries,
-                block=None if start == "0" else block_ms,
-            )
-            entries = [(eid.decode(), fields) for _, rows in (reply or []) for eid, fields in rows if fields]
+            entries = await self._xread(start, None if start == "0" else block_ms)
             if entries:
-                return entries
-        return []
+                return entries, start == ">"
+        return [], False
 
-    async def settle_once(self, *, block_ms: int = BLOCK_MS) -> int:
-        """Read, settle, acknowledge one batch. Returns the number of entries settled."""
-        entries = await self._read(block_ms)
-        if not entries:
-            return 0
+    async def _xread(self, start: str, block_ms: int | None) -> list[Entry]:
+        reply = await self.redis.xreadgroup(
+            GROUP, self.consumer, {self.stream: start}, count=self.batch_entries, block=block_ms
+        )
+        return [(eid.decode(), fields) for _, rows in (reply or []) for eid, fields in rows if fields]
+
+    @staticmethod
+    def _stage(entries: list[Entry]) -> Staged:
         staged = Staged()
         for _, fields in entries:
             staged.add(fields[b"o"].decode(), _decode(fields[b"d"]))
-        batch_id = uuid.uuid4().hex
+        return staged
+
+    async def settle_once(self, *, block_ms: int = BLOCK_MS) -> int:
+        """Read, settle, acknowledge one batch. Returns the number of entries settled."""
+        entries, _ = await self._read(block_ms)
+        if not entries:
+            return 0
+        await self._settle(entries, self._stage(entries))
+        return len(entries)
+
+    async def _settle(self, entries: list[Entry], staged: Staged) -> None:
         await self.settlement.settle(
-            staged, batch_id=batch_id, partition=self.partition, first_entry=entries[0][0], last_entry=entries[-1][0]
+            staged,
+            batch_id=uuid.uuid4().hex,
+            partition=self.partition,
+            first_entry=entries[0][0],
+            last_entry=entries[-1][0],
         )
         # Committed: now (and only now) acknowledge and trim.
-        ids = [eid for eid, _ in entries]
-        await self.redis.xack(self.stream, GROUP, *ids)
-        await self._trim()
+        await self._ack_trim(keys=[self.stream], args=[GROUP, next_id(entries[-1][0]), *(eid for eid, _ in entries)])
         self.stats.settled_entries += len(entries)
-        self.stats.settled_events += len(staged.events)
+        self.stats.settled_events += len(staged)
         self.stats.batches += 1
         if self.on_settled is not None:
             orgs = {fields[b"o"].decode() for _, fields in entries}
@@ -170,45 +207,61 @@ class PartitionSettler:
                 await self.on_settled(orgs)
             except Exception:  # an alert check must never hold settlement back
                 log.exception("on_settled_failed partition=%d", self.partition)
-        return len(entries)
-
-    async def _trim(self) -> None:
-        """Drop what is settled: everything older than the oldest unsettled entry."""
-        pending = await self.redis.xpending(self.stream, GROUP)
-        if pending and int(pending["pending"]) > 0:
-            min_id = pending["min"].decode() if isinstance(pending["min"], bytes) else str(pending["min"])
-            threshold = min_id
-        else:
-            groups = await self.redis.xinfo_groups(self.stream)
-            group = next((g for g in groups if _s(g["name"]) == GROUP), None)
-            if group is None:
-                return
-            threshold = next_id(_s(group["last-delivered-id"]))
-        await self.redis.xtrim(self.stream, minid=threshold, approximate=False)
 
     # -- the loop ----------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Settle while holding the lease, backing off on failure, until `stop`."""
         last_renew = 0.0
-        while not stop.is_set():
-            now = time.monotonic()
-            if now - last_renew > LEASE_TTL_MS / 3000:
-                if not await self.acquire():
-                    log.warning("lease_lost partition=%d", self.partition)
-                    return  # another settler owns this partition now
-                last_renew = now
-            try:
-                await self.settle_once()
-                self._backoff_s = 0.0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Postgres or Redis down: retry the same entries later
-                self.stats.failures += 1
-                self.stats.last_error = str(exc)
-                self._backoff_s = min(BACKOFF_S_MAX, max(0.1, self._backoff_s * 2))
-                log.warning("settle_failed partition=%d retry_in_s=%.1f error=%s", self.partition, self._backoff_s, exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self._backoff_s)
+        ahead: asyncio.Task[tuple[list[Entry], Staged]] | None = None  # the next batch, meanwhile
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                if now - last_renew > LEASE_TTL_MS / 3000:
+                    if not await self.acquire():
+                        log.warning("lease_lost partition=%d", self.partition)
+                        return  # another settler owns this partition now
+                    last_renew = now
+                try:
+                    if ahead is not None:
+                        (entries, staged), new = await ahead, True
+                        ahead = None
+                    else:
+                        entries, new = await self._read(BLOCK_MS)
+                        staged = self._stage(entries)
+                    if not entries:
+                        continue
+                    if new:  # nothing else is pending: the next entries follow these
+                        ahead = asyncio.create_task(self._read_ahead())
+                    await self._settle(entries, staged)
+                    self._backoff_s = 0.0
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Postgres or Redis down: retry the same entries later
+                    await _drop(ahead)  # what it read stays pending, after these
+                    ahead = None
+                    self.stats.failures += 1
+                    self.stats.last_error = str(exc)
+                    self._backoff_s = min(BACKOFF_S_MAX, max(0.1, self._backoff_s * 2))
+                    log.warning(
+                        "settle_failed partition=%d retry_in_s=%.1f error=%s", self.partition, self._backoff_s, exc
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=self._backoff_s)
+        finally:
+            await _drop(ahead)
+
+    async def _read_ahead(self) -> tuple[list[Entry], Staged]:
+        """Read and decode the next batch while Postgres settles the current one."""
+        entries = await self._xread(">", BLOCK_MS)
+        return entries, self._stage(entries)
+
+
+async def _drop(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a read ahead; its entries (if Redis delivered them) stay pending."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
 
 def _s(value: Any) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -146,6 +147,83 @@ async def test_a_batch_delivered_twice_counts_once(
     assert_conserved(state, await cache_balance(hot, org.id))
 
 
+async def test_a_batch_partly_settled_before_counts_only_the_rest(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
+) -> None:
+    """Usage events settle with a plain INSERT: a batch that overlaps what the ledger
+    holds is refused by the primary key and staged again without the settled events,
+    so each event, and each grant debit, counts once."""
+    now = dt.datetime.now(dt.UTC)
+    await admin.grant(ledger, hot, org.id, amount=20 * CREDIT, reason="t", expires_at=now + dt.timedelta(hours=1))
+    for _ in range(3):  # the expiring grant first, then across into the bonus
+        await hot.consume(org.id, org.admin_key_id, action="generate_content", units=3)
+    await hot.consume(org.id, org.admin_key_id, action="generate_content", units=5)
+    hold = await hot.reserve(org.id, org.admin_key_id, amount=4 * CREDIT, ttl_ms=60_000)
+    assert hold.status is Status.OK
+    stream = hot.stream_key(hot.partition(org.id))
+    rows = [r for r in await redis.xrange(stream) if r[1][b"o"] == org.id.encode()]
+    events = [msgspec.msgpack.decode(fields[b"d"]) for _, fields in rows]
+
+    async def settle(evs: list[dict[str, object]]) -> None:
+        staged = Staged()
+        for ev in evs:
+            staged.add(org.id, ev)
+        await settlement.settle(
+            staged, batch_id=uuid.uuid4().hex, partition=hot.partition(org.id), first_entry="0-1", last_entry="0-1"
+        )
+
+    await settle([events[0], events[2]])  # some of the batch settled before...
+    await settle(events)  # ...then all of it (with the hold): only the rest counts
+    await settle(events)  # and again: nothing
+    state = await ledger_state(ledger, org.id)
+    assert state["usage"] == 14 * CREDIT
+    assert state["held"] == 4 * CREDIT
+    assert_conserved(state, await cache_balance(hot, org.id))
+    async with ledger.tenant(org.id) as conn:
+        remaining = sorted(r[0] for r in await conn.fetch("SELECT remaining FROM credit_grants"))
+    cached = await hot.balance(org.id)
+    assert sorted(int(g["remaining"]) for g in cached.payload["grants"]) == remaining
+
+
+async def test_a_failed_commit_settles_the_read_ahead_in_order_after_it(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
+) -> None:
+    """The loop reads the next batch while a transaction runs; when that transaction
+    fails, the batch read ahead waits behind it, and both settle once, in order."""
+    for _ in range(6):
+        await hot.consume(org.id, org.admin_key_id, action="generate_content", units=1)
+    ps = PartitionSettler(redis, settlement, hot, hot.partition(org.id), consumer="ahead", batch_entries=2)
+    ps.on_settled = None
+    calls: list[str] = []
+    real = settlement.settle
+
+    async def flaky(staged: Staged, **kw: Any) -> Any:
+        calls.append(kw["first_entry"])
+        if len(calls) == 2:
+            await asyncio.sleep(0.2)  # long enough for the next batch to be read ahead
+            raise ConnectionError("postgres went away")
+        return await real(staged, **kw)
+
+    ps.settlement = type("Flaky", (), {"settle": staticmethod(flaky)})()  # type: ignore[assignment]
+    stop = asyncio.Event()
+    task = asyncio.create_task(ps.run(stop))
+    stream = hot.stream_key(hot.partition(org.id))
+    for _ in range(200):  # (the partition may hold other organizations' events too)
+        await asyncio.sleep(0.05)
+        settled = (await ledger_state(ledger, org.id))["usage"] == 6 * CREDIT
+        if settled and (await redis.xpending(stream, GROUP))["pending"] == 0:
+            break
+    stop.set()
+    await task
+    await ps.release()
+    assert ps.stats.failures == 1
+    # The failed batch was tried again before the one read ahead of it.
+    assert calls[2] == calls[1] and calls == sorted(calls, key=lambda e: tuple(map(int, e.split("-"))))
+    state = await ledger_state(ledger, org.id)
+    assert state["usage"] == 6 * CREDIT
+    assert_conserved(state, await cache_balance(hot, org.id))
+
+
 async def test_crash_after_commit_before_ack_is_claimed_and_not_recounted(
     hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
 ) -> None:
@@ -154,7 +232,7 @@ async def test_crash_after_commit_before_ack_is_claimed_and_not_recounted(
     dead = settler(redis, settlement, hot, org.id, consumer=f"dead-{uuid.uuid4().hex[:6]}")
     assert await dead.acquire()
     # The dead worker read and committed, then died before XACK.
-    entries = await dead._read(1)
+    entries, _ = await dead._read(1)
     staged = Staged()
     for _, fields in entries:
         staged.add(fields[b"o"].decode(), msgspec.msgpack.decode(fields[b"d"]))
