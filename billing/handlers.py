@@ -21,6 +21,7 @@ from aiohttp import web
 from billing import schemas as s
 from billing.appkeys import ACTIONS, AUTH, CATALOG, LEDGER, RECEIVER, STORE
 from billing.store import PAGE_LIMIT_MAX, InvalidCursor, PaymentMethodRow, PaymentRow, SubscriptionRow
+from core.http import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from core.money import to_credits
 from ledger.store import Credential, StoredResponse
 from meter.auth import require_admin
@@ -31,7 +32,6 @@ T = TypeVar("T")
 _json = msgspec.json.Encoder(decimal_format="number")
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY_MAX = 255
 IDEMPOTENCY_NAMESPACE = "billing:"  # shares the ledger's table with the credits API
 PAGE_LIMIT_DEFAULT = 20
@@ -79,16 +79,23 @@ async def idempotent(
     record_key = IDEMPOTENCY_NAMESPACE + key
     fp = fingerprint(request.method, request.path, *parts)
     stored = await ledger.stored_response(org, record_key)
+    replayed = stored is not None
     if stored is None:
         response = await run(key)
         if not 200 <= response.status < 300 or not isinstance(response.body, bytes):
             return response
         stored = await ledger.store_response(org, record_key, StoredResponse(fp, response.status, response.body))
+        replayed = stored.body != response.body  # a concurrent request stored its answer first
     if stored.fingerprint != fp:
         raise ApiError(
             409, "idempotency_conflict", "idempotency key reused with different parameters", IDEMPOTENCY_HEADER
         )
-    return web.Response(body=stored.body, status=stored.status, content_type="application/json")
+    return web.Response(
+        body=stored.body,
+        status=stored.status,
+        content_type="application/json",
+        headers={REPLAYED_HEADER: "true"} if replayed else None,
+    )
 
 
 def page_params(request: web.Request) -> tuple[int, str | None]:

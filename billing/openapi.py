@@ -10,7 +10,8 @@ from typing import Any
 
 import msgspec
 
-from billing.handlers import IDEMPOTENCY_HEADER, OPERATIONS
+from billing.handlers import OPERATIONS
+from core.http import IDEMPOTENCY_HEADER, replayed_header_doc
 from core.openapi import numbers_not_strings
 from meter.schemas import ErrorBody
 
@@ -51,6 +52,8 @@ def _operation(op: Any) -> dict[str, Any]:
             "description": "OK",
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{op.response.__name__}"}}},
         }
+        if op.idempotent:
+            responses[str(op.status)]["headers"] = replayed_header_doc()
     for code in op.errors:
         responses[str(code)] = {
             "description": _STATUS_TEXT[code],

@@ -30,7 +30,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -42,6 +42,7 @@ T = TypeVar("T")
 SDK_VERSION = "0.1.0"
 API_PREFIX = "/api/credits"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "idempotent-replayed"  # lower case, as RawResponse keeps header names
 IDEMPOTENCY_KEY_LENGTH_MAX = 255  # the API's limit
 MAX_BATCH_ITEMS = 5000  # the sidecar's default MAX_BATCH_ITEMS; larger batches are a 413
 MILLI_PER_CREDIT = 1000  # the API is exact to 0.001 credits
@@ -243,11 +244,15 @@ def retry_delay_s(settings: Settings, status: int, failure: errors.CreditsError,
 
 def _decode_ok(response: RawResponse, decode: Callable[[bytes], T]) -> T:
     try:
-        return decode(response.body)
+        value = decode(response.body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise errors.UnexpectedResponse(
             f"the sidecar answered {response.status} with an unreadable body: {exc}", status=response.status
         ) from exc
+    replayed = response.headers.get(REPLAYED_HEADER) == "true"
+    if replayed and isinstance(value, msgspec.Struct) and "replayed" in value.__struct_fields__:
+        return cast(T, msgspec.structs.replace(value, replayed=True))
+    return value
 
 
 _error_decoder = msgspec.json.Decoder(models.ErrorBody)

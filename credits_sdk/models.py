@@ -82,6 +82,10 @@ class Consumption(Model, frozen=True, kw_only=True):
     credits: decimal.Decimal
     balance: decimal.Decimal
     available: decimal.Decimal
+    # True when the sidecar answered with the stored result of an earlier request with
+    # the same idempotency key (a retry: yours, or the SDK's own after a dropped
+    # connection): what it reports was charged once, then; this call charged nothing.
+    replayed: bool = False
 
 
 class ItemError(Model, frozen=True, kw_only=True):
@@ -103,6 +107,10 @@ class BatchResult(Model, frozen=True, kw_only=True):
     results: list[BatchItemResult]
     balance: decimal.Decimal
     available: decimal.Decimal
+    # True when the sidecar answered with the stored result of an earlier request with
+    # the same idempotency key (a retry: yours, or the SDK's own after a dropped
+    # connection): what it reports was charged once, then; this call charged nothing.
+    replayed: bool = False
 
 
 class Reservation(Model, frozen=True, kw_only=True):
@@ -111,6 +119,10 @@ class Reservation(Model, frozen=True, kw_only=True):
     expires_at: dt.datetime
     balance: decimal.Decimal
     available: decimal.Decimal
+    # True when the sidecar answered with the stored result of an earlier request with
+    # the same idempotency key (a retry: yours, or the SDK's own after a dropped
+    # connection): what it reports was charged once, then; this call charged nothing.
+    replayed: bool = False
 
 
 class Release(Model, frozen=True, kw_only=True):
@@ -121,6 +133,10 @@ class Release(Model, frozen=True, kw_only=True):
     released: decimal.Decimal
     balance: decimal.Decimal
     available: decimal.Decimal
+    # True when the sidecar answered with the stored result of an earlier request with
+    # the same idempotency key (a retry: yours, or the SDK's own after a dropped
+    # connection): what it reports was charged once, then; this call charged nothing.
+    replayed: bool = False
 
 
 class Cost(Model, frozen=True, kw_only=True):

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
+from core.http import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from core.money import PrecisionError, format_credits, to_credits, to_milli
 from ledger.store import Conflict, Credential, LedgerReads, NotFound, StoredResponse
 from lua import Status
@@ -26,7 +27,7 @@ _json = msgspec.json.Encoder(decimal_format="number")
 _json_encode = _json.encode
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
-IDEMPOTENCY_HEADER = "Idempotency-Key"
+_REPLAYED = {REPLAYED_HEADER: "true"}
 IDEMPOTENCY_KEY_MAX = 255
 
 ITEM_CODES: dict[Status, tuple[int, str, str]] = {
@@ -165,6 +166,12 @@ def fail(result: Result, *, department_param: str = "$.department_id") -> ApiErr
     return ApiError(500, "internal_error", f"unexpected script status {status.name}")
 
 
+def mark_replay(response: web.Response, result: Result) -> web.Response:
+    if result.status is Status.REPLAY:
+        response.headers[REPLAYED_HEADER] = "true"
+    return response
+
+
 def ok(result: Result) -> dict[str, Any]:
     if result.status not in (Status.OK, Status.REPLAY):
         raise fail(result)
@@ -236,6 +243,7 @@ async def use(request: web.Request) -> web.Response:
     return web.Response(
         body=use_response_json(p["id"], body.action, body.units, p["credits"], p["balance"], p["available"]),
         content_type="application/json",
+        headers=_REPLAYED if result.status is Status.REPLAY else None,
     )
 
 
@@ -271,7 +279,7 @@ async def use_batch(request: web.Request) -> web.Response:
         )
     if result.status is not Status.OK and result.status is not Status.REPLAY:
         raise fail(result)
-    return respond(batch_response(result.payload, items))
+    return mark_replay(respond(batch_response(result.payload, items)), result)
 
 
 def batch_items(cred: Credential, requested: list[s.BatchItem]) -> list[BatchItem]:
@@ -349,28 +357,26 @@ async def reserve(request: web.Request) -> web.Response:
     key = idempotency_key(request)
     dept = department_for(cred, body.department_id)
     fp = fingerprint("reserve", amount, body.ttl_seconds, dept, body.action, body.metadata)
-    p = ok(
-        await request.app[HOT].reserve(
-            cred.organization_id,
-            cred.id,
-            amount=amount,
-            ttl_ms=body.ttl_seconds * 1000,
-            department_id=dept,
-            action=body.action or "",
-            metadata=pack_metadata(body.metadata),
-            idempotency_key=key,
-            fp=fp,
-        )
+    result = await request.app[HOT].reserve(
+        cred.organization_id,
+        cred.id,
+        amount=amount,
+        ttl_ms=body.ttl_seconds * 1000,
+        department_id=dept,
+        action=body.action or "",
+        metadata=pack_metadata(body.metadata),
+        idempotency_key=key,
+        fp=fp,
     )
-    return respond(
-        s.ReserveResponse(
-            id=p["id"],
-            amount=credits(p["amount"]),
-            expires_at=iso(p["expires_ms"]),
-            balance=credits(p["balance"]),
-            available=credits(p["available"]),
-        )
+    p = ok(result)
+    view = s.ReserveResponse(
+        id=p["id"],
+        amount=credits(p["amount"]),
+        expires_at=iso(p["expires_ms"]),
+        balance=credits(p["balance"]),
+        available=credits(p["available"]),
     )
+    return mark_replay(respond(view), result)
 
 
 async def release(request: web.Request) -> web.Response:
@@ -379,20 +385,18 @@ async def release(request: web.Request) -> web.Response:
     used = milli(body.used, "$.used")
     key = idempotency_key(request)
     fp = fingerprint("release", body.reservation_id, used)
-    p = ok(
-        await request.app[HOT].release(
-            cred.organization_id, cred.id, reservation_id=body.reservation_id, used=used, idempotency_key=key, fp=fp
-        )
+    result = await request.app[HOT].release(
+        cred.organization_id, cred.id, reservation_id=body.reservation_id, used=used, idempotency_key=key, fp=fp
     )
-    return respond(
-        s.ReleaseResponse(
-            id=p["id"],
-            used=credits(p["used"]),
-            released=credits(p["released"]),
-            balance=credits(p["balance"]),
-            available=credits(p["available"]),
-        )
+    p = ok(result)
+    view = s.ReleaseResponse(
+        id=p["id"],
+        used=credits(p["used"]),
+        released=credits(p["released"]),
+        balance=credits(p["balance"]),
+        available=credits(p["available"]),
     )
+    return mark_replay(respond(view), result)
 
 
 # -- balance ---------------------------------------------------------------------
@@ -509,7 +513,7 @@ async def create_department(request: web.Request) -> web.Response:
     if key is not None:
         stored = await ledger.stored_response(org, key)
         if stored is not None:
-            return _replay(stored, fp)
+            return _replay(stored, fp, replayed=True)
     await _request_token(request, cred)
     try:
         dept = await ledger.create_department(org, body.name)
@@ -520,16 +524,19 @@ async def create_department(request: web.Request) -> web.Response:
     if key is not None:
         assert isinstance(response.body, bytes)
         stored = await ledger.store_response(org, key, StoredResponse(fp, response.status, response.body))
-        return _replay(stored, fp)
+        # A concurrent request with the same key may have stored its answer first.
+        return _replay(stored, fp, replayed=stored.body != response.body)
     return response
 
 
-def _replay(stored: StoredResponse, fp: str) -> web.Response:
+def _replay(stored: StoredResponse, fp: str, *, replayed: bool) -> web.Response:
     if stored.fingerprint != fp:
         raise ApiError(
             409, "idempotency_conflict", "idempotency key reused with different parameters", IDEMPOTENCY_HEADER
         )
-    return web.Response(body=stored.body, status=stored.status, content_type="application/json")
+    return web.Response(
+        body=stored.body, status=stored.status, content_type="application/json", headers=_REPLAYED if replayed else None
+    )
 
 
 def _dept_id(request: web.Request) -> str:

@@ -9,9 +9,10 @@ from typing import Any
 
 import msgspec
 
+from core.http import IDEMPOTENCY_HEADER, replayed_header_doc
 from core.openapi import numbers_not_strings
 from meter import schemas as s
-from meter.handlers import IDEMPOTENCY_HEADER, OPERATIONS
+from meter.handlers import OPERATIONS
 
 VERSION = "0.1.0"
 _STATUS_TEXT = {
@@ -55,6 +56,8 @@ def document() -> bytes:
                 "description": "OK",
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{op.response.__name__}"}}},
             }
+            if op.idempotent:
+                responses[str(op.status)]["headers"] = replayed_header_doc()
         for code in op.errors:
             responses[str(code)] = {
                 "description": _STATUS_TEXT[code],

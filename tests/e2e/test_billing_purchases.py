@@ -24,6 +24,7 @@ from tests.e2e.billing_fixtures import (  # noqa: E402 - after the rewrite regis
     VISA_3DS_2,
     Client,
     StripeDriver,
+    bearer,
     billing_rows,
     cache_balance,
     call,
@@ -101,9 +102,16 @@ async def test_idempotency_key_replays_the_purchase(
     first = await purchase(billing_client, org, "small", pm, **{"Idempotency-Key": "buy-1"})
     again = await purchase(billing_client, org, "small", pm, **{"Idempotency-Key": "buy-1"})
     assert first == again and first[0] == 200
+    # The replay says it is one (and a first answer never does).
+    body = {"package_id": "small", "payment_method_id": pm}
+    path = "/api/billing/purchase-credits"
+    replayed = await billing_client.post(path, json=body, headers=bearer(org, **{"Idempotency-Key": "buy-1"}))
+    assert replayed.status == 200 and replayed.headers["Idempotent-Replayed"] == "true"
+    fresh = await billing_client.post(path, json=body, headers=bearer(org, **{"Idempotency-Key": "buy-2"}))
+    assert fresh.status == 200 and "Idempotent-Replayed" not in fresh.headers
     conflict = await purchase(billing_client, org, "medium", pm, **{"Idempotency-Key": "buy-1"})
     assert conflict[0] == 409 and conflict[1]["error"]["code"] == "idempotency_conflict"
-    assert len(await purchase_grants(ledger, org)) == 1
+    assert len(await purchase_grants(ledger, org)) == 2
 
 
 async def test_duplicated_and_shuffled_webhooks_change_nothing(

@@ -87,6 +87,31 @@ async def test_use_charges_and_replays(client: Client, org: Org) -> None:
     assert await available(client, org.admin_key) == 97
 
 
+async def test_a_replayed_answer_says_so(client: Client, org: Org) -> None:
+    """The stored first result of a key comes back with Idempotent-Replayed: true; a
+    first answer never carries it."""
+    hdrs = {**auth(org.admin_key)}
+
+    async def twice(path: str, body: dict[str, Any], key: str) -> dict[str, Any]:
+        first = await client.post(path, json=body, headers={**hdrs, "Idempotency-Key": key})
+        assert first.status in (200, 201), await first.text()
+        assert "Idempotent-Replayed" not in first.headers
+        again = await client.post(path, json=body, headers={**hdrs, "Idempotency-Key": key})
+        assert again.status == first.status and await again.json() == await first.json()
+        assert again.headers["Idempotent-Replayed"] == "true"
+        return dict(await first.json())
+
+    await twice("/api/credits/use", {"action": "tool_call"}, "r-use")
+    await twice("/api/credits/use/batch", {"items": [{"action": "tool_call"}] * 3}, "r-batch")
+    hold = await twice("/api/credits/reserve", {"amount": 5, "ttl_seconds": 60}, "r-hold")
+    await twice("/api/credits/release", {"reservation_id": hold["id"], "used": 1}, "r-release")
+    await twice("/api/credits/departments", {"name": "replayed"}, "r-dept")
+    plain = await client.post("/api/credits/use", json={"action": "tool_call"}, headers=hdrs)
+    assert plain.status == 200 and "Idempotent-Replayed" not in plain.headers
+    # once each: a use (0.1), a batch of three (0.3), a capture (1), the plain use (0.1)
+    assert await available(client, org.admin_key) == decimal.Decimal("98.5")
+
+
 async def test_fractional_credits_are_exact_numbers(client: Client, org: Org) -> None:
     r = await client.post(
         "/api/credits/use", json={"action": "llm_input_tokens", "units": 125}, headers=auth(org.admin_key)

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import msgspec
 import pytest
 
 from credits_sdk import (
@@ -107,7 +108,8 @@ async def test_every_method_sync(client: Client, sclient: CreditsClient, agent: 
 async def test_idempotency_key_replays_and_conflicts(client: Client, aclient: AsyncCreditsClient, agent: Agent) -> None:
     first = await aclient.consume("generate_content", idempotency_key="task-7")
     again = await aclient.consume("generate_content", idempotency_key="task-7")
-    assert again == first
+    assert again.replayed and not first.replayed  # the same answer, said to be a replay
+    assert msgspec.structs.replace(again, replayed=False) == first
     with pytest.raises(IdempotencyConflict) as caught:
         await aclient.consume("generate_content", 2, idempotency_key="task-7")
     assert caught.value.status == 409 and caught.value.idempotency_key == "task-7"
@@ -284,10 +286,11 @@ async def test_dropped_answer_is_retried_without_double_charge_async(
         used = await sdk.consume("generate_content", 5)
         assert dropping_proxy.dropped == 1 and dropping_proxy.connections >= 2
         assert used.credits == D(5) and used.balance == D(95)  # the first answer, replayed
+        assert used.replayed  # ...and it says so
 
         dropping_proxy.drops = 1
         batch = await sdk.consume_batch([Item(action="generate_content"), Item(action="tool_call")])
-        assert dropping_proxy.dropped == 2 and batch.balance == D("93.9")
+        assert dropping_proxy.dropped == 2 and batch.balance == D("93.9") and batch.replayed
 
         dropping_proxy.drops = 1  # every item keyed: no request key, the items replay one by one
         keyed = await sdk.consume_batch([Item(action="tool_call", idempotency_key=f"drop-{i}") for i in range(5)])
@@ -295,9 +298,10 @@ async def test_dropped_answer_is_retried_without_double_charge_async(
         assert all(r.ok and r.id for r in keyed.results)
 
         hold = await sdk.reserve(10, ttl_s=60)
+        assert not hold.replayed  # answered the first time
         dropping_proxy.drops = 1
         released = await sdk.release(hold, 4)  # without the same key, the retry would be 409
-        assert dropping_proxy.dropped == 4 and released.used == D(4)
+        assert dropping_proxy.dropped == 4 and released.used == D(4) and released.replayed
     assert await raw_balance(client, agent.key) == {"balance": D("89.4"), "reserved": D(0), "available": D("89.4")}
 
 
