@@ -8,12 +8,14 @@ HTTP edge.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import hashlib
 import itertools
 import logging
 import os
+import re
 import secrets
 import time
 import zlib
@@ -89,6 +91,7 @@ class Result(msgspec.Struct, frozen=True):
     payload: dict[str, Any]
 
 
+_LIBRARY_NAME = re.compile(r"credits_[0-9a-f]{12}")  # lua.library()'s names
 _STATUSES = {int(s): s for s in Status}  # a dict lookup, not an Enum call, per reply
 
 
@@ -320,11 +323,32 @@ class HotPath:
         return self.redis.execute_command(*args)  # type: ignore[no-untyped-call]
 
     async def start(self) -> None:
-        """Install the scripts once (calls then never send the code again)."""
+        """Install the scripts once (calls then never send the code again), and drop
+        the function libraries earlier versions left behind."""
         try:
             await self._install()
+            if self.mode is Mode.FUNCTIONS:
+                await self._prune_libraries()
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
             raise Unavailable(f"redis: {exc}") from exc
+
+    async def _prune_libraries(self) -> None:
+        """Each version of the scripts is its own library (credits_<hash>), so a deploy
+        adds one. A process still running an older version that finds its library gone
+        loads it again on its next call (see _call_again): deleting is always safe."""
+        try:
+            listed = await self._execute("FUNCTION", "LIST", "LIBRARYNAME", "credits_*")
+        except ResponseError as exc:
+            log.warning("function_list_failed: %s", exc)
+            return
+        for entry in listed:
+            fields = dict(zip(entry[::2], entry[1::2], strict=True))
+            raw = fields.get(b"library_name", fields.get("library_name", b""))
+            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if _LIBRARY_NAME.fullmatch(name) and name != self._library.name:
+                with contextlib.suppress(ResponseError):  # another process deleted it first
+                    await self._execute("FUNCTION", "DELETE", name)
+                log.info("function_library_pruned: %s", name)
 
     async def _install(self) -> None:
         """Load the function library (or the scripts); concurrent callers share one load."""

@@ -49,3 +49,39 @@ async def test_a_lost_function_library_is_loaded_again(
         assert await hot.scripts_loaded()
     finally:
         await pipe.close()
+
+
+async def test_starting_drops_the_libraries_of_earlier_versions(
+    config: Config, redis: aioredis.Redis, ledger: Ledger, org: Org
+) -> None:
+    """A deploy adds a library per version; a new process deletes the older ones, and a
+    process still running an older version loads its own again when it next calls."""
+    assert config.redis_url is not None
+    old = "credits_000000000000"
+    await redis.function_load(
+        f"#!lua name={old}\nredis.register_function('credits_old_000000000000', function() return 1 end)",
+        replace=True,
+    )
+    unrelated = "billing_helpers_test"
+    await redis.function_load(
+        f"#!lua name={unrelated}\nredis.register_function('billing_helpers_test_f', function() return 1 end)",
+        replace=True,
+    )
+    pipe = PipelinedRedis.from_url(config.redis_url)
+    hot = HotPath.from_config(redis, ledger, config, pipe=pipe)
+    running = HotPath.from_config(redis, ledger, config)  # as if an older process
+    try:
+        await running.start()
+        await hot.start()
+        names = {lib[b"library_name"].decode() for lib in map(_pairs, await redis.function_list())}
+        assert old not in names and unrelated in names and hot._library.name in names
+        await redis.function_delete(hot._library.name)  # the library the other one uses goes
+        r = await running.consume(org.id, org.admin_key_id, action="generate_content", units=1)
+        assert r.status is Status.OK and await running.scripts_loaded()
+    finally:
+        await redis.function_delete(unrelated)
+        await pipe.close()
+
+
+def _pairs(entry: list[object]) -> dict[object, object]:
+    return dict(zip(entry[::2], entry[1::2], strict=True))
