@@ -620,6 +620,71 @@ def usage_page_query(
     return sql, args
 
 
+_SUMMARY_KEYS = {  # group_by -> (key over usage_hourly, key over usage_events)
+    "action": ("action", "action"),
+    "department": ("coalesce(department_id::text, '')", "coalesce(department_id::text, '')"),
+    "day": ("to_char(hour AT TIME ZONE 'UTC', 'YYYY-MM-DD')", "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"),
+}
+_HOUR = dt.timedelta(hours=1)
+
+
+def _hour_floor(t: dt.datetime) -> dt.datetime:
+    return t.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _hour_ceil(t: dt.datetime) -> dt.datetime:
+    floor = _hour_floor(t)
+    return floor if floor == t else floor + _HOUR
+
+
+def usage_summary_query(
+    organization_id: uuid.UUID, *, start: dt.datetime | None, end: dt.datetime | None, group_by: str
+) -> tuple[str, list[Any]]:
+    """The summary of [start, end) (None: unbounded): the hourly rollup for the whole
+    hours inside, the raw events for the partial hour at each edge. Only the parts and
+    bounds in use are in the SQL, so each part walks its index over its range."""
+    hourly_key, event_key = _SUMMARY_KEYS[group_by]
+    args: list[Any] = [organization_id]
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    first = None if start is None else _hour_ceil(start)  # whole hours: [first, last)
+    last = None if end is None else _hour_floor(end)
+    parts: list[str] = []
+    raw: list[tuple[dt.datetime | None, dt.datetime | None]] = []
+    if first is not None and last is not None and first >= last:
+        raw.append((start, end))  # less than one whole hour: the events alone
+    else:
+        where = ["organization_id = $1"]
+        if first is not None:
+            where.append(f"hour >= {arg(first)}")
+        if last is not None:
+            where.append(f"hour < {arg(last)}")
+        parts.append(
+            f"SELECT {hourly_key} AS key, events, units, credits FROM usage_hourly WHERE {' AND '.join(where)}"  # noqa: S608
+        )
+        if start is not None and first is not None and start < first:
+            raw.append((start, first))
+        if end is not None and last is not None and last < end:
+            raw.append((last, end))
+    for lo, hi in raw:
+        where = ["organization_id = $1"]
+        if lo is not None:
+            where.append(f"created_at >= {arg(lo)}")
+        if hi is not None:
+            where.append(f"created_at < {arg(hi)}")
+        parts.append(
+            f"SELECT {event_key} AS key, 1 AS events, units, credits FROM usage_events WHERE {' AND '.join(where)}"  # noqa: S608
+        )
+    sql = (
+        "SELECT key, sum(events) AS events, sum(units) AS units, sum(credits) AS credits"  # noqa: S608
+        f" FROM ({' UNION ALL '.join(parts)}) x GROUP BY key ORDER BY key"
+    )
+    return sql, args
+
+
 class LedgerReads:
     """Read-only views of one organization's ledger for the API (cursor pages)."""
 
@@ -673,19 +738,12 @@ class LedgerReads:
     async def usage_summary(
         self, organization_id: str, *, start: dt.datetime | None, end: dt.datetime | None, group_by: str
     ) -> list[SummaryRow]:
-        key = {
-            "action": "action",
-            "department": "coalesce(department_id::text, '')",
-            "day": "to_char(date_trunc('day', created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD')",
-        }[group_by]
-        sql = (
-            f"SELECT {key} AS key, count(*) AS events, sum(units) AS units, sum(credits) AS credits"  # noqa: S608 - key from a fixed map
-            " FROM usage_events WHERE organization_id = $1"
-            " AND ($2::timestamptz IS NULL OR created_at >= $2) AND ($3::timestamptz IS NULL OR created_at < $3)"
-            " GROUP BY 1 ORDER BY 1"
-        )
+        """Usage in [start, end) grouped by action, department or UTC day: the whole
+        hours of the range from the hourly rollup, the partial hours at its edges from
+        the events themselves (one statement, one snapshot)."""
+        sql, args = usage_summary_query(uuid.UUID(organization_id), start=start, end=end, group_by=group_by)
         async with self.ledger.tenant(organization_id) as conn:
-            rows = await conn.fetch(sql, uuid.UUID(organization_id), start, end)
+            rows = await conn.fetch(sql, *args)
         return [SummaryRow(r["key"], int(r["events"]), int(r["units"]), int(r["credits"])) for r in rows]
 
     async def transactions(

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from core.config import Config
 from ledger.settlement import Settlement, Staged
-from ledger.store import Ledger
+from ledger.store import Ledger, LedgerReads
 from lua import Status
 from meter.hotpath import BatchItem, HotPath, fingerprint, now_ms
 from ops import admin
@@ -351,3 +351,72 @@ async def test_period_reset_racing_consumes(hot: HotPath, ledger: Ledger, org: O
     assert ok_before <= 30 and ok_after <= 30
     spent = (await hot.balance(org.id, department_id=dept.id, now=midnight)).payload["dept"]["spent"]
     assert spent <= 30 * CREDIT
+
+
+async def test_the_hourly_rollup_sums_like_the_events_over_any_range(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
+) -> None:
+    """/usage/summary adds whole hours from usage_hourly and partial hours from the
+    events: over any range and grouping it says what the events alone say, and a batch
+    delivered again adds nothing to either."""
+    dept = await ledger.create_department(org.id, "rollup")
+    await ledger.set_department_limit(org.id, dept.id, 10**6 * CREDIT, "month")
+    base = (now_ms() // 3_600_000 - 50) * 3_600_000  # an hour boundary, 50 h ago
+    minute = 60_000
+    at = [10, 40, 70, 130, 131, 60 * 25 + 5, 60 * 26, 60 * 49 + 59]  # minutes after base
+    for i, m in enumerate(at):
+        action = "web_search" if i % 2 else "generate_content"
+        r = await hot.consume(
+            org.id,
+            org.admin_key_id,
+            action=action,
+            units=1 + i,
+            department_id=dept.id if i % 3 == 0 else "",
+            now=base + m * minute,
+        )
+        assert r.status is Status.OK, r
+    stream = hot.stream_key(hot.partition(org.id))
+    entries = [r for r in await redis.xrange(stream) if r[1][b"o"] == org.id.encode()]
+    await drain(settler(redis, settlement, hot, org.id))
+    staged = Staged()  # the same events once more, as after a crash before the ack
+    for _, fields in entries:
+        staged.add(org.id, msgspec.msgpack.decode(fields[b"d"]))
+    await settlement.settle(
+        staged, batch_id=uuid.uuid4().hex, partition=hot.partition(org.id), first_entry="0-1", last_entry="0-1"
+    )
+
+    reads = LedgerReads(ledger)
+    t = lambda minutes: dt.datetime.fromtimestamp((base + minutes * minute) / 1000, dt.UTC)  # noqa: E731
+    keys = {
+        "action": "action",
+        "department": "coalesce(department_id::text, '')",
+        "day": "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    }
+    ranges = [
+        (None, None),
+        (t(0), t(60)),
+        (t(15), t(45)),
+        (t(15), t(135)),
+        (t(30), None),
+        (None, t(131)),
+        (t(60), t(60 * 26)),
+        (t(1), t(60 * 50)),
+        (t(131), t(131)),
+    ]
+    async with ledger.tenant(org.id) as conn:
+        for start, end in ranges:
+            for group_by, key in keys.items():
+                want = await conn.fetch(
+                    f"SELECT {key} AS key, count(*) AS events, sum(units) AS units, sum(credits) AS credits"
+                    " FROM usage_events WHERE ($1::timestamptz IS NULL OR created_at >= $1)"
+                    " AND ($2::timestamptz IS NULL OR created_at < $2) GROUP BY 1 ORDER BY 1",
+                    start,
+                    end,
+                )
+                got = await reads.usage_summary(org.id, start=start, end=end, group_by=group_by)
+                assert [(g.key, g.events, g.units, g.credits) for g in got] == [tuple(w) for w in want], (
+                    start,
+                    end,
+                    group_by,
+                )
+        assert await conn.fetchval("SELECT sum(events) FROM usage_hourly") == len(at)
