@@ -1,5 +1,6 @@
 """Pages of usage stay index scans however large the table grows (the plan is the
-guarantee; bench/README.md has the timing at 10 million events)."""
+guarantee; `python -m bench.reads` times them at 10 million events, figures in the
+README)."""
 
 from __future__ import annotations
 
