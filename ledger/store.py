@@ -95,7 +95,8 @@ class Ledger:
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Ledger:
-        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, command_timeout=10)
+        # timeout: a connection attempt to an unreachable host gives up after 5 s, not 60.
+        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, command_timeout=10, timeout=5)
         return cls(pool)
 
     async def close(self) -> None:

@@ -19,8 +19,8 @@ from core.config import Config
 from ledger.store import Ledger
 from meter import handlers, openapi
 from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, REDIS
-from meter.auth import Authenticator
-from meter.errors import Handler, shape_error
+from meter.auth import Authenticator, SharedCredentials
+from meter.errors import POSTGRES_DOWN, Handler, shape_error
 from meter.hotpath import HotPath, Unavailable
 from meter.redisconn import PipelinedRedis
 
@@ -149,6 +149,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready = can charge: Redis reachable and the scripts loaded. Postgres down is
+    `degraded`, not unready: the hot path keeps serving from Redis (ledger reads and
+    keys never seen answer 503), and a load balancer that dropped every sidecar for a
+    ledger outage would stop every agent."""
     checks: dict[str, str] = {}
     try:
         await request.app[REDIS].ping()
@@ -158,7 +162,7 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await request.app[LEDGER].ping()
         checks["postgres"] = "ok"
-    except Exception as exc:  # any failure to reach Postgres means not ready
+    except Exception as exc:  # any failure to reach Postgres
         checks["postgres"] = f"unreachable: {exc}"
     try:
         hot = request.app[HOT]
@@ -168,10 +172,19 @@ async def readyz(request: web.Request) -> web.Response:
             await hot.start()
     except (aioredis.RedisError, OSError, Unavailable) as exc:
         checks["scripts"] = f"unknown: {exc}"
-    ready = all(v == "ok" for v in checks.values())
-    return web.json_response(
-        {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
-    )
+    ready = checks["redis"] == "ok" and checks["scripts"] == "ok"
+    status = ("ok" if checks["postgres"] == "ok" else "degraded") if ready else "unavailable"
+    return web.json_response({"status": status, "checks": checks}, status=200 if ready else 503)
+
+
+async def _ledger(config: Config) -> Ledger:
+    """The ledger pool, warm when Postgres answers; when it does not, an empty pool that
+    connects once it is back (the sidecar serves the hot path meanwhile)."""
+    try:
+        return await Ledger.connect(config.app_dsn(), min_size=2, max_size=20)
+    except POSTGRES_DOWN as exc:
+        log.warning("postgres_unreachable_at_start", extra={"error": str(exc)})
+        return await Ledger.connect(config.app_dsn(), min_size=0, max_size=20)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -201,14 +214,14 @@ def create_app(config: Config) -> web.Application:
         pipe = PipelinedRedis.from_url(config.redis_url)
         try:
             await check_redis_policy(redis)
-            ledger = await Ledger.connect(config.app_dsn(), min_size=2, max_size=20)
+            ledger = await _ledger(config)
             try:
                 hot = HotPath.from_config(redis, ledger, config, pipe=pipe)
                 await hot.start()
                 app[REDIS] = redis
                 app[LEDGER] = ledger
                 app[HOT] = hot
-                app[AUTH] = Authenticator(ledger, config.jwt_secret)
+                app[AUTH] = Authenticator(ledger, config.jwt_secret, SharedCredentials(redis, config.redis_key_prefix))
                 # What exists now lives as long as the process: keep it out of every
                 # garbage collection from here on (they run every few hundred requests).
                 gc.freeze()

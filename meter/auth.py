@@ -4,18 +4,24 @@
 API keys are looked up by their sha256 in Postgres and cached in-process for a short
 time; revocation still takes effect at once, because every credits script checks the
 credential's revoked flag in Redis in the same atomic step as the charge. For the same
-reason a key authenticated before keeps working from the cache while Postgres is
-unreachable (stale-if-error): the hot path keeps serving through a ledger outage.
+reason a key authenticated before keeps working while Postgres is unreachable
+(stale-if-error): from this process's cache, or from the copy every sidecar keeps in
+Redis (SharedCredentials), so that a sidecar started during the outage knows it too.
+The hot path keeps serving through a ledger outage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import time
 import uuid
 from collections import OrderedDict
 
 import jwt
+import msgspec
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from ledger.store import API_KEY_PREFIX, Credential, Ledger
@@ -30,14 +36,46 @@ _BEARER_API_KEY = "Bearer " + API_KEY_PREFIX  # the usual spelling of an API key
 _BEARER_LENGTH = len("Bearer ")
 
 
+log = logging.getLogger(__name__)
+
+
+class SharedCredentials:
+    """API keys the sidecars have authenticated, by sha256, in Redis for
+    STALE_IF_ERROR_S: consulted only when Postgres cannot answer. (A revoked key found
+    here charges nothing: the scripts refuse it.)"""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+
+    def _key(self, digest: bytes) -> str:
+        return f"{self.prefix}:auth:{digest.hex()}"
+
+    async def put(self, digest: bytes, cred: Credential) -> None:
+        record = [cred.id, cred.organization_id, cred.role, cred.department_id]
+        with contextlib.suppress(aioredis.RedisError, OSError):  # an optimization only
+            await self.redis.set(self._key(digest), msgspec.json.encode(record), px=int(STALE_IF_ERROR_S * 1000))
+
+    async def get(self, digest: bytes) -> Credential | None:
+        try:
+            raw = await self.redis.get(self._key(digest))
+        except (aioredis.RedisError, OSError):
+            return None
+        if raw is None:
+            return None
+        cid, org, role, dept = msgspec.json.decode(raw)
+        return Credential(id=cid, organization_id=org, role=role, department_id=dept)
+
+
 def unauthenticated(message: str) -> ApiError:
     return ApiError(401, "unauthenticated", message, headers={"WWW-Authenticate": "Bearer"})
 
 
 class Authenticator:
-    def __init__(self, ledger: Ledger, jwt_secret: str | None) -> None:
+    def __init__(self, ledger: Ledger, jwt_secret: str | None, shared: SharedCredentials | None = None) -> None:
         self.ledger = ledger
         self.jwt_secret = jwt_secret
+        self.shared = shared
         # digest -> (fresh until, usable while Postgres is down until, credential)
         self._cache: OrderedDict[bytes, tuple[float, float, Credential]] = OrderedDict()
 
@@ -74,12 +112,20 @@ class Authenticator:
         try:
             cred = await self.ledger.authenticate(secret)
         except POSTGRES_DOWN:
+            # Known before the outage (the scripts still check revocation)?
             if hit is not None and hit[1] > now:
-                return hit[2]  # known before the outage; the scripts still check revocation
-            raise
+                return hit[2]
+            shared = await self.shared.get(digest) if self.shared is not None else None
+            if shared is None:
+                raise
+            log.warning("credential_from_shared_cache", extra={"credential_id": shared.id})
+            self._cache[digest] = (now, now + STALE_IF_ERROR_S, shared)
+            return shared
         if cred is None:
             self._cache.pop(digest, None)
             raise unauthenticated("unknown or revoked API key")
+        if self.shared is not None:
+            await self.shared.put(digest, cred)
         self._cache[digest] = (now + CACHE_TTL_S, now + CACHE_TTL_S + STALE_IF_ERROR_S, cred)
         self._cache.move_to_end(digest)
         while len(self._cache) > CACHE_ENTRIES_MAX:

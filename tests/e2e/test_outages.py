@@ -72,14 +72,34 @@ async def test_redis_down_is_503_and_nothing_charged(
             again.stop()
 
 
-async def test_sidecar_will_not_start_without_postgres(migrated: Config, org: Org) -> None:
-    config = replace(migrated, app_database_url="postgresql://credits_app@127.0.0.1:1/nowhere")
-    server = TestServer(create_app(config))
-    try:
-        with pytest.raises(OSError):
-            await server.start_server()
-    finally:
-        await server.close()
+async def test_a_sidecar_started_without_postgres_serves_the_keys_sidecars_know(
+    migrated: Config, org: Org, other_org: Org
+) -> None:
+    """A sidecar (re)started while Postgres is unreachable comes up, says `degraded`
+    (still ready: it can charge), and charges with keys another sidecar authenticated
+    before (their copy in Redis); a key no sidecar has seen, and every ledger read, get
+    503 with nothing charged."""
+    headers = {"Authorization": f"Bearer {org.admin_key}"}
+    async with TestClient(TestServer(create_app(migrated))) as first:
+        r = await first.post("/api/credits/use", json={"action": "generate_content"}, headers=headers)
+        assert r.status == 200 and (await r.json())["balance"] == 99
+    cut_off = replace(migrated, app_database_url="postgresql://credits_app@127.0.0.1:1/nowhere")
+    async with TestClient(TestServer(create_app(cut_off))) as second:
+        ready = await second.get("/readyz")
+        body = await ready.json()
+        assert ready.status == 200 and body["status"] == "degraded" and body["checks"]["postgres"] != "ok"
+        r = await second.post("/api/credits/use", json={"action": "generate_content"}, headers=headers)
+        assert r.status == 200 and (await r.json())["balance"] == 98
+        r = await second.get("/api/credits/usage", headers=headers)
+        assert r.status == 503 and (await r.json())["error"]["code"] == "unavailable"
+        unseen = {"Authorization": f"Bearer {other_org.admin_key}"}
+        r = await second.post("/api/credits/use", json={"action": "generate_content"}, headers=unseen)
+        assert r.status == 503 and (await r.json())["error"]["code"] == "unavailable"
+    async with TestClient(TestServer(create_app(migrated))) as third:
+        r = await third.get("/api/credits/balance", headers={"Authorization": f"Bearer {other_org.admin_key}"})
+        assert r.status == 200 and (await r.json())["balance"] == 100  # the refusal charged nothing
+        ready = await third.get("/readyz")
+        assert ready.status == 200 and (await ready.json())["status"] == "ok"
 
 
 async def test_sidecar_refuses_a_redis_that_evicts(migrated: Config, tmp_path: Any) -> None:
@@ -150,7 +170,7 @@ async def test_postgres_down_keeps_the_hot_path_serving(
             assert r.status == 503 and (await r.json())["error"]["code"] == "unavailable"
             r = await client.get("/api/credits/costs", headers=headers)
             assert r.status == 503
-            ready = await client.get("/readyz")
-            assert ready.status == 503
+            ready = await client.get("/readyz")  # still able to charge: degraded, not unready
+            assert ready.status == 200 and (await ready.json())["status"] == "degraded"
     finally:
         embedded.stop()
