@@ -26,9 +26,13 @@ from aiohttp import web
 
 from ledger.store import API_KEY_PREFIX, Credential, Ledger
 from meter.errors import POSTGRES_DOWN, ApiError
+from meter.hotpath import Unavailable
 
 CACHE_TTL_S = 30.0
 STALE_IF_ERROR_S = 24 * 3600.0  # how long a cached key outlives its TTL while Postgres is down
+# After a failed lookup, keys known to be valid are served without asking Postgres again
+# for this long: with an unreachable host each attempt waits for the connect timeout.
+LEDGER_RECHECK_S = 5.0
 CACHE_ENTRIES_MAX = 10_000
 JWT_LEEWAY_S = 30
 ROLES = ("agent", "admin")
@@ -37,6 +41,8 @@ _BEARER_LENGTH = len("Bearer ")
 
 
 log = logging.getLogger(__name__)
+# An API key's cache entry: (fresh until, usable while Postgres is down until, credential).
+_Entry = tuple[float, float, Credential]
 
 
 class SharedCredentials:
@@ -76,8 +82,8 @@ class Authenticator:
         self.ledger = ledger
         self.jwt_secret = jwt_secret
         self.shared = shared
-        # digest -> (fresh until, usable while Postgres is down until, credential)
-        self._cache: OrderedDict[bytes, tuple[float, float, Credential]] = OrderedDict()
+        self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._ledger_down_until = 0.0  # monotonic time
 
     def forget(self, secret: str) -> None:
         self._cache.pop(hashlib.sha256(secret.encode()).digest(), None)
@@ -109,18 +115,19 @@ class Authenticator:
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
             return hit[2]
+        if now < self._ledger_down_until:  # a lookup failed moments ago: do not wait on another
+            known = await self._known(digest, hit, now)
+            if known is None:
+                raise Unavailable("postgres: unreachable")
+            return known
         try:
             cred = await self.ledger.authenticate(secret)
         except POSTGRES_DOWN:
-            # Known before the outage (the scripts still check revocation)?
-            if hit is not None and hit[1] > now:
-                return hit[2]
-            shared = await self.shared.get(digest) if self.shared is not None else None
-            if shared is None:
+            self._ledger_down_until = now + LEDGER_RECHECK_S
+            known = await self._known(digest, hit, now)
+            if known is None:
                 raise
-            log.warning("credential_from_shared_cache", extra={"credential_id": shared.id})
-            self._cache[digest] = (now, now + STALE_IF_ERROR_S, shared)
-            return shared
+            return known
         if cred is None:
             self._cache.pop(digest, None)
             raise unauthenticated("unknown or revoked API key")
@@ -131,6 +138,17 @@ class Authenticator:
         while len(self._cache) > CACHE_ENTRIES_MAX:
             self._cache.popitem(last=False)
         return cred
+
+    async def _known(self, digest: bytes, hit: _Entry | None, now: float) -> Credential | None:
+        """While Postgres cannot answer: the key as this process knew it, or as another
+        sidecar left it in Redis (the scripts still check revocation)."""
+        if hit is not None and hit[1] > now:
+            return hit[2]
+        shared = await self.shared.get(digest) if self.shared is not None else None
+        if shared is not None:
+            log.warning("credential_from_shared_cache", extra={"credential_id": shared.id})
+            self._cache[digest] = (now, now + STALE_IF_ERROR_S, shared)
+        return shared
 
     def _jwt(self, token: str) -> Credential:
         if self.jwt_secret is None:
