@@ -647,9 +647,13 @@ def usage_summary_query(
     hourly_key, event_key = _SUMMARY_KEYS[group_by]
     args: list[Any] = [organization_id]
 
-    def arg(value: Any) -> str:
-        args.append(value)
-        return f"${len(args)}"
+    def within(column: str, lo: dt.datetime | None, hi: dt.datetime | None) -> str:
+        where = ["organization_id = $1"]
+        for op, bound in ((">=", lo), ("<", hi)):
+            if bound is not None:
+                args.append(bound)
+                where.append(f"{column} {op} ${len(args)}")
+        return " AND ".join(where)
 
     first = None if start is None else _hour_ceil(start)  # whole hours: [first, last)
     last = None if end is None else _hour_floor(end)
@@ -658,26 +662,17 @@ def usage_summary_query(
     if first is not None and last is not None and first >= last:
         raw.append((start, end))  # less than one whole hour: the events alone
     else:
-        where = ["organization_id = $1"]
-        if first is not None:
-            where.append(f"hour >= {arg(first)}")
-        if last is not None:
-            where.append(f"hour < {arg(last)}")
         parts.append(
-            f"SELECT {hourly_key} AS key, events, units, credits FROM usage_hourly WHERE {' AND '.join(where)}"  # noqa: S608
+            f"SELECT {hourly_key} AS key, events, units, credits FROM usage_hourly WHERE {within('hour', first, last)}"  # noqa: S608
         )
         if start is not None and first is not None and start < first:
             raw.append((start, first))
         if end is not None and last is not None and last < end:
             raw.append((last, end))
     for lo, hi in raw:
-        where = ["organization_id = $1"]
-        if lo is not None:
-            where.append(f"created_at >= {arg(lo)}")
-        if hi is not None:
-            where.append(f"created_at < {arg(hi)}")
         parts.append(
-            f"SELECT {event_key} AS key, 1 AS events, units, credits FROM usage_events WHERE {' AND '.join(where)}"  # noqa: S608
+            f"SELECT {event_key} AS key, 1 AS events, units, credits FROM usage_events"  # noqa: S608
+            f" WHERE {within('created_at', lo, hi)}"
         )
     sql = (
         "SELECT key, sum(events) AS events, sum(units) AS units, sum(credits) AS credits"  # noqa: S608
