@@ -185,6 +185,33 @@ async def test_a_batch_partly_settled_before_counts_only_the_rest(
     assert sorted(int(g["remaining"]) for g in cached.payload["grants"]) == remaining
 
 
+async def test_two_settlers_racing_on_one_batch_count_it_once(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
+) -> None:
+    """Two settlers that both believe they own a partition (a lease that ran out under
+    a slow one) settle the same entries at the same moment: the second INSERT waits on
+    the first's rows, is refused by the primary key, and restages to nothing new."""
+    for _ in range(6):
+        await hot.consume(org.id, org.admin_key_id, action="generate_content", units=1)
+    stream = hot.stream_key(hot.partition(org.id))
+    rows = [r for r in await redis.xrange(stream) if r[1][b"o"] == org.id.encode()]
+
+    async def settle_all() -> None:
+        staged = Staged()
+        for _, fields in rows:
+            staged.add(org.id, msgspec.msgpack.decode(fields[b"d"]))
+        await settlement.settle(
+            staged, batch_id=uuid.uuid4().hex, partition=hot.partition(org.id), first_entry="0-1", last_entry="0-1"
+        )
+
+    await asyncio.gather(*(settle_all() for _ in range(4)))
+    state = await ledger_state(ledger, org.id)
+    assert state["usage"] == 6 * CREDIT
+    assert_conserved(state, await cache_balance(hot, org.id))
+    async with ledger.tenant(org.id) as conn:
+        assert await conn.fetchval("SELECT sum(events) FROM usage_hourly") == 6
+
+
 async def test_a_failed_commit_settles_the_read_ahead_in_order_after_it(
     hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
 ) -> None:
