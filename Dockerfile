@@ -4,9 +4,11 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY api api
 COPY billing billing
 COPY core core
 COPY credits_sdk credits_sdk
+COPY hotpath hotpath
 COPY ledger ledger
 COPY lua lua
 COPY meter meter

@@ -30,12 +30,12 @@ import redis.asyncio as aioredis
 
 from core import config as config_module
 from core.config import Config
+from hotpath.client import BatchItem, HotPath
+from hotpath.connection import PipelinedRedis
 from ledger.migrate import migrate
 from ledger.settlement import Staged
 from ledger.store import Ledger
 from lua import Status
-from meter.hotpath import BatchItem, HotPath
-from meter.redisconn import PipelinedRedis
 from ops import admin
 from settler.service import Settler
 

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from api.errors import ApiError
 from billing.catalog import Catalog, Package, Plan
 from billing.credits import Credits, PurchaseMetadata
 from billing.gateway import PaymentDeclined, SetupIntent, StripeGateway, StripeNotFound, StripeRejected
 from billing.store import BillingStore, CustomerRow, PaymentMethodRow, PaymentRow, SubscriptionRow
 from core.money import to_credits
-from meter.errors import ApiError
 
 log = logging.getLogger(__name__)
 

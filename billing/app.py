@@ -10,6 +10,8 @@ import prometheus_client
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from api.auth import Authenticator
+from api.errors import Handler, error_middleware
 from billing import handlers, openapi
 from billing.actions import BillingActions
 from billing.appkeys import (
@@ -35,11 +37,8 @@ from billing.gateway import StripeError, StripeGateway
 from billing.store import BillingStore
 from billing.stripe_client import StripeClientGateway
 from core.config import Config
+from hotpath.client import HotPath, check_eviction_policy
 from ledger.store import Ledger
-from meter.app import check_redis_policy
-from meter.auth import Authenticator
-from meter.errors import Handler, error_middleware
-from meter.hotpath import HotPath
 from webhooks.endpoint import WebhookReceiver
 from webhooks.handlers import EventHandlers
 from webhooks.store import EventStore
@@ -130,7 +129,7 @@ def create_app(config: Config, billing: BillingConfig, *, gateway: StripeGateway
         )
         stripe_gateway = gateway or StripeClientGateway(billing)
         try:
-            await check_redis_policy(redis)
+            await check_eviction_policy(redis)
             ledger = await Ledger.connect(config.app_dsn(), min_size=2, max_size=10)
             try:
                 hot = HotPath.from_config(redis, ledger, config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from redis.asyncio import Redis
 
+from api.auth import Authenticator
 from billing.actions import BillingActions
 from billing.catalog import Catalog
 from billing.config import BillingConfig
@@ -12,9 +13,8 @@ from billing.credits import Credits
 from billing.gateway import StripeGateway
 from billing.store import BillingStore
 from core.config import Config
+from hotpath.client import HotPath
 from ledger.store import Ledger
-from meter.auth import Authenticator
-from meter.hotpath import HotPath
 from webhooks.endpoint import WebhookReceiver
 from webhooks.store import EventStore
 from webhooks.worker import EventWorker

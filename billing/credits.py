@@ -30,9 +30,9 @@ from billing.gateway import (
 )
 from billing.store import BillingStore, ClawbackRow, GrantIntent, InvoiceRow, PaymentRow, ts
 from core.money import to_credits
+from hotpath.client import HotPath, Unavailable
 from ledger.store import Ledger
 from lua import Status
-from meter.hotpath import HotPath, Unavailable
 from settler.outbox import push_pending
 
 log = logging.getLogger(__name__)

@@ -18,15 +18,15 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
+from api.auth import require_admin
+from api.errors import ApiError, from_validation, invalid
 from billing import schemas as s
 from billing.appkeys import ACTIONS, AUTH, CATALOG, LEDGER, RECEIVER, STORE
 from billing.store import PAGE_LIMIT_MAX, InvalidCursor, PaymentMethodRow, PaymentRow, SubscriptionRow
 from core.http import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from core.money import to_credits
+from hotpath.client import fingerprint
 from ledger.store import Credential, StoredResponse
-from meter.auth import require_admin
-from meter.errors import ApiError, from_validation, invalid
-from meter.hotpath import fingerprint
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder(decimal_format="number")

@@ -10,10 +10,10 @@ from typing import Any
 
 import msgspec
 
+from api.errors import ErrorBody
 from billing.handlers import OPERATIONS
 from core.http import IDEMPOTENCY_HEADER, replayed_header_doc
 from core.openapi import numbers_not_strings
-from meter.schemas import ErrorBody
 
 VERSION = "0.1.0"
 _STATUS_TEXT = {

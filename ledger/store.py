@@ -19,8 +19,16 @@ from typing import Any
 import asyncpg
 
 from core.periods import period_starts_ms
-from meter.snapshot import CredSnapshot, DeptSnapshot, GrantSnapshot, HoldSnapshot, Snapshot
+from hotpath.snapshot import CredSnapshot, DeptSnapshot, GrantSnapshot, HoldSnapshot, Snapshot
 
+# What Postgres being unreachable looks like from asyncpg.
+POSTGRES_DOWN: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
 API_KEY_PREFIX = "ck_"
 GRANT_PRIORITY = {"signup_bonus": 0, "subscription": 10, "purchase": 20, "admin": 20}
 

@@ -1,5 +1,5 @@
 --[[ Shared helpers, prepended to every script by lua/__init__.py (after the status
-  codes, which are generated from meter.hotpath.Status so there is one mapping).
+  codes, which are generated from lua.Status so there is one mapping).
 
   Every script gets the same fixed organization keys first (all share one hash tag):
     KEYS[1]  acct      hash   bal (millicredits, grants remaining + holds), res (held), loaded, gen

@@ -15,14 +15,14 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from api.auth import Authenticator, SharedCredentials
+from api.errors import Handler, shape_error
 from core.config import Config
-from ledger.store import Ledger
+from hotpath.client import HotPath, Unavailable, check_eviction_policy
+from hotpath.connection import PipelinedRedis
+from ledger.store import POSTGRES_DOWN, Ledger
 from meter import handlers, openapi
 from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, REDIS
-from meter.auth import Authenticator, SharedCredentials
-from meter.errors import POSTGRES_DOWN, Handler, shape_error
-from meter.hotpath import HotPath, Unavailable
-from meter.redisconn import PipelinedRedis
 
 log = logging.getLogger(__name__)
 
@@ -90,22 +90,9 @@ REGISTRY.register(STATS)
 REDIS_POOL_CONNECTIONS_MAX = 256
 
 
-class RedisPolicyError(RuntimeError):
-    """Redis would evict keys under memory pressure: credits would vanish."""
-
-
-async def check_redis_policy(redis: aioredis.Redis) -> None:
-    policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy")
-    if policy != "noeviction":
-        raise RedisPolicyError(
-            f"Redis runs with maxmemory-policy={policy}; the credits cache needs noeviction "
-            "(an evicted balance or usage entry is lost money). Set it and restart."
-        )
-
-
 def at_the_edge(route: str, handler: Handler) -> Handler:
     """The route's handler with what every answer gets: any failure in the one error
-    shape (meter/errors.py), and the answer counted, error statuses included.
+    shape (api/errors.py), and the answer counted, error statuses included.
     Wrapping each route, rather than a middleware, costs a request one coroutine less
     (aiohttp adds a layer of its own whenever there is a middleware) and no route lookup."""
 
@@ -213,7 +200,7 @@ def create_app(config: Config) -> web.Application:
         # Script calls share one auto-pipelined connection; the rest uses the pool.
         pipe = PipelinedRedis.from_url(config.redis_url)
         try:
-            await check_redis_policy(redis)
+            await check_eviction_policy(redis)
             ledger = await _ledger(config)
             try:
                 hot = HotPath.from_config(redis, ledger, config, pipe=pipe)

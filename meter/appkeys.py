@@ -5,10 +5,10 @@ from __future__ import annotations
 from aiohttp import web
 from redis.asyncio import Redis
 
+from api.auth import Authenticator
 from core.config import Config
+from hotpath.client import HotPath
 from ledger.store import Ledger
-from meter.auth import Authenticator
-from meter.hotpath import HotPath
 
 CONFIG = web.AppKey("config", Config)
 REDIS = web.AppKey("redis", Redis)

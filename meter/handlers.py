@@ -12,15 +12,15 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
+from api.auth import require_admin
+from api.errors import ApiError, from_validation, invalid
 from core.http import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from core.money import PrecisionError, format_credits, to_credits, to_milli
+from hotpath.client import BatchItem, Result, fingerprint, now_ms, period_bounds
 from ledger.store import Conflict, Credential, LedgerReads, NotFound, StoredResponse
 from lua import Status
 from meter import schemas as s
 from meter.appkeys import AUTH, CONFIG, HOT, LEDGER
-from meter.auth import require_admin
-from meter.errors import ApiError, from_validation, invalid
-from meter.hotpath import BatchItem, Result, fingerprint, now_ms, period_bounds
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder(decimal_format="number")

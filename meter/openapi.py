@@ -9,9 +9,9 @@ from typing import Any
 
 import msgspec
 
+from api.errors import ErrorBody
 from core.http import IDEMPOTENCY_HEADER, replayed_header_doc
 from core.openapi import numbers_not_strings
-from meter import schemas as s
 from meter.handlers import OPERATIONS
 
 VERSION = "0.1.0"
@@ -31,7 +31,7 @@ _STATUS_TEXT = {
 @functools.cache
 def document() -> bytes:
     types = [op.request for op in OPERATIONS if op.request] + [op.response for op in OPERATIONS if op.response]
-    types.append(s.ErrorBody)
+    types.append(ErrorBody)
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:

@@ -29,17 +29,6 @@ Metadata = Annotated[
 Period = Literal["day", "week", "month"]
 
 
-class ErrorDetail(Body):
-    type: str
-    code: str
-    message: str
-    param: str | None = None
-
-
-class ErrorBody(Body):
-    error: ErrorDetail
-
-
 # -- requests ----------------------------------------------------------------------
 class UseRequest(Body):
     action: Action

@@ -7,9 +7,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from hotpath.client import HotPath
 from ledger.store import GrantResult, Ledger, NewKey
 from lua import Status
-from meter.hotpath import HotPath
 from settler.outbox import push_pending
 
 

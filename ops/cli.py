@@ -211,9 +211,9 @@ def _dev_jwt_secret(config: Config) -> str:
 def cmd_dev(config: Config, args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from api.auth import issue_jwt
     from billing import config as billing_config
     from billing.runtime import stripe_backend
-    from meter.auth import issue_jwt
 
     if config.jwt_secret is None:
         config = replace(config, jwt_secret=_dev_jwt_secret(config))

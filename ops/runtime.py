@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from core.config import Config
+from hotpath.client import HotPath
 from ledger.migrate import migrate
 from ledger.store import Ledger
-from meter.hotpath import HotPath
 
 log = logging.getLogger(__name__)
 URLS_FILE = "urls.json"

@@ -26,9 +26,9 @@ import aiohttp
 import msgspec
 
 from core.money import to_credits
+from hotpath.client import HotPath
 from ledger.settlement import AlertStore
 from lua import Status
-from meter.hotpath import HotPath
 
 log = logging.getLogger(__name__)
 

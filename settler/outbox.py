@@ -13,9 +13,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
+from hotpath.client import HotPath, Unavailable
 from ledger.store import Ledger
 from lua import Status
-from meter.hotpath import HotPath, Unavailable
 
 log = logging.getLogger(__name__)
 

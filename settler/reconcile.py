@@ -16,9 +16,9 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
+from hotpath.client import HotPath
 from ledger.settlement import Settlement
 from lua import Status
-from meter.hotpath import HotPath
 
 SCAN_ENTRIES_MAX = 100_000
 CONFIRM_DELAY_S = 0.2

@@ -18,9 +18,9 @@ import prometheus_client
 import redis.asyncio as aioredis
 
 from core.config import Config
+from hotpath.client import HotPath, Unavailable, now_ms
 from ledger.settlement import AlertStore, Settlement
 from ledger.store import Ledger
-from meter.hotpath import HotPath, Unavailable, now_ms
 from settler import reconcile
 from settler.alerts import Alerts
 from settler.outbox import push_one

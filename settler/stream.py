@@ -35,8 +35,8 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from hotpath.client import HotPath
 from ledger.settlement import Settlement, Staged
-from meter.hotpath import HotPath
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import redis.asyncio as aioredis
 
 from core import config as config_module
 from core.config import Config
+from hotpath.client import HotPath
 from ledger.migrate import migrate
 from ledger.store import Ledger
-from meter.hotpath import HotPath
 from ops import admin
 
 JWT_SECRET = "test-secret-" + "x" * 40

@@ -14,7 +14,7 @@ import time
 import prometheus_client
 from aiohttp import web
 
-from meter.errors import ApiError
+from api.errors import ApiError
 from webhooks.events import EventError, decode_event
 from webhooks.signature import HEADER, SignatureError, verify
 from webhooks.store import EventStore

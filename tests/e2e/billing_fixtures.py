@@ -22,15 +22,15 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from api.auth import issue_jwt
 from billing import config as billing_config_module
 from billing.app import create_app
 from billing.config import BillingConfig, StripeFlavor
 from billing.localstripe import LocalStripe, LocalStripeKeys
 from billing.runtime import WEBHOOK_PATH
 from core.config import Config
+from hotpath.client import HotPath
 from ledger.store import Ledger
-from meter.auth import issue_jwt
-from meter.hotpath import HotPath
 from tests.conftest import JWT_SECRET, Org
 from webhooks.signature import sign
 

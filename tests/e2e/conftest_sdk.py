@@ -16,8 +16,8 @@ from aiohttp import web
 
 from core.config import Config
 from credits_sdk import AsyncCreditsClient, CreditsClient
+from hotpath.client import HotPath
 from ledger.store import Ledger
-from meter.hotpath import HotPath
 from ops import admin
 from tests.conftest import Org
 from tests.e2e.sdk_support import Agent, Client, DroppingProxy, meter_url_of

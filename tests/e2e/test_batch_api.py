@@ -11,7 +11,7 @@ import msgspec
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from meter.hotpath import HotPath
+from hotpath.client import HotPath
 from tests.conftest import Org
 
 Client = TestClient[Any, Any]

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from billing.config import BillingConfig
+from hotpath.client import HotPath
 from ledger.store import Ledger
-from meter.hotpath import HotPath
 from tests.conftest import Org
 
 pytest.register_assert_rewrite("tests.e2e.billing_fixtures")  # imported below, registered as a plugin

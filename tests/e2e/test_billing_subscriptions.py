@@ -17,8 +17,8 @@ from billing.app import create_app
 from billing.config import BillingConfig
 from billing.store import BillingStore
 from core.config import Config
+from hotpath.client import HotPath
 from ledger.store import Ledger
-from meter.hotpath import HotPath
 from tests.conftest import Org
 
 pytest.register_assert_rewrite("tests.e2e.billing_fixtures")  # imported below, registered as a plugin

@@ -12,8 +12,8 @@ import pytest
 from billing.appkeys import EVENTS, GATEWAY
 from billing.config import BillingConfig
 from billing.credits import PurchaseMetadata
+from hotpath.client import HotPath
 from ledger.store import Ledger
-from meter.hotpath import HotPath
 from tests.conftest import Org
 from webhooks.events import decode_event
 from webhooks.signature import sign

@@ -12,9 +12,9 @@ import jwt
 import pytest
 from aiohttp.test_utils import TestClient
 
+from api.auth import issue_jwt
+from hotpath.client import HotPath
 from ledger.store import Ledger
-from meter.auth import issue_jwt
-from meter.hotpath import HotPath
 from ops import admin
 from tests.conftest import JWT_SECRET, Org
 

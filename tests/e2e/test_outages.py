@@ -13,8 +13,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from core.config import Config
+from hotpath import EvictionPolicyError
 from ledger.store import Ledger
-from meter.app import RedisPolicyError, create_app
+from meter.app import create_app
 from tests.conftest import Org
 
 
@@ -112,7 +113,7 @@ async def test_sidecar_refuses_a_redis_that_evicts(migrated: Config, tmp_path: A
         config = replace(migrated, redis_url=f"redis://127.0.0.1:{port}/0")
         app_server = TestServer(create_app(config))
         try:
-            with pytest.raises(RedisPolicyError, match="noeviction"):
+            with pytest.raises(EvictionPolicyError, match="noeviction"):
                 await app_server.start_server()
         finally:
             await app_server.close()
@@ -136,7 +137,7 @@ async def test_postgres_down_keeps_the_hot_path_serving(
     """A private embedded Postgres is stopped mid-test: credentials authenticated
     before keep consuming from Redis, also once their cache entry is past its TTL;
     anything that needs the ledger answers 503, charging nothing."""
-    from meter import auth
+    from api import auth
 
     monkeypatch.setattr(auth, "CACHE_TTL_S", 0.3)
     from ledger.migrate import migrate

@@ -25,8 +25,8 @@ from credits_sdk import (
     credits_context,
 )
 from credits_sdk import Item as I
+from hotpath.client import HotPath
 from ledger.store import Ledger
-from meter.hotpath import HotPath
 from ops import admin
 from tests.e2e.sdk_support import Agent, Client, available, raw_balance
 

@@ -33,8 +33,8 @@ from credits_sdk import (
     UnknownAction,
     credits_context,
 )
+from hotpath.client import HotPath
 from ledger.store import Ledger
-from meter.hotpath import HotPath
 from ops import admin
 from tests.conftest import Org
 from tests.e2e.sdk_support import Agent, Client, DroppingProxy, available, raw_balance

@@ -16,9 +16,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from core.config import Config
+from hotpath.client import HotPath
 from ledger.settlement import AlertStore, Settlement
 from ledger.store import Ledger
-from meter.hotpath import HotPath
 from ops import admin
 from settler.alerts import SIGNATURE_HEADER, Alerts, verify
 from settler.stream import PartitionSettler

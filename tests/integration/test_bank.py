@@ -28,10 +28,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.config import Config
+from hotpath.client import BatchItem, HotPath, fingerprint, now_ms
 from ledger.settlement import Settlement
 from ledger.store import Ledger
 from lua import Status
-from meter.hotpath import BatchItem, HotPath, fingerprint, now_ms
 from ops import admin
 from settler.stream import lag
 

@@ -13,10 +13,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.config import Config, Durability
+from hotpath.client import HotPath
+from hotpath.connection import PipelinedRedis
 from ledger.store import Ledger
 from lua import Status
-from meter.hotpath import HotPath
-from meter.redisconn import PipelinedRedis
 from tests.conftest import Org
 
 

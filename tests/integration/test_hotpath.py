@@ -10,9 +10,9 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from hotpath.client import BatchItem, HotPath, fingerprint, now_ms
 from ledger.store import Ledger
 from lua import Status
-from meter.hotpath import BatchItem, HotPath, fingerprint, now_ms
 from ops import admin
 from settler.outbox import push_pending
 from tests.conftest import Org

@@ -7,8 +7,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.config import Config
+from hotpath.client import HotPath, Mode
 from ledger.store import Ledger
-from meter.hotpath import HotPath, Mode
 from tests.integration.test_hotpath import *  # noqa: F403  (the tests themselves)
 
 

@@ -1,5 +1,5 @@
 """Every hot path test again, with script calls over the sidecar's auto-pipelined
-connection (meter/redisconn.py) instead of the redis-py pool."""
+connection (hotpath/connection.py) instead of the redis-py pool."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.config import Config
+from hotpath.client import HotPath
+from hotpath.connection import PipelinedRedis
 from ledger.store import Ledger
-from meter.hotpath import HotPath
-from meter.redisconn import PipelinedRedis
 from tests.integration.test_hotpath import *  # noqa: F403  (the tests themselves)
 
 

@@ -8,9 +8,9 @@ import datetime as dt
 
 import redis.asyncio as aioredis
 
+from hotpath.client import BatchItem, HotPath, now_ms
 from ledger.store import Ledger
 from lua import Status
-from meter.hotpath import BatchItem, HotPath, now_ms
 from ops import admin
 from tests.conftest import Org
 from tests.integration.test_hotpath import CREDIT, stream_events

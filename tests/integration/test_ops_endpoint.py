@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from core.config import Config
-from meter.hotpath import HotPath
+from hotpath.client import HotPath
 from settler.http import create_app
 from settler.service import Settler
 from tests.conftest import Org

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from core.config import Config
+from hotpath.client import HotPath
 from ledger.store import Ledger
 from lua import Status
-from meter.hotpath import HotPath
 from settler.service import Settler
 from tests.conftest import Org
 

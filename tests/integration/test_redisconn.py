@@ -8,10 +8,10 @@ import uuid
 import redis.asyncio as aioredis
 
 from core.config import Config
+from hotpath.client import HotPath
+from hotpath.connection import PipelinedRedis
 from ledger.store import Ledger
 from lua import Status
-from meter.hotpath import HotPath
-from meter.redisconn import PipelinedRedis
 from tests.conftest import Org
 
 

@@ -13,10 +13,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.config import Config
+from hotpath.client import BatchItem, HotPath, fingerprint, now_ms
 from ledger.settlement import Settlement, Staged
 from ledger.store import Ledger, LedgerReads
 from lua import Status
-from meter.hotpath import BatchItem, HotPath, fingerprint, now_ms
 from ops import admin
 from settler import reconcile
 from settler.stream import GROUP, PartitionSettler

@@ -7,10 +7,10 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
+from api import auth
+from api.auth import Authenticator, SharedCredentials
+from hotpath.client import Unavailable
 from ledger.store import Credential
-from meter import auth
-from meter.auth import Authenticator, SharedCredentials
-from meter.hotpath import Unavailable
 
 KEY = "ck_known_key"
 OTHER = "ck_key_of_another_sidecar"

@@ -11,9 +11,9 @@ import msgspec
 
 from core.money import format_credits, to_credits
 from core.periods import period_starts_ms
+from hotpath.client import _PeriodStarts, new_id
 from meter import schemas
 from meter.handlers import use_response_json
-from meter.hotpath import _PeriodStarts, new_id
 
 
 def test_format_credits_is_to_credits_as_text() -> None:
@@ -55,9 +55,9 @@ def test_call_ids_are_unique_and_uuid_shaped() -> None:
 
 
 def test_batch_results_from_the_compact_answer_and_from_an_earlier_version() -> None:
+    from hotpath.client import BatchItem, batch_results
     from lua import Status
     from meter.handlers import batch_response
-    from meter.hotpath import BatchItem, batch_results
 
     items = [BatchItem(a, u, "", "", None, "") for a, u in [("t", 1), ("t", 1), ("x", 1), ("t", 3), ("w", 2)]]
     compact = {
@@ -88,8 +88,8 @@ def test_batch_results_from_the_compact_answer_and_from_an_earlier_version() -> 
 
 
 def test_consume_encoded_by_hand_is_what_the_generic_path_sends() -> None:
-    from meter.hotpath import HotPath, pack_command
-    from meter.redisconn import PipelinedRedis
+    from hotpath.client import HotPath, pack_command
+    from hotpath.connection import PipelinedRedis
 
     for rate, burst in ((0.0, 0.0), (1000.0, 2000.0), (2.5, 7)):
         hot = HotPath(

@@ -1,4 +1,4 @@
-"""The auto-pipelined connection (meter/redisconn.py) against a scripted fake server:
+"""The auto-pipelined connection (hotpath/connection.py) against a scripted fake server:
 order, one write per loop turn, failures that never resend, timeouts, back-pressure."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import hiredis
 import pytest
 
-from meter.redisconn import PipelinedRedis, RedisConnectionError, RedisTimeoutError, ResponseError
+from hotpath.connection import PipelinedRedis, RedisConnectionError, RedisTimeoutError, ResponseError
 
 Behaviour = Callable[[list[bytes]], bytes | None]  # a command -> its reply bytes, or None: never answer
 

@@ -1,6 +1,6 @@
 """The SDK keeps its own copies of the API's bodies and error codes (an agent installs it
 without the server). These tests fail when the copies drift from the sidecar's types
-(meter/schemas.py) or from the codes its handlers can answer."""
+(meter/schemas.py, api/errors.py) or from the codes its handlers can answer."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pathlib
 import msgspec
 import pytest
 
+from api import errors as api_errors
 from credits_sdk import errors, models
 from meter import handlers
 from meter import schemas as server
@@ -46,9 +47,7 @@ def required(kind: type[msgspec.Struct]) -> set[str]:
 
 @pytest.mark.parametrize(("sdk", "server_name"), PAIRS, ids=[p[1] for p in PAIRS])
 def test_response_types_match_the_sidecar(sdk: type[msgspec.Struct], server_name: str) -> None:
-    theirs = getattr(server, server_name, None)
-    if theirs is None:
-        pytest.skip(f"the sidecar has no {server_name} yet")
+    theirs = getattr(server, server_name, None) or getattr(api_errors, server_name)
     # Everything the sidecar sends is read, and nothing the SDK requires is missing from it.
     assert names(theirs) <= names(sdk), f"{sdk.__name__} ignores {names(theirs) - names(sdk)}"
     assert required(sdk) <= names(theirs), f"{sdk.__name__} requires {required(sdk) - names(theirs)}"
@@ -59,10 +58,10 @@ def test_batch_items_are_what_the_sidecar_accepts() -> None:
 
 
 def _codes_the_sidecar_answers() -> set[str]:
-    """Every literal error code in meter/: ApiError(status, "code", ...), error_response(
-    status, "code", ...), and the per-item codes."""
+    """Every literal error code in meter/ and api/ (its authentication and error shape):
+    ApiError(status, "code", ...), error_response(status, "code", ...), and the per-item codes."""
     found = {code for _, code, _ in handlers.ITEM_CODES.values()}
-    for path in (ROOT / "meter").glob("*.py"):
+    for path in [*(ROOT / "meter").glob("*.py"), *(ROOT / "api").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call) or len(node.args) < 2:
                 continue

@@ -12,11 +12,11 @@ import msgspec
 import pytest
 
 import lua
+from api.errors import from_validation
 from core.config import ConfigError, Durability, load
 from core.money import PrecisionError, to_credits, to_milli
+from hotpath.client import fingerprint, period_bounds, period_starts_ms
 from meter import schemas
-from meter.errors import from_validation
-from meter.hotpath import fingerprint, period_bounds, period_starts_ms
 
 
 @pytest.mark.parametrize(

@@ -6,23 +6,27 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 
-import asyncpg
 import msgspec
 from aiohttp import web
 
-from meter.hotpath import Unavailable
-from meter.schemas import ErrorBody, ErrorDetail
+from core.errors import Unavailable
+from core.structs import Body
+from ledger.store import POSTGRES_DOWN
 
 log = logging.getLogger(__name__)
 
-# What Postgres being unreachable looks like from asyncpg.
-POSTGRES_DOWN: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.CannotConnectNowError,
-)
+
+class ErrorDetail(Body):
+    type: str
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorBody(Body):
+    error: ErrorDetail
+
+
 _encode = msgspec.json.Encoder(decimal_format="number").encode
 
 # type per HTTP status, as in Stripe's short fixed list

@@ -46,7 +46,7 @@ class Snapshot(msgspec.Struct):
     """An organization's state as the ledger knows it, for a cold-cache load.
 
     `after` is the first entry of the organization's usage stream that the ledger does
-    not hold yet; the load replays the entries from there (meter/replay.py)."""
+    not hold yet; the load replays the entries from there (hotpath/replay.py)."""
 
     gen: int
     grants: list[GrantSnapshot]

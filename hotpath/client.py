@@ -1,4 +1,4 @@
-"""The hot path's door: every Redis script call goes through `HotPath`.
+"""The typed door to the scripts: every Redis script call goes through `HotPath`.
 
 Other components (the CLI, settlement, billing) use this class and never build keys or
 call scripts themselves. Amounts here are integer millicredits; decimals live at the
@@ -28,11 +28,11 @@ from redis.exceptions import ResponseError
 
 import lua
 from core.config import Config, Durability
+from core.errors import Unavailable
 from core.periods import period_bounds, period_starts_ms
-from lua import Status
-from meter.redisconn import PipelinedRedis, pack_command
-from meter.replay import entry_after, replay
-from meter.snapshot import (
+from hotpath.connection import PipelinedRedis, pack_command
+from hotpath.replay import entry_after, replay
+from hotpath.snapshot import (
     CredSnapshot,
     DeptSnapshot,
     GrantSnapshot,
@@ -40,6 +40,7 @@ from meter.snapshot import (
     Snapshot,
     SnapshotSource,
 )
+from lua import Status
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ __all__ = [
     "HoldSnapshot",
     "Snapshot",
     "SnapshotSource",
+    "Unavailable",
     "period_bounds",
     "period_starts_ms",
 ]
@@ -79,8 +81,18 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
 
-class Unavailable(Exception):
-    """Redis or the ledger could not be reached; nothing was charged."""
+class EvictionPolicyError(RuntimeError):
+    """Redis would evict keys under memory pressure: credits would vanish."""
+
+
+async def check_eviction_policy(redis: aioredis.Redis) -> None:
+    """Refuse a Redis that may evict keys (an evicted balance or usage entry is lost money)."""
+    policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+    if policy != "noeviction":
+        raise EvictionPolicyError(
+            f"Redis runs with maxmemory-policy={policy}; the credits cache needs noeviction "
+            "(an evicted balance or usage entry is lost money). Set it and restart."
+        )
 
 
 class Result(msgspec.Struct, frozen=True):
@@ -211,7 +223,7 @@ class HotPath:
 
     Scripts run as functions of one Redis function library (FCALL), or through EVALSHA
     on servers without functions. With `pipe` (the sidecar), every script call goes
-    over one auto-pipelined connection (meter/redisconn.py); without it (the settler,
+    over one auto-pipelined connection (hotpath/connection.py); without it (the settler,
     the CLI), over the redis-py client. Everything else uses the redis-py client.
     """
 
@@ -483,7 +495,7 @@ class HotPath:
 
     async def load(self, organization_id: str) -> Result:
         """Fill an empty cache from the ledger plus the organization's unsettled stream
-        entries (read first, see meter/replay.py); a no-op when already loaded."""
+        entries (read first, see hotpath/replay.py); a no-op when already loaded."""
         keys = self._org_keys(organization_id)
         try:
             rows = await self.redis.xrange(keys[-1], min="-", max="+", count=UNSETTLED_SCAN_MAX + 1)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from core.periods import period_starts_ms
-from meter.snapshot import GrantSnapshot, HoldSnapshot, Snapshot
+from hotpath.snapshot import GrantSnapshot, HoldSnapshot, Snapshot
 
 
 def entry_after(entry_id: str, after: str) -> bool:

@@ -24,9 +24,9 @@ import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from ledger.store import API_KEY_PREFIX, Credential, Ledger
-from meter.errors import POSTGRES_DOWN, ApiError
-from meter.hotpath import Unavailable
+from api.errors import ApiError
+from core.errors import Unavailable
+from ledger.store import API_KEY_PREFIX, POSTGRES_DOWN, Credential, Ledger
 
 CACHE_TTL_S = 30.0
 STALE_IF_ERROR_S = 24 * 3600.0  # how long a cached key outlives its TTL while Postgres is down

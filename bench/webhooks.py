@@ -1,6 +1,6 @@
 """How fast the webhook endpoint answers Stripe (target: well under 100 ms).
 
-    python -m webhooks.bench [--events 2000] [--concurrency 8]
+    python -m bench.webhooks [--events 2000] [--concurrency 8]
 
 Starts what it needs like `credits dev` does (embedded Postgres and Valkey unless
 REDIS_URL / DATABASE_URL are set, localstripe unless STRIPE_* are set), runs the billing
@@ -27,12 +27,12 @@ from typing import Any
 
 import aiohttp
 
+from api.auth import issue_jwt
 from billing import config as billing_config
 from billing.config import BillingConfig
 from billing.runtime import WEBHOOK_PATH, start_billing, stripe_backend
 from core import config as core_config
 from core.config import Config
-from meter.auth import issue_jwt
 from ops import admin
 from ops.runtime import connect, servers
 from webhooks.signature import sign
@@ -105,7 +105,7 @@ async def _run(config: Config, stripe: BillingConfig, events: int, concurrency: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m webhooks.bench", description="webhook answer time")
+    parser = argparse.ArgumentParser(prog="python -m bench.webhooks", description="webhook answer time")
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args(argv)

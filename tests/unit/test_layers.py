@@ -1,0 +1,58 @@
+"""Each component is a room with a clear door: a module imports only the rooms below
+its own (and a few named doors). Read from the source with `ast`, so a late import
+inside a function counts as much as one at the top."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOMS = ("api", "billing", "core", "credits_sdk", "hotpath", "ledger", "lua", "meter", "ops", "settler", "webhooks")
+
+# room -> the rooms it may import (itself always).
+ALLOWED: dict[str, set[str]] = {
+    "core": set(),
+    "lua": set(),
+    "credits_sdk": set(),  # the SDK talks HTTP only
+    "hotpath": {"core", "lua"},
+    "ledger": {"core", "hotpath"},  # hotpath.snapshot: the shape of a cold-cache load
+    "api": {"core", "hotpath", "ledger"},
+    "settler": {"core", "lua", "hotpath", "ledger"},
+    "billing": {"api", "core", "lua", "hotpath", "ledger", "settler", "webhooks"},
+    "webhooks": {"api", "billing", "core", "hotpath", "ledger"},  # billing's own webhook half
+    "meter": {"api", "core", "lua", "hotpath", "ledger"},
+}
+# Doors into a peer room, by module: the only modules of that room another may import.
+DOORS = {"settler": {"settler.outbox"}}  # the ledger-first grant push, shared by billing and ops
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def test_no_room_imports_above_itself() -> None:
+    wrong: list[str] = []
+    for room, allowed in ALLOWED.items():
+        for path in sorted((ROOT / room).rglob("*.py")):
+            for module in _imports(path):
+                top = module.split(".")[0]
+                if top not in ROOMS or top == room:
+                    continue
+                if top not in allowed:
+                    wrong.append(f"{path.relative_to(ROOT)} imports {module}")
+                elif top in DOORS and not any(module.startswith(door) for door in DOORS[top]):
+                    wrong.append(f"{path.relative_to(ROOT)} imports {module}, not a door of {top}")
+    assert wrong == []
+
+
+def test_every_room_is_checked() -> None:
+    packaged = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench", "examples"}
+    assert packaged <= set(ALLOWED) | {"ops"}, packaged - set(ALLOWED)
