@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import asyncpg
 import redis.asyncio as aioredis
 
+from accounts import admin
 from core import config as config_module
 from core.config import Config
-from ops import admin
 from ops.runtime import Services
 
 ACTION = "tool_call"

@@ -28,6 +28,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from accounts import admin
 from core import config as config_module
 from core.config import Config
 from hotpath.client import BatchItem, HotPath
@@ -36,7 +37,6 @@ from ledger.migrate import migrate
 from ledger.settlement import Staged
 from ledger.store import Ledger
 from lua import Status
-from ops import admin
 from settler.service import Settler
 
 CREDIT = 1000

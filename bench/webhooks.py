@@ -27,13 +27,13 @@ from typing import Any
 
 import aiohttp
 
+from accounts import admin
 from api.auth import issue_jwt
 from billing import config as billing_config
 from billing.config import BillingConfig
 from billing.runtime import WEBHOOK_PATH, start_billing, stripe_backend
 from core import config as core_config
 from core.config import Config
-from ops import admin
 from ops.runtime import connect, servers
 from webhooks.signature import sign
 

@@ -19,6 +19,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
+from accounts.grants import push_pending
 from billing.catalog import Catalog, Plan
 from billing.gateway import (
     UPGRADE_INVOICE_DESCRIPTION,
@@ -33,7 +34,6 @@ from core.money import to_credits
 from hotpath.client import HotPath, Unavailable
 from ledger.store import Ledger
 from lua import Status
-from settler.outbox import push_pending
 
 log = logging.getLogger(__name__)
 

@@ -28,12 +28,12 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
+from accounts import admin
 from billing.config import BillingConfig
 from core import config as config_module
 from core.config import Config, ConfigError
 from core.money import PrecisionError, to_credits, to_milli
 from ledger.migrate import migrate
-from ops import admin
 from ops.runtime import Services, connect, publish_urls, servers, unpublish_urls
 
 log = logging.getLogger("credits")

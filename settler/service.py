@@ -17,13 +17,13 @@ import aiohttp
 import prometheus_client
 import redis.asyncio as aioredis
 
+from accounts.grants import push_one
 from core.config import Config
 from hotpath.client import HotPath, Unavailable, now_ms
 from ledger.settlement import AlertStore, Settlement
 from ledger.store import Ledger
 from settler import reconcile
 from settler.alerts import Alerts
-from settler.outbox import push_one
 from settler.stream import PartitionSettler, lag
 
 log = logging.getLogger(__name__)

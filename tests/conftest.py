@@ -20,12 +20,12 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from accounts import admin
 from core import config as config_module
 from core.config import Config
 from hotpath.client import HotPath
 from ledger.migrate import migrate
 from ledger.store import Ledger
-from ops import admin
 
 JWT_SECRET = "test-secret-" + "x" * 40
 

@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import pytest
 from aiohttp import web
 
+from accounts import admin
 from core.config import Config
 from credits_sdk import AsyncCreditsClient, CreditsClient
 from hotpath.client import HotPath
 from ledger.store import Ledger
-from ops import admin
 from tests.conftest import Org
 from tests.e2e.sdk_support import Agent, Client, DroppingProxy, meter_url_of
 

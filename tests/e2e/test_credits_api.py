@@ -12,10 +12,10 @@ import jwt
 import pytest
 from aiohttp.test_utils import TestClient
 
+from accounts import admin
 from api.auth import issue_jwt
 from hotpath.client import HotPath
 from ledger.store import Ledger
-from ops import admin
 from tests.conftest import JWT_SECRET, Org
 
 Client = TestClient[Any, Any]

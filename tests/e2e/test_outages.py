@@ -140,8 +140,8 @@ async def test_postgres_down_keeps_the_hot_path_serving(
     from api import auth
 
     monkeypatch.setattr(auth, "CACHE_TTL_S", 0.3)
+    from accounts import admin
     from ledger.migrate import migrate
-    from ops import admin
     from ops.embedded import EmbeddedServers
 
     embedded = EmbeddedServers(tmp_path / "pg")

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from accounts import admin
 from credits_sdk import (
     AsyncCreditsClient,
     BulkAborted,
@@ -27,7 +28,6 @@ from credits_sdk import (
 from credits_sdk import Item as I
 from hotpath.client import HotPath
 from ledger.store import Ledger
-from ops import admin
 from tests.e2e.sdk_support import Agent, Client, available, raw_balance
 
 pytest_plugins = ("tests.e2e.conftest_sdk",)  # its fixtures: aclient, sclient, agent, ...

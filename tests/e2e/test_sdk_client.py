@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import pytest
 
+from accounts import admin
 from credits_sdk import (
     AsyncCreditsClient,
     ConnectionFailed,
@@ -35,7 +36,6 @@ from credits_sdk import (
 )
 from hotpath.client import HotPath
 from ledger.store import Ledger
-from ops import admin
 from tests.conftest import Org
 from tests.e2e.sdk_support import Agent, Client, DroppingProxy, available, raw_balance
 

@@ -15,11 +15,11 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from accounts import admin
 from core.config import Config
 from hotpath.client import HotPath
 from ledger.settlement import AlertStore, Settlement
 from ledger.store import Ledger
-from ops import admin
 from settler.alerts import SIGNATURE_HEADER, Alerts, verify
 from settler.stream import PartitionSettler
 from tests.conftest import Org

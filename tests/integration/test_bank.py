@@ -27,12 +27,12 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from accounts import admin
 from core.config import Config
 from hotpath.client import BatchItem, HotPath, fingerprint, now_ms
 from ledger.settlement import Settlement
 from ledger.store import Ledger
 from lua import Status
-from ops import admin
 from settler.stream import lag
 
 CREDIT = 1000

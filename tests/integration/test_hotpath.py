@@ -10,11 +10,11 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from accounts import admin
+from accounts.grants import push_pending
 from hotpath.client import BatchItem, HotPath, fingerprint, now_ms
 from ledger.store import Ledger
 from lua import Status
-from ops import admin
-from settler.outbox import push_pending
 from tests.conftest import Org
 
 CREDIT = 1000  # millicredits

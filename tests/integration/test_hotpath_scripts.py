@@ -8,10 +8,10 @@ import datetime as dt
 
 import redis.asyncio as aioredis
 
+from accounts import admin
 from hotpath.client import BatchItem, HotPath, now_ms
 from ledger.store import Ledger
 from lua import Status
-from ops import admin
 from tests.conftest import Org
 from tests.integration.test_hotpath import CREDIT, stream_events
 

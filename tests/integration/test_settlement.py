@@ -12,12 +12,12 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from accounts import admin
 from core.config import Config
 from hotpath.client import BatchItem, HotPath, fingerprint, now_ms
 from ledger.settlement import Settlement, Staged
 from ledger.store import Ledger, LedgerReads
 from lua import Status
-from ops import admin
 from settler import reconcile
 from settler.stream import GROUP, PartitionSettler
 from tests.conftest import Org

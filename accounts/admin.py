@@ -7,10 +7,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from accounts.grants import push_pending
 from hotpath.client import HotPath
 from ledger.store import GrantResult, Ledger, NewKey
 from lua import Status
-from settler.outbox import push_pending
 
 
 class AdminError(ValueError):
