@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from accounts.grants import push_pending
 from hotpath.client import HotPath
-from ledger.store import GrantResult, Ledger, NewKey
+from ledger.store import Cost, Department, GrantResult, Ledger, NewKey
 from lua import Status
 
 
@@ -73,6 +74,39 @@ async def revoke_key(ledger: Ledger, hot: HotPath, organization_id: str, key_id:
     cap = -1 if row["cap"] is None else int(row["cap"])
     await hot.configure(organization_id, "cred", key_id, cap, "1", "", "")
     return revoked
+
+
+async def create_department(ledger: Ledger, hot: HotPath, organization_id: str, name: str) -> Department:
+    """A department without a limit (ledger.Conflict if the name is taken)."""
+    dept = await ledger.create_department(organization_id, name)
+    await hot.configure(organization_id, "dept", dept.id, -1, dept.period)
+    return dept
+
+
+async def set_department_limit(
+    ledger: Ledger, hot: HotPath, organization_id: str, department_id: str, *, limit: int | None, period: str
+) -> Department:
+    """A department's budget per period (None: no limit); ledger.NotFound for another
+    organization's department. A new period kind starts counting at zero."""
+    dept = await ledger.set_department_limit(organization_id, department_id, limit, period)
+    await hot.configure(organization_id, "dept", dept.id, -1 if limit is None else limit, dept.period)
+    return dept
+
+
+async def set_cost(
+    ledger: Ledger,
+    hot: HotPath,
+    organization_id: str,
+    action: str,
+    *,
+    credits: int,
+    unit: str | None = None,
+    description: str | None = None,
+) -> Cost:
+    """An action's price per unit (millicredits), from the next consume on."""
+    cost = await ledger.set_cost(organization_id, action, credits, unit, description)
+    await hot.configure(organization_id, "cost", action, credits)
+    return cost
 
 
 async def grant(
@@ -150,3 +184,18 @@ async def balance(ledger: Ledger, hot: HotPath, organization_id: str) -> Balance
         ledger_balance=ledger_balance,
         ledger_entries_sum=entries,
     )
+
+
+async def send_test_alert(ledger: Ledger, organization_id: str) -> str:
+    """Queue a signed `alert.test` event to the organization's alert URL (delivered by
+    the settler like any alert, retried until the receiver answers 2xx). Returns the
+    event id; ledger.NotFound when no alert is set."""
+    event_id = f"evt_{uuid.uuid4().hex}"
+    payload = {
+        "id": event_id,
+        "type": "alert.test",
+        "organization_id": organization_id,
+        "created_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }
+    await ledger.queue_alert_test(organization_id, json.dumps(payload))
+    return event_id

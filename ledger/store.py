@@ -83,6 +83,32 @@ class Cost:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKeyRow:
+    """An API key as people see it: never its secret."""
+
+    id: str
+    prefix: str
+    name: str
+    role: str
+    department_id: str | None
+    cap: int | None  # millicredits, lifetime
+    rate_limit_per_s: float | None  # None: the default
+    rate_limit_burst: float | None
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+    last_used_at: dt.datetime | None  # of its last settled usage event
+
+
+@dataclass(frozen=True, slots=True)
+class AlertConfig:
+    organization_id: str
+    threshold: int  # millicredits of `available`
+    webhook_url: str
+    state: str  # ok | low
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
 class StoredResponse:
     fingerprint: str
     status: int
@@ -203,6 +229,32 @@ class Ledger:
                 uuid.UUID(key_id),
             )
             return row is not None
+
+    async def api_keys(self, organization_id: str, *, include_revoked: bool = True) -> list[ApiKeyRow]:
+        """The organization's keys, newest first."""
+        async with self.tenant(organization_id) as conn:
+            rows = await conn.fetch(
+                "SELECT k.*, (SELECT max(u.created_at) FROM usage_events u"
+                "  WHERE u.organization_id = k.organization_id AND u.credential_id = k.id::text) AS last_used_at"
+                " FROM api_keys k WHERE $1 OR k.revoked_at IS NULL ORDER BY k.created_at DESC, k.id",
+                include_revoked,
+            )
+        return [
+            ApiKeyRow(
+                id=str(r["id"]),
+                prefix=r["prefix"],
+                name=r["name"],
+                role=r["role"],
+                department_id=str(r["department_id"]) if r["department_id"] else None,
+                cap=None if r["cap"] is None else int(r["cap"]),
+                rate_limit_per_s=r["rate_limit_per_s"],
+                rate_limit_burst=r["rate_limit_burst"],
+                created_at=r["created_at"],
+                revoked_at=r["revoked_at"],
+                last_used_at=r["last_used_at"],
+            )
+            for r in rows
+        ]
 
     async def api_key(self, organization_id: str, key_id: str) -> dict[str, Any]:
         async with self.tenant(organization_id) as conn:
@@ -451,6 +503,42 @@ class Ledger:
                 secret,
             )
         return secret
+
+    async def alert(self, organization_id: str) -> AlertConfig | None:
+        """The low-balance alert, if one is set (its signing secret is not returned)."""
+        async with self.tenant(organization_id) as conn:
+            row = await conn.fetchrow(
+                "SELECT organization_id, threshold, webhook_url, state, updated_at FROM balance_alerts"
+            )
+        if row is None:
+            return None
+        return AlertConfig(
+            str(row["organization_id"]), int(row["threshold"]), row["webhook_url"], row["state"], row["updated_at"]
+        )
+
+    async def delete_alert(self, organization_id: str) -> bool:
+        """Stop alerting; deliveries still waiting are dropped with it. False: none was set."""
+        async with self.tenant(organization_id) as conn:
+            await conn.execute("DELETE FROM webhook_deliveries WHERE delivered_at IS NULL")
+            deleted = await conn.fetchval("DELETE FROM balance_alerts RETURNING organization_id")
+        return deleted is not None
+
+    async def queue_alert_test(self, organization_id: str, payload: str) -> str:
+        """Queue a signed test delivery (`alert.test`) to the alert's URL; the settler
+        sends it within about a second, like any alert. Raises NotFound without an alert."""
+        delivery_id = uuid.uuid4()
+        async with self.tenant(organization_id) as conn:
+            if await conn.fetchval("SELECT count(*) FROM balance_alerts") == 0:
+                raise NotFound(f"organization {organization_id} has no alert set")
+            await conn.execute(
+                "INSERT INTO webhook_deliveries (id, organization_id, event_type, payload)"
+                " VALUES ($1, $2, $3, $4::jsonb)",
+                delivery_id,
+                uuid.UUID(organization_id),
+                "alert.test",
+                payload,
+            )
+        return str(delivery_id)
 
     # -- departments ----------------------------------------------------------------
     async def departments(self, organization_id: str) -> list[Department]:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
+from accounts import admin
 from api.auth import require_admin
 from api.errors import ApiError, from_validation, invalid
 from core.http import IDEMPOTENCY_HEADER, REPLAYED_HEADER
@@ -487,8 +488,9 @@ async def put_cost(request: web.Request) -> web.Response:
     amount = milli(body.credits, "$.credits")
     await _request_token(request, cred)
     org = cred.organization_id
-    cost = await request.app[LEDGER].set_cost(org, action, amount, body.unit, body.description)
-    await request.app[HOT].configure(org, "cost", action, amount)
+    cost = await admin.set_cost(
+        request.app[LEDGER], request.app[HOT], org, action, credits=amount, unit=body.unit, description=body.description
+    )
     return respond(
         s.CostView(action=cost.action, credits=credits(cost.credits), unit=cost.unit, description=cost.description)
     )
@@ -516,10 +518,9 @@ async def create_department(request: web.Request) -> web.Response:
             return _replay(stored, fp, replayed=True)
     await _request_token(request, cred)
     try:
-        dept = await ledger.create_department(org, body.name)
+        dept = await admin.create_department(ledger, request.app[HOT], org, body.name)
     except Conflict as exc:
         raise ApiError(409, "conflict", str(exc), "$.name") from None
-    await request.app[HOT].configure(org, "dept", dept.id, -1, dept.period)
     response = respond(s.DepartmentView(id=dept.id, name=dept.name), status=201)
     if key is not None:
         assert isinstance(response.body, bytes)
@@ -580,10 +581,11 @@ async def put_limits(request: web.Request) -> web.Response:
     await _request_token(request, cred)
     org = cred.organization_id
     try:
-        dept = await request.app[LEDGER].set_department_limit(org, dept_id, limit, body.period)
+        await admin.set_department_limit(
+            request.app[LEDGER], request.app[HOT], org, dept_id, limit=limit, period=body.period
+        )
     except NotFound:
         raise ApiError(404, "not_found", "no such department", "department_id") from None
-    await request.app[HOT].configure(org, "dept", dept.id, -1 if limit is None else limit, dept.period)
     return respond(await _limit_view(request, cred, dept_id))
 
 

@@ -119,3 +119,50 @@ async def test_failed_delivery_is_retried(
                 org.id,
             )
         assert row["attempts"] == 2 and row["delivered_at"] is not None and row["last_error"] == "HTTP 500"
+
+
+async def test_alert_read_test_event_and_delete(
+    ledger: Ledger, hot: HotPath, settlement: Settlement, org: Org, other_org: Org, receiver: tuple[Receiver, str]
+) -> None:
+    rec, url = receiver
+    assert await ledger.alert(org.id) is None
+    with pytest.raises(LookupError):
+        await admin.send_test_alert(ledger, org.id)  # no alert: nothing to send to
+    secret = await ledger.set_alert(org.id, threshold=5 * CREDIT, webhook_url=url)
+    cfg = await ledger.alert(org.id)
+    assert cfg is not None and (cfg.threshold, cfg.webhook_url, cfg.state) == (5 * CREDIT, url, "ok")
+    assert await ledger.alert(other_org.id) is None  # one organization's alert only
+    event_id = await admin.send_test_alert(ledger, org.id)
+    async with aiohttp.ClientSession() as http:
+        alerts = Alerts(AlertStore(settlement), hot, http)
+        assert await alerts.deliver_due() >= 1
+    [(_, body, header)] = [r for r in rec.received if json.loads(r[1])["id"] == event_id]
+    assert verify(secret, body, header)
+    assert json.loads(body)["type"] == "alert.test" and json.loads(body)["organization_id"] == org.id
+    assert not await ledger.delete_alert(other_org.id)
+    assert await ledger.delete_alert(org.id)
+    assert await ledger.alert(org.id) is None
+    assert not await ledger.delete_alert(org.id)
+
+
+async def test_api_keys_list_without_secrets_with_last_use(
+    ledger: Ledger, hot: HotPath, settlement: Settlement, redis: aioredis.Redis, org: Org, other_org: Org
+) -> None:
+    agent = await admin.create_key(ledger, hot, org.id, role="agent", name="worker", cap=50 * CREDIT)
+    await admin.revoke_key(ledger, hot, org.id, org.admin_key_id)
+    keys = {k.id: k for k in await ledger.api_keys(org.id)}
+    assert set(keys) == {agent.id, org.admin_key_id}
+    assert keys[agent.id].prefix == agent.secret[:10] and agent.secret not in repr(keys[agent.id])
+    assert (keys[agent.id].role, keys[agent.id].name, keys[agent.id].cap) == ("agent", "worker", 50 * CREDIT)
+    assert keys[agent.id].last_used_at is None and keys[org.admin_key_id].revoked_at is not None
+    assert [k.id for k in await ledger.api_keys(org.id, include_revoked=False)] == [agent.id]
+    assert org.admin_key_id not in {k.id for k in await ledger.api_keys(other_org.id)}
+    await hot.consume(org.id, agent.id, action="web_search", units=1)
+    ps = PartitionSettler(redis, settlement, hot, hot.partition(org.id), consumer="keys-test")
+    assert await ps.acquire()
+    for _ in range(50):
+        if not await ps.settle_once(block_ms=1):
+            break
+    await ps.release()
+    used = {k.id: k for k in await ledger.api_keys(org.id)}[agent.id]
+    assert used.last_used_at is not None

@@ -35,7 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "settler": {"accounts", "core", "lua", "hotpath", "ledger"},
     "billing": {"accounts", "api", "core", "lua", "hotpath", "ledger", "webhooks"},
     "webhooks": {"api", "billing", "core", "hotpath", "ledger"},  # billing's own webhook half
-    "meter": {"api", "core", "lua", "hotpath", "ledger"},
+    "meter": {"accounts", "api", "core", "lua", "hotpath", "ledger"},
 }
 
 
