@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import jwt
 import msgspec
@@ -26,7 +28,9 @@ from aiohttp import web
 
 from api.errors import ApiError
 from core.errors import Unavailable
+from hotpath.client import HotPath
 from ledger.store import API_KEY_PREFIX, POSTGRES_DOWN, Credential, Ledger
+from lua import Status
 
 CACHE_TTL_S = 30.0
 STALE_IF_ERROR_S = 24 * 3600.0  # how long a cached key outlives its TTL while Postgres is down
@@ -34,6 +38,10 @@ STALE_IF_ERROR_S = 24 * 3600.0  # how long a cached key outlives its TTL while P
 # for this long: with an unreachable host each attempt waits for the connect timeout.
 LEDGER_RECHECK_S = 5.0
 CACHE_ENTRIES_MAX = 10_000
+UNKNOWN_TTL_S = 30.0  # a key Postgres did not know is refused without asking again this long
+UNKNOWN_ENTRIES_MAX = 10_000
+# What ledger.Ledger.create_api_key makes: the prefix and 32 random bytes, base64url.
+API_KEY_SHAPE = re.compile(re.escape(API_KEY_PREFIX) + r"[A-Za-z0-9_-]{43}")
 JWT_LEEWAY_S = 30
 ROLES = ("agent", "admin")
 _BEARER_API_KEY = "Bearer " + API_KEY_PREFIX  # the usual spelling of an API key header
@@ -77,12 +85,35 @@ def unauthenticated(message: str) -> ApiError:
     return ApiError(401, "unauthenticated", message, headers={"WWW-Authenticate": "Bearer"})
 
 
+# A check every request of a credential passes besides authentication, in the same
+# step as nothing else: the hot path's revoked flag and rate limit (see hot_path_check).
+CredentialCheck = Callable[[Credential], Awaitable[None]]
+
+
 class Authenticator:
-    def __init__(self, ledger: Ledger, jwt_secret: str | None, shared: SharedCredentials | None = None) -> None:
+    """Credentials of one process. API keys are looked up in Postgres by their sha256
+    and cached CACHE_TTL_S; keys Postgres does not know are remembered as unknown for
+    UNKNOWN_TTL_S (every bogus key would otherwise cost a query), and text that cannot
+    be one of our keys is refused without asking at all.
+
+    `check`, when given, runs for every API-key request, cached or not: services whose
+    requests do not run a hot-path script (billing, the pages) pass hot_path_check, so a
+    revoked key is refused at its next request there too, as the scripts refuse it."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        jwt_secret: str | None,
+        shared: SharedCredentials | None = None,
+        *,
+        check: CredentialCheck | None = None,
+    ) -> None:
         self.ledger = ledger
         self.jwt_secret = jwt_secret
         self.shared = shared
+        self.check = check
         self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._unknown: OrderedDict[bytes, float] = OrderedDict()  # digest -> unknown until (monotonic)
         self._ledger_down_until = 0.0  # monotonic time
 
     def forget(self, secret: str) -> None:
@@ -91,10 +122,16 @@ class Authenticator:
     def cached(self, request: web.Request) -> Credential | None:
         """The credential of an API key authenticated in the last CACHE_TTL_S, without
         a coroutine (the hot path's common case); None: await the authenticator."""
+        if self.check is not None:
+            return None
         header = request.headers.get("Authorization")
         if header is None or not header.startswith(_BEARER_API_KEY):  # other spellings: __call__
             return None
-        hit = self._cache.get(hashlib.sha256(header[_BEARER_LENGTH:].encode()).digest())
+        try:
+            digest = hashlib.sha256(header[_BEARER_LENGTH:].encode()).digest()
+        except UnicodeEncodeError:  # not UTF-8 (aiohttp kept the bytes as surrogates)
+            return None
+        hit = self._cache.get(digest)
         if hit is not None and hit[0] > time.monotonic():
             return hit[2]
         return None
@@ -105,16 +142,26 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token.strip():
             raise unauthenticated("send Authorization: Bearer <api key or token>")
         token = token.strip()
+        if not token.isascii():  # keys and JWTs are ASCII; anything else is not ours
+            raise unauthenticated("malformed credential: not an API key or a token")
         if token.startswith(API_KEY_PREFIX):
-            return await self._api_key(token)
+            cred = await self._api_key(token)
+            if self.check is not None:
+                await self.check(cred)
+            return cred
         return self._jwt(token)
 
     async def _api_key(self, secret: str) -> Credential:
+        if not API_KEY_SHAPE.fullmatch(secret):
+            raise unauthenticated("unknown or revoked API key")
         digest = hashlib.sha256(secret.encode()).digest()
         now = time.monotonic()
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
             return hit[2]
+        unknown_until = self._unknown.get(digest)
+        if unknown_until is not None and unknown_until > now:
+            raise unauthenticated("unknown or revoked API key")
         if now < self._ledger_down_until:  # a lookup failed moments ago: do not wait on another
             known = await self._known(digest, hit, now)
             if known is None:
@@ -130,6 +177,10 @@ class Authenticator:
             return known
         if cred is None:
             self._cache.pop(digest, None)
+            self._unknown[digest] = now + UNKNOWN_TTL_S
+            self._unknown.move_to_end(digest)
+            while len(self._unknown) > UNKNOWN_ENTRIES_MAX:
+                self._unknown.popitem(last=False)
             raise unauthenticated("unknown or revoked API key")
         if self.shared is not None:
             await self.shared.put(digest, cred)
@@ -188,3 +239,29 @@ def issue_jwt(secret: str, *, organization_id: str, subject: str, role: str, ttl
 def require_admin(cred: Credential) -> None:
     if cred.role != "admin":
         raise ApiError(403, "forbidden", "this operation needs an admin credential")
+
+
+def hot_path_check(hot: HotPath, ledger: Ledger) -> CredentialCheck:
+    """A CredentialCheck that takes one request token for the credential in Redis: the
+    revoked flag and the rate limit, exactly as the sidecar's scripts check them. When
+    Redis cannot answer, the key is looked up in Postgres again (revocation is there
+    too), so a revoked key is never served from the cache."""
+
+    async def check(cred: Credential) -> None:
+        try:
+            result = await hot.take_request_token(cred.organization_id, cred.id)
+        except Unavailable:
+            if not await ledger.api_key_active(cred.organization_id, cred.id):
+                raise unauthenticated("this credential was revoked") from None
+            return
+        if result.status is Status.UNAUTHENTICATED:
+            raise unauthenticated("this credential was revoked")
+        if result.status is Status.RATE_LIMITED:
+            retry_s = max(1, -(-int(result.payload.get("retry_after_ms", 1000)) // 1000))
+            raise ApiError(
+                429, "rate_limited", "too many requests for this credential", headers={"Retry-After": str(retry_s)}
+            )
+        if result.status is not Status.OK:
+            raise Unavailable(f"the hot path refused the request token: {result.status.name}")
+
+    return check

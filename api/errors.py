@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from core.errors import Unavailable
-from core.structs import Body
+from core.structs import NO_NUL, Body
 from ledger.store import POSTGRES_DOWN
 
 log = logging.getLogger(__name__)
@@ -66,23 +67,73 @@ def invalid(message: str, param: str | None = None) -> ApiError:
 
 
 _PATH = re.compile(r" - at `(\$[^`]*)`$")
+_KEY_PATH = re.compile(r" - at `key` in `(\$[^`]*)`$")  # a dict's key was wrong
+_NUL_REFUSED = f"Expected `str` matching regex {NO_NUL!r}"
 
 
-def from_validation(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiError:
-    """msgspec names the path ("... - at `$.items[3].units`"): carry it into param."""
+def from_validation(exc: msgspec.ValidationError | msgspec.DecodeError, raw: bytes | None = None) -> ApiError:
+    """msgspec names the path ("... - at `$.items[3].units`"): carry it into param.
+    With the raw body, a wrong value inside an object of free keys (metadata, whose
+    path msgspec gives as `$.metadata[...]`) is named by its key: `$.metadata.note`."""
     text = str(exc)
-    match = _PATH.search(text)
-    param = match.group(1) if match else None
-    message = _PATH.sub("", text) if match else text
+    param: str | None = None
+    key_match = _KEY_PATH.search(text)
+    match = key_match or _PATH.search(text)
+    if match:
+        param = match.group(1)
+        text = text[: match.start()]
+    message = text
     if isinstance(exc, msgspec.ValidationError) and message.startswith(
         ("Object contains unknown field", "Object missing required field")
     ):
         field = message.split("`")[1] if "`" in message else None
         if field:
             param = f"{param or '$'}.{field}"
+    if message.startswith(_NUL_REFUSED):
+        message = "must not contain the NUL character (U+0000)" + message[len(_NUL_REFUSED) :]
+    if key_match:
+        message = f"key: {message[0].lower()}{message[1:]}"
+    if param is not None and raw is not None and (key_match or param.endswith("[...]")):
+        param = _free_key(param.removesuffix("[...]"), raw, message) or param
     if not isinstance(exc, msgspec.ValidationError):
         message = f"malformed JSON: {message}"
     return invalid(message, param)
+
+
+_SEGMENT = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _free_key(path: str, raw: bytes, message: str) -> str | None:
+    """The path of the first key of the object at `path` whose key or value has the
+    problem msgspec reported (found again with a plain decode; the error path only)."""
+    try:
+        node: Any = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    for name, index in _SEGMENT.findall(path.removeprefix("$")):
+        try:
+            node = node[name] if name else node[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return None
+    if not isinstance(node, dict):
+        return None
+    for key, value in node.items():
+        if _has_problem(key, message) or (isinstance(value, str) and _has_problem(value, message)):
+            return f"{path}.{key}" if _PLAIN_KEY.match(key) else f"{path}[{msgspec.json.encode(key).decode()}]"
+    return None
+
+
+def _has_problem(text: str, message: str) -> bool:
+    if "NUL" in message:
+        return "\x00" in text
+    longest = re.search(r"length <= (\d+)", message)
+    if longest:
+        return len(text) > int(longest.group(1))
+    shortest = re.search(r"length >= (\d+)", message)
+    if shortest:
+        return len(text) < int(shortest.group(1))
+    return False
 
 
 def error_response(

@@ -10,7 +10,7 @@ import prometheus_client
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from api.auth import Authenticator
+from api.auth import Authenticator, hot_path_check
 from api.errors import Handler, error_middleware
 from billing import handlers, openapi
 from billing.actions import BillingActions
@@ -163,7 +163,9 @@ def create_app(config: Config, billing: BillingConfig, *, gateway: StripeGateway
                 app[REDIS] = redis
                 app[LEDGER] = ledger
                 app[HOT] = hot
-                app[AUTH] = Authenticator(ledger, config.jwt_secret)
+                # Billing runs no hot-path script per request: the revoked flag and the rate
+                # limit are checked for every request as the sidecar's scripts check them.
+                app[AUTH] = Authenticator(ledger, config.jwt_secret, check=hot_path_check(hot, ledger))
                 app[GATEWAY] = stripe_gateway
                 app[CATALOG] = catalog
                 app[STORE] = store

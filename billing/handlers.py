@@ -20,6 +20,7 @@ from aiohttp import web
 
 from api.auth import require_admin
 from api.errors import ApiError, from_validation, invalid
+from api.requests import idempotency_key
 from billing import schemas as s
 from billing.appkeys import ACTIONS, AUTH, CATALOG, LEDGER, RECEIVER, STORE
 from billing.store import PAGE_LIMIT_MAX, InvalidCursor, PaymentMethodRow, PaymentRow, SubscriptionRow
@@ -32,7 +33,6 @@ T = TypeVar("T")
 _json = msgspec.json.Encoder(decimal_format="number")
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
-IDEMPOTENCY_KEY_MAX = 255
 IDEMPOTENCY_NAMESPACE = "billing:"  # shares the ledger's table with the credits API
 PAGE_LIMIT_DEFAULT = 20
 
@@ -50,7 +50,7 @@ async def decode(request: web.Request, kind: type[T]) -> T:
     try:
         result: T = decoder.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_validation(exc) from None
+        raise from_validation(exc, raw) from None
     return result
 
 
@@ -69,11 +69,9 @@ async def idempotent(
 ) -> web.Response:
     """Run a mutation once per Idempotency-Key (the same key with another body is a 409).
     `run` gets the key to derive Stripe's idempotency keys from: the caller's, or a new one."""
-    key = request.headers.get(IDEMPOTENCY_HEADER)
+    key = idempotency_key(request)
     if key is None:
         return await run(uuid.uuid4().hex)
-    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
-        raise invalid(f"{IDEMPOTENCY_HEADER} must be 1 to {IDEMPOTENCY_KEY_MAX} characters", IDEMPOTENCY_HEADER)
     ledger = request.app[LEDGER]
     org = cred.organization_id
     record_key = IDEMPOTENCY_NAMESPACE + key
@@ -109,8 +107,8 @@ def page_params(request: web.Request) -> tuple[int, str | None]:
         if not 1 <= limit <= PAGE_LIMIT_MAX:
             raise invalid(f"limit must be between 1 and {PAGE_LIMIT_MAX}", "limit")
     after = request.query.get("starting_after") or None
-    if after is not None and len(after) > 255:
-        raise invalid("starting_after is too long", "starting_after")
+    if after is not None and (len(after) > 255 or "\x00" in after):
+        raise invalid("starting_after must be an object id (at most 255 characters, no NUL)", "starting_after")
     return limit, after
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from msgspec import Meta
 
-from core.structs import Body
+from core.structs import NO_NUL, Body
 
 Credits = Annotated[decimal.Decimal, Meta(description="credits, exact to 0.001")]
 Cents = Annotated[int, Meta(ge=0, description="money in the currency's minor unit (cents)")]
@@ -16,8 +16,8 @@ Currency = Annotated[str, Meta(pattern=r"^[a-z]{3}$", description="lowercase ISO
 Timestamp = Annotated[str, Meta(description="ISO 8601, UTC")]
 CatalogId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$", description="a plan or package id")]
 StripeId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]{3,255}$", description="a Stripe object id")]
-Email = Annotated[str, Meta(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
-Name = Annotated[str, Meta(min_length=1, max_length=200)]
+Email = Annotated[str, Meta(min_length=3, max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+$")]
+Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=NO_NUL)]
 
 
 # -- requests ----------------------------------------------------------------------

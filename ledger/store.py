@@ -256,6 +256,15 @@ class Ledger:
             for r in rows
         ]
 
+    async def api_key_active(self, organization_id: str, key_id: str) -> bool:
+        """Whether the key exists in this organization and is not revoked."""
+        try:
+            key = uuid.UUID(key_id)
+        except ValueError:
+            return False
+        async with self.tenant(organization_id) as conn:
+            return bool(await conn.fetchval("SELECT count(*) FROM api_keys WHERE id = $1 AND revoked_at IS NULL", key))
+
     async def api_key(self, organization_id: str, key_id: str) -> dict[str, Any]:
         async with self.tenant(organization_id) as conn:
             row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", uuid.UUID(key_id))

@@ -15,6 +15,7 @@ from aiohttp import web
 from accounts import admin
 from api.auth import require_admin
 from api.errors import ApiError, from_validation, invalid
+from api.requests import idempotency_key
 from core.http import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from core.money import PrecisionError, format_credits, to_credits, to_milli
 from hotpath.client import BatchItem, Result, fingerprint, now_ms, period_bounds
@@ -29,7 +30,6 @@ _json_encode = _json.encode
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
 _REPLAYED = {REPLAYED_HEADER: "true"}
-IDEMPOTENCY_KEY_MAX = 255
 
 ITEM_CODES: dict[Status, tuple[int, str, str]] = {
     Status.UNKNOWN_ACTION: (400, "unknown_action", "no cost is configured for this action"),
@@ -91,16 +91,7 @@ async def decode(request: web.Request, kind: type[T]) -> T:
     try:
         return decoder(kind).decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_validation(exc) from None
-
-
-def idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key is None:
-        return None
-    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
-        raise invalid(f"{IDEMPOTENCY_HEADER} must be 1 to {IDEMPOTENCY_KEY_MAX} characters", IDEMPOTENCY_HEADER)
-    return key
+        raise from_validation(exc, raw) from None
 
 
 def department_for(cred: Credential, requested: str | None) -> str:
@@ -179,9 +170,15 @@ def ok(result: Result) -> dict[str, Any]:
     return result.payload
 
 
-def pack_metadata(metadata: dict[str, Any] | None) -> str:
-    """Metadata travels as JSON text (Redis' cmsgpack predates msgpack's bin type)."""
-    return _json.encode(metadata).decode() if metadata else ""
+def pack_metadata(metadata: dict[str, Any] | None, param: str = "$.metadata") -> str:
+    """Metadata travels as JSON text (Redis' cmsgpack predates msgpack's bin type),
+    at most METADATA_BYTES_MAX of it (each key and value is bounded by its type)."""
+    if not metadata:
+        return ""
+    text = _json.encode(metadata)
+    if len(text) > s.METADATA_BYTES_MAX:
+        raise invalid(f"metadata is {len(text)} bytes as JSON, more than {s.METADATA_BYTES_MAX}", param)
+    return text.decode()
 
 
 # -- /use ------------------------------------------------------------------------
@@ -223,7 +220,7 @@ async def use(request: web.Request) -> web.Response:
     try:
         body = _decode_use(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_validation(exc) from None
+        raise from_validation(exc, raw) from None
     key = idempotency_key(request)
     dept = department_for(cred, body.department_id)
     # The fingerprint tells a retry from a reuse of the key: no key, nothing to tell.
@@ -305,7 +302,7 @@ def batch_items(cred: Credential, requested: list[s.BatchItem]) -> list[BatchIte
                 raise invalid("idempotency_key repeats within the batch", f"$.items[{i}].idempotency_key")
             seen.add(item_key)
             fp = fingerprint("use", it.action, it.units, dept, it.metadata)
-        metadata = pack_metadata(it.metadata) if it.metadata else ""
+        metadata = pack_metadata(it.metadata, f"$.items[{i}].metadata") if it.metadata else ""
         items.append(BatchItem(it.action, it.units, dept, metadata, item_key, fp))
     return items
 

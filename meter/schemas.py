@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from core.structs import Body
+from core.structs import NO_NUL, Body
 
 Action = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.:-]{0,63}$", description="action name")]
 Units = Annotated[int, Meta(ge=1, le=1_000_000_000, description="units of the action (tokens, requests)")]
@@ -20,11 +20,20 @@ DepartmentId = Annotated[
     str,
     Meta(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", description="department id (uuid)"),
 ]
-IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=255)]
-MetadataValue = str | int | float | bool | None
+IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=255, pattern=NO_NUL)]
+METADATA_KEYS_MAX = 32
+METADATA_KEY_LENGTH_MAX = 64
+METADATA_VALUE_LENGTH_MAX = 500
+METADATA_BYTES_MAX = 8192  # all of it, as JSON
+MetadataValue = Annotated[str, Meta(max_length=METADATA_VALUE_LENGTH_MAX, pattern=NO_NUL)] | int | float | bool | None
 Metadata = Annotated[
-    dict[Annotated[str, Meta(max_length=64)], MetadataValue],
-    Meta(max_length=32, description="up to 32 flat key/value pairs, kept with the usage event"),
+    dict[Annotated[str, Meta(min_length=1, max_length=METADATA_KEY_LENGTH_MAX, pattern=NO_NUL)], MetadataValue],
+    Meta(
+        max_length=METADATA_KEYS_MAX,
+        description=f"up to {METADATA_KEYS_MAX} flat key/value pairs kept with the usage event: keys 1 to"
+        f" {METADATA_KEY_LENGTH_MAX} characters, string values up to {METADATA_VALUE_LENGTH_MAX} characters,"
+        f" no NUL character, at most {METADATA_BYTES_MAX} bytes as JSON",
+    ),
 ]
 Period = Literal["day", "week", "month"]
 
@@ -65,12 +74,12 @@ class ReleaseRequest(Body):
 
 class CostRequest(Body):
     credits: Credits
-    unit: Annotated[str, Meta(min_length=1, max_length=32)] | None = None
-    description: Annotated[str, Meta(max_length=500)] | None = None
+    unit: Annotated[str, Meta(min_length=1, max_length=32, pattern=NO_NUL)] | None = None
+    description: Annotated[str, Meta(max_length=500, pattern=NO_NUL)] | None = None
 
 
 class DepartmentRequest(Body):
-    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    name: Annotated[str, Meta(min_length=1, max_length=200, pattern=NO_NUL)]
 
 
 class LimitRequest(Body):

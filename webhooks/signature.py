@@ -36,6 +36,8 @@ def verify(
     """Check the signature; return its timestamp. Raises SignatureError."""
     if not header:
         raise SignatureError(f"missing {HEADER} header")
+    if not header.isascii():  # Stripe's signatures are ASCII; compare_digest refuses other text
+        raise SignatureError(f"the {HEADER} header is not ASCII")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:

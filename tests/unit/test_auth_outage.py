@@ -12,9 +12,9 @@ from api.auth import Authenticator, SharedCredentials
 from hotpath.client import Unavailable
 from ledger.store import Credential
 
-KEY = "ck_known_key"
-OTHER = "ck_key_of_another_sidecar"
-NEVER_SEEN = "ck_never_seen"
+KEY = "ck_" + "known_key".ljust(43, "k")  # the shape of a real key
+OTHER = "ck_" + "key_of_another_sidecar".ljust(43, "o")
+NEVER_SEEN = "ck_" + "never_seen".ljust(43, "n")
 CRED = Credential(id="k1", organization_id="00000000-0000-0000-0000-000000000001", role="agent", department_id=None)
 CRED2 = Credential(id="k2", organization_id="00000000-0000-0000-0000-000000000002", role="admin", department_id=None)
 
@@ -86,3 +86,35 @@ async def test_known_keys_outlive_their_ttl_and_a_failed_lookup_is_not_repeated(
     clock.now += auth.LEDGER_RECHECK_S + 2
     with pytest.raises(ConnectionRefusedError):
         await solo._api_key(KEY)
+
+
+class HotPathDown:
+    """take_request_token() while Redis cannot be reached."""
+
+    async def take_request_token(self, org: str, cred: str) -> object:
+        raise Unavailable("redis: connection refused")
+
+
+class KeyLedger:
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.asked: list[tuple[str, str]] = []
+
+    async def api_key_active(self, org: str, key_id: str) -> bool:
+        self.asked.append((org, key_id))
+        return self.active
+
+
+async def test_the_revocation_check_asks_postgres_when_redis_cannot_answer() -> None:
+    from api.errors import ApiError
+
+    for active in (True, False):
+        ledger = KeyLedger(active)
+        check = auth.hot_path_check(HotPathDown(), ledger)  # type: ignore[arg-type]
+        if active:
+            await check(CRED)
+        else:
+            with pytest.raises(ApiError) as refused:
+                await check(CRED)
+            assert refused.value.status == 401
+        assert ledger.asked == [(CRED.organization_id, CRED.id)]

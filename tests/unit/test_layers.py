@@ -31,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "hotpath": {"core", "lua"},
     "ledger": {"core", "hotpath"},  # hotpath.snapshot: the shape of a cold-cache load
     "accounts": {"core", "lua", "hotpath", "ledger"},  # ledger first, then the cache
-    "api": {"core", "hotpath", "ledger"},
+    "api": {"core", "hotpath", "ledger", "lua"},
     "settler": {"accounts", "core", "lua", "hotpath", "ledger"},
     "billing": {"accounts", "api", "core", "lua", "hotpath", "ledger", "webhooks"},
     "webhooks": {"api", "billing", "core", "hotpath", "ledger"},  # billing's own webhook half
