@@ -24,8 +24,25 @@ _STATUS_TEXT = {
     404: "not_found (another organization's objects are not found either)",
     409: "idempotency_conflict, customer_required, subscription_exists or subscription_busy",
     413: "payload_too_large",
+    429: "rate_limited: the credential's request rate (Retry-After says when to retry)",
     503: "unavailable: Postgres, Redis or Stripe unreachable; retry with the same Idempotency-Key",
 }
+
+
+def error_statuses(op: Any) -> set[int]:
+    """What an operation can answer besides success: its own list, plus what every
+    operation of its kind can answer (a bad Idempotency-Key or body is a 400, a key reused
+    with another body a 409, a credential is checked for revocation and rate)."""
+    statuses = set(op.errors)
+    if op.authenticated:
+        statuses |= {401, 429, 503}
+    if op.idempotent:
+        statuses |= {400, 409}
+    if op.request is not None:
+        statuses |= {400, 413}
+    if op.query:
+        statuses.add(400)
+    return statuses
 
 
 def _operation(op: Any) -> dict[str, Any]:
@@ -54,7 +71,7 @@ def _operation(op: Any) -> dict[str, Any]:
         }
         if op.idempotent:
             responses[str(op.status)]["headers"] = replayed_header_doc()
-    for code in op.errors:
+    for code in sorted(error_statuses(op)):
         responses[str(code)] = {
             "description": _STATUS_TEXT[code],
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},

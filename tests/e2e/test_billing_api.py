@@ -87,6 +87,15 @@ async def test_openapi_document_covers_the_billing_api(billing_client: Client) -
         "/stripe/webhook": {"post"},
     }.items():
         assert methods <= set(paths[B + path]), path
+    for path, methods in paths.items():
+        for method, op in methods.items():
+            listed = set(op["responses"])
+            if op["security"]:  # every credential is checked for revocation and rate
+                assert {"401", "429"} <= listed, (method, path)
+            if any(p["name"] == "Idempotency-Key" for p in op["parameters"]):  # a malformed or reused key
+                assert {"400", "409"} <= listed, (method, path)
+            if "requestBody" in op:
+                assert {"400", "413"} <= listed, (method, path)
     schemas = doc["components"]["schemas"]
     assert schemas["PurchaseResponse"]["properties"]["credits"]["type"] == "number"
     assert set(schemas["PurchaseRequest"]["required"]) == {"package_id", "payment_method_id"}
