@@ -10,7 +10,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from core.errors import Unavailable
+from core.errors import OutcomeUnknown, Unavailable
+from core.http import IDEMPOTENCY_HEADER
 from core.structs import NO_NUL, Body
 from ledger.store import POSTGRES_DOWN
 
@@ -143,9 +144,23 @@ def error_response(
     return web.Response(status=status, body=_encode(body), content_type="application/json", headers=headers)
 
 
+UNKNOWN_WITHOUT_KEY = (
+    " This request carried no Idempotency-Key and none could be assigned, so a retry may charge"
+    " again: check the balance or the usage before retrying."
+)
+
+
 def _unavailable(request: web.Request, exc: BaseException) -> web.Response:
+    """503, saying what is known: not charged (Unavailable, or Postgres unreachable
+    before anything ran), or possibly charged (OutcomeUnknown, with the key to retry with)."""
     log.warning("dependency_unavailable", extra={"error": str(exc), "path": request.path})
-    return error_response(503, "unavailable", "a backing service is unreachable; nothing was charged")
+    if isinstance(exc, OutcomeUnknown):
+        headers = {IDEMPOTENCY_HEADER: exc.idempotency_key} if exc.idempotency_key else None
+        message = exc.answer if exc.idempotency_key else exc.answer + UNKNOWN_WITHOUT_KEY
+        return error_response(503, "outcome_unknown", message, IDEMPOTENCY_HEADER, headers)
+    if isinstance(exc, Unavailable):
+        return error_response(503, "unavailable", exc.answer)
+    return error_response(503, "unavailable", "Postgres could not be reached; nothing was charged or changed")
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

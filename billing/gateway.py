@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from billing.config import StripeFlavor
+from core.errors import OutcomeUnknown
 
 # The description of the invoice billing creates itself for an upgrade where Stripe
 # cannot (localstripe); it marks the invoice as an upgrade's even when the webhook for
@@ -33,9 +34,11 @@ class StripeError(Exception):
         self.param = param
 
 
-class StripeUnavailable(StripeError):
+class StripeUnavailable(StripeError, OutcomeUnknown):
     """Stripe could not be reached or failed (after the bounded retries); the request
-    may or may not have taken effect, so callers retry with the same idempotency key."""
+    may or may not have taken effect, so callers retry with the same idempotency key.
+    (An OutcomeUnknown: answered as a 503 that says so; StripeError.__init__ reaches
+    OutcomeUnknown's through the method order.)"""
 
 
 class StripeNotFound(StripeError):

@@ -24,10 +24,11 @@ from api.requests import idempotency_key
 from billing import schemas as s
 from billing.appkeys import ACTIONS, AUTH, CATALOG, LEDGER, RECEIVER, STORE
 from billing.store import PAGE_LIMIT_MAX, InvalidCursor, PaymentMethodRow, PaymentRow, SubscriptionRow
+from core.errors import OutcomeUnknown, Unavailable
 from core.http import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from core.money import to_credits
 from hotpath.client import fingerprint
-from ledger.store import Credential, StoredResponse
+from ledger.store import POSTGRES_DOWN, Credential, StoredResponse
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder(decimal_format="number")
@@ -68,10 +69,14 @@ async def idempotent(
     request: web.Request, cred: Credential, parts: tuple[object, ...], run: Callable[[str], Awaitable[web.Response]]
 ) -> web.Response:
     """Run a mutation once per Idempotency-Key (the same key with another body is a 409).
-    `run` gets the key to derive Stripe's idempotency keys from: the caller's, or a new one."""
+    `run` gets the key to derive Stripe's idempotency keys from: the caller's, or one
+    assigned here. When a backing service fails while `run` works, what it did is
+    unknown (Stripe may have charged): the 503 says so and names the key, with which a
+    retry returns the first result and never pays twice (Stripe's idempotency keys and
+    our own records are derived from it)."""
     key = idempotency_key(request)
     if key is None:
-        return await run(uuid.uuid4().hex)
+        return await _unknown_outcome_named(run, ASSIGNED_KEY_PREFIX + uuid.uuid4().hex)
     ledger = request.app[LEDGER]
     org = cred.organization_id
     record_key = IDEMPOTENCY_NAMESPACE + key
@@ -79,7 +84,7 @@ async def idempotent(
     stored = await ledger.stored_response(org, record_key)
     replayed = stored is not None
     if stored is None:
-        response = await run(key)
+        response = await _unknown_outcome_named(run, key)
         if not 200 <= response.status < 300 or not isinstance(response.body, bytes):
             return response
         stored = await ledger.store_response(org, record_key, StoredResponse(fp, response.status, response.body))
@@ -94,6 +99,25 @@ async def idempotent(
         content_type="application/json",
         headers={REPLAYED_HEADER: "true"} if replayed else None,
     )
+
+
+ASSIGNED_KEY_PREFIX = "auto_"
+UNREACHABLE: tuple[type[BaseException], ...] = (Unavailable, *POSTGRES_DOWN)
+UNKNOWN_OUTCOME = (
+    "a backing service did not answer: this request may have taken effect (a payment may have been made)."
+    " Retry it with the same Idempotency-Key: the retry returns the first result and never pays twice"
+)
+
+
+async def _unknown_outcome_named(run: Callable[[str], Awaitable[web.Response]], key: str) -> web.Response:
+    try:
+        return await run(key)
+    except OutcomeUnknown as exc:
+        exc.idempotency_key = key
+        exc.answer = UNKNOWN_OUTCOME
+        raise
+    except UNREACHABLE as exc:
+        raise OutcomeUnknown(str(exc), answer=UNKNOWN_OUTCOME, idempotency_key=key) from exc
 
 
 def page_params(request: web.Request) -> tuple[int, str | None]:

@@ -45,9 +45,11 @@ class Config:
     rate_limit_per_s: float = 1000.0
     rate_limit_burst: float = 2000.0
     idempotency_ttl_s: int = 48 * 3600
+    idempotency_auto_ttl_s: int = 300  # keys assigned to requests without one (0: none assigned)
     max_body_bytes: int = 2 * 1024 * 1024
     max_batch_items: int = 5000
     durability: Durability = Durability.ASYNC
+    redis_timeout_s: float = 5.0  # longest wait for a reply on the sidecar's script connection
     host: str = "127.0.0.1"
     meter_port: int = 8080
     log_level: str = "INFO"
@@ -149,6 +151,13 @@ def _prefix(env: Mapping[str, str]) -> str:
     return raw
 
 
+def _auto_ttl(env: Mapping[str, str]) -> int:
+    value = _int(env, "IDEMPOTENCY_AUTO_TTL_S", 300, 0, 86400)
+    if 0 < value < 60:
+        raise ConfigError("IDEMPOTENCY_AUTO_TTL_S: 0 (assign no keys) or at least 60 seconds")
+    return value
+
+
 def _ops_token(env: Mapping[str, str]) -> str | None:
     raw = env.get("OPS_TOKEN") or None
     if raw is not None and len(raw) < 32:
@@ -185,9 +194,11 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         rate_limit_per_s=_float(env, "RATE_LIMIT_PER_S", 1000.0, 0.0),
         rate_limit_burst=_float(env, "RATE_LIMIT_BURST", 2000.0, 1.0),
         idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_S", 48 * 3600, 24 * 3600, 30 * 86400),
+        idempotency_auto_ttl_s=_auto_ttl(env),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 2 * 1024 * 1024, 1024, 64 * 1024 * 1024),
         max_batch_items=_int(env, "MAX_BATCH_ITEMS", 5000, 1, 100_000),
         durability=durability,
+        redis_timeout_s=_float(env, "REDIS_TIMEOUT_S", 5.0, 0.1, 120.0),
         host=env.get("HOST", "127.0.0.1"),
         meter_port=_int(env, "METER_PORT", 8080, 0, 65535),
         log_level=level,

@@ -132,7 +132,13 @@ class RateLimited(ApiError):
 
 
 class Unavailable(ApiError):
-    """503: Redis or Postgres unreachable behind the sidecar; nothing was charged."""
+    """503 `unavailable`: Redis or Postgres unreachable behind the sidecar; nothing was charged."""
+
+
+class OutcomeUnknown(Unavailable):
+    """503 `outcome_unknown`: the sidecar sent the charge and no answer came, so it may
+    have been charged. The SDK retries it with the same Idempotency-Key (a retry returns
+    the first result, charging nothing more); raised when the retries run out."""
 
 
 class ServerError(ApiError):
@@ -154,6 +160,7 @@ CODES: dict[str, type[ApiError]] = {
     "payload_too_large": PayloadTooLarge,
     "rate_limited": RateLimited,
     "unavailable": Unavailable,
+    "outcome_unknown": OutcomeUnknown,
 }
 
 STATUSES: dict[int, type[ApiError]] = {

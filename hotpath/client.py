@@ -24,13 +24,14 @@ from typing import Any, NamedTuple
 
 import msgspec
 import redis.asyncio as aioredis
+from redis import exceptions as redis_exceptions
 from redis.exceptions import ResponseError
 
 import lua
 from core.config import Config, Durability
-from core.errors import Unavailable
+from core.errors import OutcomeUnknown, Unavailable
 from core.periods import period_bounds, period_starts_ms
-from hotpath.connection import PipelinedRedis, pack_command
+from hotpath.connection import NotSent, PipelinedRedis, ReplyLost, pack_command
 from hotpath.replay import entry_after, replay
 from hotpath.snapshot import (
     CredSnapshot,
@@ -59,10 +60,11 @@ UNSETTLED_SCAN_MAX = 200_000
 ORG_KEYS_CACHE_MAX = 4096  # organizations whose key names are kept ready
 DAY_MS = 86_400_000
 DURABILITY_WAIT_MS = 1000  # longest WAITAOF per call; a short wait is logged, never undone
-# Answered OK, these wait for the fsync (DURABILITY local/replica) before answering.
-DURABLE_OPERATIONS = frozenset(
-    {"consume", "consume_batch", "reserve", "release", "debit", "grant", "balance", "ratelimit"}
-)
+# Answered OK, these wait for the fsync (DURABILITY local/replica) before answering. A
+# grant push waits too: its outbox row is deleted once it is confirmed. Reads (balance,
+# request tokens) do not: what they may write (an expiry whose time has come) is done
+# again, identically and with the same event ids, after a crash.
+DURABLE_OPERATIONS = frozenset({"consume", "consume_batch", "reserve", "release", "debit", "grant"})
 
 FIXED_KEYS = (
     "acct",
@@ -79,6 +81,10 @@ FIXED_KEYS = (
 N_ORG_KEYS = len(FIXED_KEYS) + 1  # and the usage stream: KEYS[1..11] of every script
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
+
+
+class DurabilityError(RuntimeError):
+    """Redis cannot give the durability the configuration asks for."""
 
 
 class EvictionPolicyError(RuntimeError):
@@ -213,6 +219,66 @@ def _missing_code(exc: ResponseError) -> bool:
     return text.startswith("NOSCRIPT") or "Function not found" in text
 
 
+# Operations that charge or move credits: when one of them was sent and no answer came,
+# the caller must be told it may have taken effect (OutcomeUnknown).
+CHARGING_OPERATIONS = frozenset({"consume", "consume_batch", "reserve", "release", "debit"})
+
+
+class NotDurable(OutcomeUnknown):
+    """Applied in memory, but Redis did not confirm it on disk in time (DURABILITY)."""
+
+    answer = (
+        "this request was charged, but Redis has not confirmed it on disk yet, so a crash now could"
+        " lose it. Retry it with the same Idempotency-Key: the retry returns the first result"
+        " (charging nothing again) once it is on disk"
+    )
+
+
+def _unreachable(exc: BaseException, operation: str) -> Unavailable:
+    """What a failed call means for its caller. NotSent (the pipe never wrote it) and
+    redis-py's errors while connecting or writing: it did not run. Anything else (a
+    reply lost or late): it may have run, which matters for the operations that charge."""
+    text = str(exc)
+    not_run = isinstance(exc, NotSent) or (
+        not isinstance(exc, ReplyLost)
+        and isinstance(exc, (aioredis.ConnectionError, aioredis.TimeoutError))
+        and ("connecting" in text or "writing" in text)
+    )
+    if not_run:
+        return Unavailable(f"redis: {exc}", answer="Redis could not be reached; nothing was charged")
+    if operation in CHARGING_OPERATIONS:
+        return OutcomeUnknown(f"redis: {exc}")
+    return Unavailable(f"redis: {exc}", answer="Redis did not answer in time; nothing was charged")
+
+
+# Errors with which Redis refuses a command before running it, and what they mean.
+_REFUSALS = {
+    "OOM": "Redis is full (maxmemory reached, noeviction); nothing was charged",
+    "BUSY": "Redis is busy running another script; nothing was charged",
+    "LOADING": "Redis is loading its data after a restart; nothing was charged",
+    "READONLY": "the Redis server is a read-only replica; nothing was charged",
+    "MASTERDOWN": "the Redis replica lost its primary; nothing was charged",
+    "CLUSTERDOWN": "the Redis cluster is down; nothing was charged",
+    "TRYAGAIN": "the Redis cluster is moving this organization's data; nothing was charged",
+    "NOREPLICAS": "too few Redis replicas are reachable; nothing was charged",
+}
+
+
+# redis-py turns some of those into classes of their own and drops the prefix.
+_REFUSAL_CLASSES = (
+    (redis_exceptions.OutOfMemoryError, "OOM"),
+    (redis_exceptions.BusyLoadingError, "LOADING"),
+    (redis_exceptions.ReadOnlyError, "READONLY"),
+)
+
+
+def _refused_before_running(exc: ResponseError) -> str | None:
+    for kind, prefix in _REFUSAL_CLASSES:
+        if isinstance(exc, kind):
+            return _REFUSALS[prefix]
+    return _REFUSALS.get(str(exc).split(" ", 1)[0])
+
+
 def _no_functions(exc: ResponseError) -> bool:
     text = str(exc).lower()
     return "unknown command" in text and ("fcall" in text or "function" in text)
@@ -236,6 +302,7 @@ class HotPath:
         default_rate_per_s: float,
         default_burst: float,
         idempotency_ttl_s: int,
+        assigned_idempotency_ttl_s: int = 300,
         durability: Durability = Durability.ASYNC,
         key_prefix: str = "cr",
         pipe: PipelinedRedis | None = None,
@@ -251,6 +318,7 @@ class HotPath:
         self.default_rate_per_s = default_rate_per_s
         self.default_burst = default_burst
         self.idempotency_ttl_ms = idempotency_ttl_s * 1000
+        self.assigned_idempotency_ttl_ms = assigned_idempotency_ttl_s * 1000
         self.durability = durability
         self._loading: dict[str, asyncio.Future[Result]] = {}
         self._library = lua.library()
@@ -262,7 +330,7 @@ class HotPath:
         self._command_head = functools.lru_cache(maxsize=4 * ORG_KEYS_CACHE_MAX)(self._pack_command_head)
         self._org_word = functools.lru_cache(maxsize=ORG_KEYS_CACHE_MAX)(lambda org: _words((org,)))
         self._credential_words = functools.lru_cache(maxsize=ORG_KEYS_CACHE_MAX)(self._pack_credential_words)
-        self._ttl_word = _words((self.idempotency_ttl_ms,))
+        self._ttl_words = {ttl: _words((ttl,)) for ttl in (self.idempotency_ttl_ms, self.assigned_idempotency_ttl_ms)}
         self._set_mode(mode)
 
     @classmethod
@@ -276,6 +344,7 @@ class HotPath:
             default_rate_per_s=config.rate_limit_per_s,
             default_burst=config.rate_limit_burst,
             idempotency_ttl_s=config.idempotency_ttl_s,
+            assigned_idempotency_ttl_s=config.idempotency_auto_ttl_s,
             durability=config.durability,
             key_prefix=config.redis_key_prefix,
             pipe=pipe,
@@ -336,8 +405,17 @@ class HotPath:
 
     async def start(self) -> None:
         """Install the scripts once (calls then never send the code again), and drop
-        the function libraries earlier versions left behind."""
+        the function libraries earlier versions left behind. With DURABILITY local or
+        replica, Redis must keep an append-only file: every charge would wait for an
+        fsync that never comes."""
         try:
+            if self.durability is not Durability.ASYNC:
+                appendonly = (await self.redis.config_get("appendonly")).get("appendonly")
+                if appendonly != "yes":
+                    raise DurabilityError(
+                        f"DURABILITY={self.durability.value} needs Redis with appendonly yes (it runs with"
+                        f" appendonly {appendonly}): every charge waits for its own fsync (WAITAOF)"
+                    )
             await self._install()
             if self.mode is Mode.FUNCTIONS:
                 await self._prune_libraries()
@@ -422,10 +500,14 @@ class HotPath:
         self, exc: BaseException, name: str, org: str, extra_keys: Sequence[str], args: Sequence[Any]
     ) -> Any:
         """The rare outcomes of a call: Redis lost (or never had) our code, or cannot be
-        reached (Unavailable: nothing was charged, or the caller cannot know)."""
+        reached: Unavailable when the call cannot have run, OutcomeUnknown when it may
+        have (see _unreachable)."""
         try:
             if not isinstance(exc, ResponseError):
                 raise exc
+            refusal = _refused_before_running(exc)
+            if refusal is not None:
+                raise Unavailable(f"redis: {exc}", answer=refusal) from exc
             if not (_missing_code(exc) or _no_functions(exc)):
                 raise exc
             # Redis restarted without its data, or was flushed: the call did not run,
@@ -433,28 +515,38 @@ class HotPath:
             await self._install()
             return await self._send(name, org, extra_keys, args)
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as error:
-            raise Unavailable(f"redis: {error}") from error
+            raise _unreachable(error, name) from error
 
     async def _send_durably(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """The call, then (when it changed balances) WAITAOF on the same connection:
         WAITAOF waits for the writes of its own connection only. Not over the pipe:
         WAITAOF blocks its connection until the fsync, and every command queued behind
-        it would wait too."""
+        it would wait too. An OK that Redis does not confirm on disk in time is not an OK
+        (NotDurable: it is applied in memory and could still be lost); a REPLAY first
+        writes once on this connection, so that its wait covers the original's writes
+        (the AOF is one file: an fsync of a later write is an fsync of every earlier one)."""
         async with self.redis.client() as connection:
             call = connection.execute_command  # (untyped in redis-py)
             raw = await call(self._verb, self._names[name], len(keys), *keys, *args)  # type: ignore[no-untyped-call]
-            if name not in DURABLE_OPERATIONS or raw[0] != Status.OK:
+            if name not in DURABLE_OPERATIONS or raw[0] not in (Status.OK, Status.REPLAY):
                 return raw
             replicas = 1 if self.durability is Durability.REPLICA else 0
             try:
+                if raw[0] == Status.REPLAY:
+                    await call("SET", self._durability_probe_key(keys[0]), "1", "PX", DAY_MS)  # type: ignore[no-untyped-call]
                 acked = await call("WAITAOF", 1, replicas, DURABILITY_WAIT_MS)  # type: ignore[no-untyped-call]
             except (aioredis.RedisError, OSError) as exc:
-                # The charge is applied in memory already; it cannot be un-done here.
-                log.error("durability_wait_failed", extra={"error": str(exc)})
-                return raw
+                log.error("durability_wait_failed", extra={"operation": name, "error": str(exc)})
+                raise NotDurable(f"WAITAOF failed: {exc}") from exc
         if int(acked[0]) < 1 or int(acked[1]) < replicas:
-            log.error("durability_wait_short", extra={"acked": acked})
+            log.error("durability_wait_short", extra={"operation": name, "local": acked[0], "replicas": acked[1]})
+            raise NotDurable(f"WAITAOF confirmed {acked[0]} local / {acked[1]} replica fsyncs of 1 / {replicas}")
         return raw
+
+    def _durability_probe_key(self, org_key: str) -> str:
+        """A key in the organization's slot (the same node, on a cluster) to write to."""
+        tag = org_key[org_key.index("{") : org_key.index("}") + 1]
+        return f"{self.key_prefix}:{tag}:durability-probe"
 
     async def _call_loaded(
         self, name: str, org: str, extra_keys: Sequence[str], args: Sequence[Any], command: bytes | None = None
@@ -478,10 +570,16 @@ class HotPath:
         day, week, month = self._period_starts(now)
         return (org, now, call_id, cred, self.default_rate_per_s, self.default_burst, day, week, month)
 
-    def _idem(self, org: str, key: str | None, fp: str) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    def _idem(
+        self, org: str, key: str | None, fp: str, assigned: bool = False
+    ) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+        """KEYS and ARGV of a call's idempotency record. `assigned`: a key the sidecar
+        gave a request that had none (kept IDEMPOTENCY_AUTO_TTL_S: long enough for the
+        retry of an answer that never came, not the 48 h of a client's own keys)."""
+        ttl_ms = self.assigned_idempotency_ttl_ms if assigned else self.idempotency_ttl_ms
         if key is None:
-            return (), ("", self.idempotency_ttl_ms)
-        return (self.idempotency_key(org, key),), (fp, self.idempotency_ttl_ms)
+            return (), ("", ttl_ms)
+        return (self.idempotency_key(org, key),), (fp, ttl_ms)
 
     # -- operations ---------------------------------------------------------------
     async def _load_once(self, organization_id: str) -> None:
@@ -520,11 +618,12 @@ class HotPath:
         metadata: str = "",
         idempotency_key: str | None = None,
         fp: str = "",
+        assigned: bool = False,
         now: int | None = None,
     ) -> Result:
         now = now_ms() if now is None else now
         call_id = new_id()  # also the usage event's id: one per call
-        idem_keys, idem_args = self._idem(org, idempotency_key, fp)
+        idem_keys, idem_args = self._idem(org, idempotency_key, fp, assigned)
         args = (*self._common(org, cred, now, call_id), *idem_args, action, units, department_id, metadata, call_id)
         command = None
         if self.pipe is not None:  # the busiest call: encoded by hand, mostly from cached bytes
@@ -534,7 +633,7 @@ class HotPath:
     def _consume_command(self, org: str, extra_keys: tuple[str, ...], args: tuple[Any, ...]) -> bytes:
         """RESP of a consume call, as _send would encode it (tests/unit/test_fast_paths.py
         compares them), from the cached head and the credential's cached words."""
-        now, call_id, cred, _, _, day, week, month, fp, _, action, units, dept, metadata = args[1:15]
+        now, call_id, cred, _, _, day, week, month, fp, ttl_ms, action, units, dept, metadata = args[1:15]
         head = self._command_head("consume", org, len(extra_keys), len(args))
         if extra_keys:
             head += _words(extra_keys)
@@ -550,7 +649,7 @@ class HotPath:
             self._credential_words(cred, day, week, month),
             len(f),
             f,
-            self._ttl_word,
+            self._ttl_words[ttl_ms],
         ) + b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
             len(a),
             a,
@@ -600,6 +699,7 @@ class HotPath:
         atomic: bool,
         idempotency_key: str | None = None,
         fp: str = "",
+        assigned: bool = False,
         now: int | None = None,
     ) -> Result:
         """Many consumes in one script call. OK's payload names only the exceptions
@@ -624,7 +724,8 @@ class HotPath:
                 runs.append([1, item.action, item.units, item.department_id, item.metadata, 0, ""])
                 previous = item
         args = self._common(org, cred, now, new_id())
-        args += (fp if idempotency_key else "", self.idempotency_ttl_ms, "1" if atomic else "0", _encode(runs))
+        ttl_ms = self.assigned_idempotency_ttl_ms if assigned else self.idempotency_ttl_ms
+        args += (fp if idempotency_key else "", ttl_ms, "1" if atomic else "0", _encode(runs))
         return await self._call_loaded("consume_batch", org, keys, args)
 
     async def reserve(
@@ -639,11 +740,12 @@ class HotPath:
         metadata: str = "",
         idempotency_key: str | None = None,
         fp: str = "",
+        assigned: bool = False,
         now: int | None = None,
     ) -> Result:
         now = now_ms() if now is None else now
         call_id = new_id()  # also the reservation's id
-        idem_keys, idem_args = self._idem(org, idempotency_key, fp)
+        idem_keys, idem_args = self._idem(org, idempotency_key, fp, assigned)
         args = (*self._common(org, cred, now, call_id), *idem_args, amount, ttl_ms, department_id, action, metadata)
         return await self._call_loaded("reserve", org, idem_keys, (*args, call_id))
 
@@ -656,10 +758,11 @@ class HotPath:
         used: int,
         idempotency_key: str | None = None,
         fp: str = "",
+        assigned: bool = False,
         now: int | None = None,
     ) -> Result:
         now = now_ms() if now is None else now
-        idem_keys, idem_args = self._idem(org, idempotency_key, fp)
+        idem_keys, idem_args = self._idem(org, idempotency_key, fp, assigned)
         args = (*self._common(org, cred, now, new_id()), *idem_args, reservation_id, used)
         return await self._call_loaded("release", org, idem_keys, args)
 

@@ -21,13 +21,15 @@ Python CPU per call, which is what the sidecar runs out of):
 redis-py stays the client for everything else.
 
 Guarantees:
-- A command that may have reached Redis is never sent twice. When the connection
-  drops, every command written and not yet answered fails with `ConnectionError`, so
-  the caller answers 503 and its client retries with its idempotency key. Commands not
-  yet written fail the same way (safe: they never ran).
+- A command that may have reached Redis is never sent twice, and a caller is always
+  told which of the two it was: when the connection drops, every command written and
+  not yet answered fails with `ReplyLost` (it may have run, or may still run: Redis
+  executes what it has read even after the client left), every command not yet
+  written with `NotSent` (a `ConnectionError`: it never ran).
 - No reply for `timeout_s` while commands are waiting: the connection is presumed
-  hung, every waiting command fails with `TimeoutError` and the connection is closed
-  (a reply that came later could not be matched to its caller).
+  hung, every waiting command fails with `ReplyTimeout` (a `ReplyLost` and a
+  `TimeoutError`) and the connection is closed (a reply that came later could not be
+  matched to its caller).
 - At most `pending_max` commands wait at once; past that a call fails at once with
   `ConnectionError` (back-pressure instead of an unbounded queue).
 - A lost connection is re-opened by the next command, never in the background.
@@ -51,7 +53,28 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["PipelinedRedis", "RedisConnectionError", "RedisTimeoutError", "ResponseError"]
+__all__ = [
+    "NotSent",
+    "PipelinedRedis",
+    "RedisConnectionError",
+    "RedisTimeoutError",
+    "ReplyLost",
+    "ReplyTimeout",
+    "ResponseError",
+]
+
+
+class NotSent(RedisConnectionError):
+    """The command was never written to Redis: it did not run."""
+
+
+class ReplyLost(RedisConnectionError):
+    """The command was written and its reply never came: it may have run."""
+
+
+class ReplyTimeout(ReplyLost, RedisTimeoutError):
+    """No reply within the timeout: the command was written and may have run."""
+
 
 # Commands queued in one loop turn beyond this go out at once, not at the end of the
 # turn: Redis starts on them while the sidecar is still handling the turn's other
@@ -172,10 +195,10 @@ class PipelinedRedis:
             loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed:
-            future.set_exception(RedisConnectionError("the hot path's Redis connection is closed"))
+            future.set_exception(NotSent("the hot path's Redis connection is closed"))
             return future
         if len(self._pending) + len(self._outbox) >= self.pending_max:
-            future.set_exception(RedisConnectionError(f"more than {self.pending_max} Redis commands waiting"))
+            future.set_exception(NotSent(f"more than {self.pending_max} Redis commands waiting"))
             return future
         self._outbox.append(command)
         self._outbox_futures.append(future)
@@ -223,11 +246,12 @@ class PipelinedRedis:
         transport.write(data)
 
     def _fail_outbox(self, exc: Exception) -> None:
+        """Fail what was never written: with NotSent, whatever went wrong."""
         futures = self._outbox_futures
         self._outbox = []
         self._outbox_futures = []
         self._flush_scheduled = False
-        _fail(futures, exc)
+        _fail(futures, exc if isinstance(exc, NotSent) else NotSent(*exc.args))
 
     # -- connecting --------------------------------------------------------------------
     async def _connect(self) -> None:
@@ -313,7 +337,8 @@ class PipelinedRedis:
             self._drop(RedisConnectionError(f"Redis connection lost: {exc or 'closed by the server'}"))
 
     def _drop(self, exc: Exception) -> None:
-        """Give the connection up: everything written and unanswered fails with exc."""
+        """Give the connection up: everything written and unanswered fails with exc (as
+        a ReplyLost: it may have run); what was never written, with exc itself."""
         transport = self._transport
         self._transport = None
         self._protocol = None
@@ -322,7 +347,7 @@ class PipelinedRedis:
             self._watchdog = None
         pending = self._pending
         self._pending = collections.deque()
-        _fail(pending, exc)
+        _fail(pending, exc if isinstance(exc, ReplyLost) else ReplyLost(*exc.args))
         if transport is not None:
             transport.abort()
         if self._outbox and not self._closed and self._connecting is None:
@@ -340,6 +365,6 @@ class PipelinedRedis:
         if self._transport is None:
             return
         if self._pending and time.monotonic() - self._last_progress > self.timeout_s:
-            self._drop(RedisTimeoutError(f"no reply from Redis for {self.timeout_s} s"))
+            self._drop(ReplyTimeout(f"no reply from Redis for {self.timeout_s} s"))
             return
         self._arm_watchdog()

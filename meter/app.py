@@ -22,7 +22,8 @@ from hotpath.client import HotPath, Unavailable, check_eviction_policy
 from hotpath.connection import PipelinedRedis
 from ledger.store import POSTGRES_DOWN, Ledger
 from meter import handlers, openapi
-from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, REDIS
+from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, REDIS, SOURCES
+from meter.sources import GrantSources
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def create_app(config: Config) -> web.Application:
             health_check_interval=30,
         )
         # Script calls share one auto-pipelined connection; the rest uses the pool.
-        pipe = PipelinedRedis.from_url(config.redis_url)
+        pipe = PipelinedRedis.from_url(config.redis_url, timeout_s=config.redis_timeout_s)
         try:
             await check_eviction_policy(redis)
             ledger = await _ledger(config)
@@ -209,6 +210,7 @@ def create_app(config: Config) -> web.Application:
                 app[LEDGER] = ledger
                 app[HOT] = hot
                 app[AUTH] = Authenticator(ledger, config.jwt_secret, SharedCredentials(redis, config.redis_key_prefix))
+                app[SOURCES] = GrantSources(ledger)
                 # What exists now lives as long as the process: keep it out of every
                 # garbage collection from here on (they run every few hundred requests).
                 gc.freeze()

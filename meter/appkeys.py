@@ -9,9 +9,11 @@ from api.auth import Authenticator
 from core.config import Config
 from hotpath.client import HotPath
 from ledger.store import Ledger
+from meter.sources import GrantSources
 
 CONFIG = web.AppKey("config", Config)
 REDIS = web.AppKey("redis", Redis)
 LEDGER = web.AppKey("ledger", Ledger)
 HOT = web.AppKey("hotpath", HotPath)
 AUTH = web.AppKey("auth", Authenticator)
+SOURCES = web.AppKey("grant_sources", GrantSources)

@@ -16,13 +16,14 @@ from accounts import admin
 from api.auth import require_admin
 from api.errors import ApiError, from_validation, invalid
 from api.requests import idempotency_key
+from core.errors import OutcomeUnknown
 from core.http import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from core.money import PrecisionError, format_credits, to_credits, to_milli
-from hotpath.client import BatchItem, Result, fingerprint, now_ms, period_bounds
+from hotpath.client import BatchItem, Result, fingerprint, new_id, now_ms, period_bounds
 from ledger.store import Conflict, Credential, LedgerReads, NotFound, StoredResponse
 from lua import Status
 from meter import schemas as s
-from meter.appkeys import AUTH, CONFIG, HOT, LEDGER
+from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, SOURCES
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder(decimal_format="number")
@@ -92,6 +93,31 @@ async def decode(request: web.Request, kind: type[T]) -> T:
         return decoder(kind).decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise from_validation(exc, raw) from None
+
+
+ASSIGNED_KEY_PREFIX = "auto_"
+
+
+def key_or_assigned(request: web.Request) -> tuple[str | None, bool]:
+    """The request's Idempotency-Key, or one assigned to it (and whether it was): should
+    no answer come from Redis, the 503 returns the key, and a retry with it replays the
+    first result instead of charging again. None when assigning is off
+    (IDEMPOTENCY_AUTO_TTL_S=0)."""
+    key = idempotency_key(request)
+    if key is not None:
+        return key, False
+    if request.app[CONFIG].idempotency_auto_ttl_s <= 0:
+        return None, False
+    return ASSIGNED_KEY_PREFIX + new_id(), True
+
+
+async def with_key(call: Awaitable[Result], key: str | None) -> Result:
+    """The call's result; an OutcomeUnknown names the key to retry with."""
+    try:
+        return await call
+    except OutcomeUnknown as exc:
+        exc.idempotency_key = key
+        raise
 
 
 def department_for(cred: Credential, requested: str | None) -> str:
@@ -221,20 +247,25 @@ async def use(request: web.Request) -> web.Response:
         body = _decode_use(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise from_validation(exc, raw) from None
-    key = idempotency_key(request)
+    key, assigned = key_or_assigned(request)
     dept = department_for(cred, body.department_id)
     # The fingerprint tells a retry from a reuse of the key: no key, nothing to tell.
     fp = "" if key is None else fingerprint("use", body.action, body.units, dept, body.metadata)
-    result = await app[HOT].consume(
-        cred.organization_id,
-        cred.id,
-        action=body.action,
-        units=body.units,
-        department_id=dept,
-        metadata=pack_metadata(body.metadata),
-        idempotency_key=key,
-        fp=fp,
-    )
+    try:
+        result = await app[HOT].consume(
+            cred.organization_id,
+            cred.id,
+            action=body.action,
+            units=body.units,
+            department_id=dept,
+            metadata=pack_metadata(body.metadata),
+            idempotency_key=key,
+            fp=fp,
+            assigned=assigned,
+        )
+    except OutcomeUnknown as exc:
+        exc.idempotency_key = key
+        raise
     if result.status is not Status.OK and result.status is not Status.REPLAY:
         raise fail(result)
     p = result.payload
@@ -253,15 +284,18 @@ async def use_batch(request: web.Request) -> web.Response:
     limit = app[CONFIG].max_batch_items
     if len(body.items) > limit:
         raise ApiError(413, "payload_too_large", f"at most {limit} items per batch", "$.items")
-    key = idempotency_key(request)
+    key, assigned = key_or_assigned(request)
     items = batch_items(cred, body.items)
     # The fingerprint tells a retry from a reuse of the key: no key, nothing to tell.
     fp = ""
     if key is not None:
         fields = [(it.action, it.units, it.department_id, it.metadata, it.idempotency_key) for it in body.items]
         fp = fingerprint("use_batch", body.atomic, fields)
-    result = await app[HOT].consume_batch_compact(
-        cred.organization_id, cred.id, items, atomic=body.atomic, idempotency_key=key, fp=fp
+    result = await with_key(
+        app[HOT].consume_batch_compact(
+            cred.organization_id, cred.id, items, atomic=body.atomic, idempotency_key=key, fp=fp, assigned=assigned
+        ),
+        key,
     )
     if result.status is Status.ITEM_FAILED:
         p = result.payload
@@ -352,19 +386,23 @@ async def reserve(request: web.Request) -> web.Response:
     cred = await request.app[AUTH](request)
     body = await decode(request, s.ReserveRequest)
     amount = milli(body.amount, "$.amount", minimum=1)
-    key = idempotency_key(request)
+    key, assigned = key_or_assigned(request)
     dept = department_for(cred, body.department_id)
     fp = fingerprint("reserve", amount, body.ttl_seconds, dept, body.action, body.metadata)
-    result = await request.app[HOT].reserve(
-        cred.organization_id,
-        cred.id,
-        amount=amount,
-        ttl_ms=body.ttl_seconds * 1000,
-        department_id=dept,
-        action=body.action or "",
-        metadata=pack_metadata(body.metadata),
-        idempotency_key=key,
-        fp=fp,
+    result = await with_key(
+        request.app[HOT].reserve(
+            cred.organization_id,
+            cred.id,
+            amount=amount,
+            ttl_ms=body.ttl_seconds * 1000,
+            department_id=dept,
+            action=body.action or "",
+            metadata=pack_metadata(body.metadata),
+            idempotency_key=key,
+            fp=fp,
+            assigned=assigned,
+        ),
+        key,
     )
     p = ok(result)
     view = s.ReserveResponse(
@@ -381,10 +419,19 @@ async def release(request: web.Request) -> web.Response:
     cred = await request.app[AUTH](request)
     body = await decode(request, s.ReleaseRequest)
     used = milli(body.used, "$.used")
-    key = idempotency_key(request)
+    key, assigned = key_or_assigned(request)
     fp = fingerprint("release", body.reservation_id, used)
-    result = await request.app[HOT].release(
-        cred.organization_id, cred.id, reservation_id=body.reservation_id, used=used, idempotency_key=key, fp=fp
+    result = await with_key(
+        request.app[HOT].release(
+            cred.organization_id,
+            cred.id,
+            reservation_id=body.reservation_id,
+            used=used,
+            idempotency_key=key,
+            fp=fp,
+            assigned=assigned,
+        ),
+        key,
     )
     p = ok(result)
     view = s.ReleaseResponse(
@@ -427,7 +474,7 @@ async def balance(request: web.Request) -> web.Response:
     result = await request.app[HOT].balance(org, cred.id, department_id=dept)
     p = ok_or(result, department_param="department_id")
     grants = p["grants"]
-    sources = await request.app[LEDGER].grant_sources(org, [g["id"] for g in grants])
+    sources = await request.app[SOURCES].lookup(org, [g["id"] for g in grants])
     return respond(
         s.BalanceResponse(
             organization_id=org,

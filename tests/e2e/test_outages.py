@@ -159,6 +159,7 @@ async def test_postgres_down_keeps_the_hot_path_serving(
         async with TestClient(TestServer(create_app(config))) as client:
             r = await client.post("/api/credits/use", json={"action": "generate_content"}, headers=headers)
             assert r.status == 200
+            assert (await client.get("/api/credits/balance", headers=headers)).status == 200  # sources seen once
             embedded.stop()
             r = await client.post("/api/credits/use", json={"action": "generate_content"}, headers=headers)
             assert r.status == 200 and (await r.json())["balance"] == 98  # hot path unaffected
@@ -170,6 +171,11 @@ async def test_postgres_down_keeps_the_hot_path_serving(
             assert r.status == 503 and (await r.json())["error"]["code"] == "unavailable"
             r = await client.get("/api/credits/costs", headers=headers)
             assert r.status == 503
+            # The balance comes from Redis: agents that check it before acting keep going.
+            r = await client.get("/api/credits/balance", headers=headers)
+            assert r.status == 200, await r.text()
+            view = await r.json()
+            assert view["balance"] == 97 and [g["source"] for g in view["grants"]] == ["signup_bonus"]
             ready = await client.get("/readyz")  # still able to charge: degraded, not unready
             assert ready.status == 200 and (await ready.json())["status"] == "degraded"
     finally:

@@ -5,6 +5,7 @@ or Valkey."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -77,3 +78,66 @@ async def test_local_durability_waits_on_the_scripts_connection(
         assert not pipe.connected
     finally:
         await pipe.close()
+
+
+async def test_a_charge_redis_does_not_confirm_on_disk_is_not_an_ok(
+    valkey: aioredis.Redis, ledger: Ledger, config: Config, org: Org
+) -> None:
+    from hotpath.client import DurabilityError, NotDurable
+
+    hot = HotPath(
+        valkey,
+        ledger,
+        partitions=config.usage_partitions,
+        default_rate_per_s=0,
+        default_burst=0,
+        idempotency_ttl_s=config.idempotency_ttl_s,
+        durability=Durability.LOCAL,
+        key_prefix=config.redis_key_prefix,
+    )
+    await hot.start()
+    before = int((await hot.balance(org.id)).payload["balance"])
+    await valkey.config_set("appendonly", "no")  # WAITAOF can no longer be satisfied
+    with pytest.raises(DurabilityError, match="appendonly"):
+        await hot.start()
+    fp = "fp-durable"
+    with pytest.raises(NotDurable):
+        await hot.consume(org.id, org.admin_key_id, action="generate_content", units=2, idempotency_key="k", fp=fp)
+    # It ran in memory (the answer said it may have been charged), and it is not done twice:
+    assert int((await hot.balance(org.id)).payload["balance"]) == before - 2000
+    await valkey.config_set("appendonly", "yes")
+    for _ in range(200):  # the rewrite that turns the AOF on runs in the background
+        info = await valkey.info("persistence")
+        if info.get("aof_enabled") == 1 and info.get("aof_rewrite_in_progress") == 0:
+            break
+        await asyncio.sleep(0.05)
+    replay = await hot.consume(org.id, org.admin_key_id, action="generate_content", units=2, idempotency_key="k", fp=fp)
+    assert replay.status is Status.REPLAY  # and now confirmed on disk
+    assert int((await hot.balance(org.id)).payload["balance"]) == before - 2000
+
+
+async def test_a_full_redis_refuses_the_charge_before_running_it(
+    valkey: aioredis.Redis, ledger: Ledger, config: Config, org: Org
+) -> None:
+    from core.errors import OutcomeUnknown, Unavailable
+
+    hot = HotPath(
+        valkey,
+        ledger,
+        partitions=config.usage_partitions,
+        default_rate_per_s=0,
+        default_burst=0,
+        idempotency_ttl_s=config.idempotency_ttl_s,
+        key_prefix=config.redis_key_prefix,
+    )
+    await hot.start()
+    before = int((await hot.balance(org.id)).payload["balance"])
+    await valkey.config_set("maxmemory", "1")  # below what it uses: every write is refused (noeviction)
+    try:
+        with pytest.raises(Unavailable) as refused:
+            await hot.consume(org.id, org.admin_key_id, action="generate_content", units=1)
+        assert not isinstance(refused.value, OutcomeUnknown)
+        assert "full" in refused.value.answer and "nothing was charged" in refused.value.answer
+    finally:
+        await valkey.config_set("maxmemory", "0")
+    assert int((await hot.balance(org.id)).payload["balance"]) == before

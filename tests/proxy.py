@@ -1,0 +1,97 @@
+"""A TCP proxy in front of a real server, for tests that need a backing service to
+stall or vanish without touching the server itself (it is shared): `pause()` holds
+every byte clients send (as a paused Redis leaves them in its socket buffer) and
+`resume()` delivers them, also for clients that gave up meanwhile (Redis executes what
+it has read even after the client left); `refuse()` drops every connection and accepts
+none until `restore()`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+CHUNK = 65536
+
+
+class Proxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._refusing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    def url(self, scheme: str = "redis", path: str = "/0") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def pause(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def refuse(self) -> None:
+        self._refusing = True
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    def restore(self) -> None:
+        self._refusing = False
+
+    async def stop(self) -> None:
+        self.resume()
+        self.refuse()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+        upstream = asyncio.create_task(self._pump(reader, up_writer, held=True))
+        downstream = asyncio.create_task(self._pump(up_reader, writer, held=False))
+        self._tasks.update((upstream, downstream))
+        try:
+            await upstream  # the client is done (or gone); what it sent has been delivered
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(downstream), timeout=1.0)  # the server's answers
+        finally:
+            for task in (upstream, downstream):
+                task.cancel()
+                self._tasks.discard(task)
+            for w in (writer, up_writer):
+                self._writers.discard(w)
+                w.transport.abort()
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, held: bool) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while True:
+                data = await source.read(CHUNK)
+                if held:
+                    await self._flowing.wait()  # a paused server: the bytes wait, unread
+                if not data:
+                    return
+                if self._refusing:
+                    return
+                sink.write(data)
+                await sink.drain()
