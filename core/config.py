@@ -55,6 +55,8 @@ class Config:
     log_level: str = "INFO"
     settler_port: int = 8082  # the settler's /metrics and ops endpoints; 0 = off
     ops_token: str | None = None  # bearer token for /api/admin/* on the settler
+    ops_alert_url: str | None = None  # where the settler POSTs signed ops alerts (quarantine, lag, drift)
+    ops_alert_secret: str | None = None  # their signing secret
     settle_batch_entries: int = 500
     settlement_lag_alert_s: float = 5.0
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -158,6 +160,13 @@ def _auto_ttl(env: Mapping[str, str]) -> int:
     return value
 
 
+def _ops_alert_secret(env: Mapping[str, str]) -> str | None:
+    url, secret = env.get("OPS_ALERT_URL") or None, env.get("OPS_ALERT_SECRET") or None
+    if url is not None and (secret is None or len(secret) < 32):
+        raise ConfigError("OPS_ALERT_SECRET: required with OPS_ALERT_URL, at least 32 characters (the signing key)")
+    return secret
+
+
 def _ops_token(env: Mapping[str, str]) -> str | None:
     raw = env.get("OPS_TOKEN") or None
     if raw is not None and len(raw) < 32:
@@ -204,6 +213,8 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         log_level=level,
         settler_port=_int(env, "SETTLER_PORT", 8082, 0, 65535),
         ops_token=_ops_token(env),
+        ops_alert_url=_url(env, "OPS_ALERT_URL", ("http", "https")),
+        ops_alert_secret=_ops_alert_secret(env),
         settle_batch_entries=_int(env, "SETTLE_BATCH_ENTRIES", 500, 1, 10_000),
         settlement_lag_alert_s=_float(env, "SETTLEMENT_LAG_ALERT_S", 5.0, 0.1),
     )

@@ -212,6 +212,21 @@ def _words(words: tuple[Any, ...]) -> bytes:
     return packed[packed.index(b"\r\n") + 2 :]
 
 
+def _decodable(raw_events: Sequence[bytes]) -> list[dict[str, Any]]:
+    """The events a load replays; one that cannot be decoded is left out (settlement
+    quarantines it; it said nothing a load could apply)."""
+    events = []
+    for raw in raw_events:
+        try:
+            event = _decode(raw)
+        except msgspec.DecodeError:
+            log.warning("load_skipped_undecodable_event", extra={"bytes": len(raw)})
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
+
+
 def _missing_code(exc: ResponseError) -> bool:
     """Redis lost (or never had) our code: loading it and calling again is safe,
     because the call did not run."""
@@ -604,7 +619,9 @@ class HotPath:
         org_bytes = organization_id.encode()
         mine = [(eid.decode(), f[b"d"]) for eid, f in rows if f and f.get(b"o") == org_bytes]
         snap = await self.source.snapshot(organization_id, self.partition(organization_id))
-        snap = replay(snap, (_decode(d) for eid, d in mine if entry_after(eid, snap.after)))
+        events = [*snap.held, *(d for eid, d in mine if entry_after(eid, snap.after))]
+        snap.held = []  # the load script does not need them
+        snap = replay(snap, _decodable(events))
         return await self._call("load", organization_id, (), (organization_id, now_ms(), new_id(), _encode(snap)))
 
     async def consume(

@@ -8,11 +8,14 @@ snapshot's watermark (`after`)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from core.periods import period_starts_ms
 from hotpath.snapshot import GrantSnapshot, HoldSnapshot, Snapshot
+
+log = logging.getLogger(__name__)
 
 
 def entry_after(entry_id: str, after: str) -> bool:
@@ -119,8 +122,12 @@ class _State:
 
 
 def replay(snapshot: Snapshot, events: Iterable[dict[str, Any]]) -> Snapshot:
-    """The snapshot with the unsettled events applied, in stream order."""
+    """The snapshot with the unsettled events applied, in stream order. An event that
+    lacks what its type needs is left out (settlement quarantines it too)."""
     state = _State(snapshot)
     for ev in events:
-        state.apply(ev)
+        try:
+            state.apply(ev)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("replay_skipped_malformed_event", extra={"type": str(ev.get("t")), "error": repr(exc)})
     return state.result()

@@ -56,6 +56,10 @@ class Snapshot(msgspec.Struct):
     creds: list[CredSnapshot]
     holds: list[HoldSnapshot]
     after: str = "0-0"
+    # Entries of this organization that settlement held in quarantine (msgpack events):
+    # charged in the cache, not in the ledger; a load replays them first (they are older
+    # than every stream entry after `after`).
+    held: list[bytes] = msgspec.field(default_factory=list)
 
 
 class SnapshotSource(Protocol):

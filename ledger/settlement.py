@@ -14,6 +14,8 @@ from typing import Any
 
 import asyncpg
 
+from ledger.store import LedgerSide, ledger_side
+
 # Usage events (nearly all of them) have a narrow staging table of their own.
 USE_COLUMNS = (
     "org",
@@ -67,6 +69,82 @@ CREATE TEMP TABLE IF NOT EXISTS settle_new (
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS settle_batch_orgs (org uuid PRIMARY KEY) ON COMMIT DELETE ROWS;
 """
+
+# -- what a failed settlement means -----------------------------------------------------
+# Postgres could not be reached, or refused for a reason of its own (a lock, a conflict
+# with another transaction, a restart): retry the same entries later. Never quarantine.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57", "58", "XX")
+# The data itself was refused (invalid text, a constraint): retrying cannot help.
+_DATA_SQLSTATE_CLASSES = ("22", "23")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure that says nothing about the entries (retry them as they are)."""
+    if isinstance(exc, (OSError, TimeoutError, asyncpg.exceptions.InterfaceError)):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate or "")[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    return False
+
+
+def is_poison(exc: BaseException) -> bool:
+    """A failure caused by what an entry holds (isolate it; retrying cannot help)."""
+    if isinstance(exc, PoisonEntry):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate or "")[:2] in _DATA_SQLSTATE_CLASSES
+    return False
+
+
+class PoisonEntry(ValueError):
+    """A stream entry that cannot be decoded or staged as it is."""
+
+
+_TEXT_FIELDS = ("act", "why", "k")
+
+
+def clean_event(ev: dict[str, Any]) -> dict[str, Any]:
+    """The event with every free-form field made acceptable to Postgres, keeping what
+    it did to the money: metadata emptied, NUL removed from names and reasons, a
+    department that is not an id dropped. For an entry settlement refused as it was."""
+    out = dict(ev)
+    for name in _TEXT_FIELDS:
+        if isinstance(out.get(name), str):
+            out[name] = out[name].replace("\x00", "")
+    if "m" in out:
+        out["m"] = "{}"
+    if "d" in out and not _is_uuid(out["d"]):
+        out["d"] = ""
+    if isinstance(out.get("ev"), list):
+        out["ev"] = [clean_event(item) if isinstance(item, dict) else item for item in out["ev"]]
+    return out
+
+
+def _is_uuid(text: object) -> bool:
+    if text == "":
+        return True
+    try:
+        uuid.UUID(str(text))
+    except ValueError:
+        return False
+    return True
+
+
+def balance_change(ev: dict[str, Any]) -> int:
+    """What an event did to its organization's balance (millicredits, <= 0), as
+    reconciliation counts unsettled events (lua/reconcile.lua); 0 when unreadable."""
+    try:
+        kind = ev.get("t")
+        if kind in ("use", "grant_expired", "adjustment", "refund"):
+            return -int(ev["amt"])
+        if kind == "use_batch":
+            return -sum(int(item["amt"]) for item in ev["ev"])
+        if kind == "hold_closed":
+            return -int(ev["used"])
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return 0
+
 
 # A batch whose usage events the ledger partly holds already is staged again without
 # them; more rounds than this means something else keeps inserting the same events.
@@ -233,6 +311,8 @@ class Staged:
                 t, org, ev["id"], amount=int(ev["amt"]), reason=ev.get("why", ""), created_at=self._ts(int(ev["at"]))
             ):
                 self._allocs(org, ev["id"], t, ev.get("g") or [], 3)
+        elif t == "grant_applied":
+            pass  # a change notification: the ledger wrote the grant before it was pushed
         else:
             raise ValueError(f"unknown stream event type {t!r}")
 
@@ -261,6 +341,81 @@ class Staged:
 
 
 @dataclass(frozen=True)
+class DeadLetter:
+    """A stream entry in quarantine (ledger/migrations/0007_dead_letters.sql)."""
+
+    partition: int
+    entry_id: str
+    organization_id: str | None
+    raw: bytes  # the event as the stream held it (msgpack)
+    error: str
+    state: str  # cleaned | held
+    amount: int = 0  # its balance change, when held (<= 0)
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    id: int
+    partition: int
+    entry_id: str
+    organization_id: str | None
+    raw: bytes
+    error: str
+    state: str
+    amount: int
+    created_at: dt.datetime
+    resolved_at: dt.datetime | None
+    resolved_by: str
+    resolution: str
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> DeadLetterRow:
+        org = row["organization_id"]
+        return cls(
+            id=int(row["id"]),
+            partition=int(row["partition"]),
+            entry_id=row["entry_id"],
+            organization_id=str(org) if org is not None else None,
+            raw=bytes(row["raw"]),
+            error=row["error"],
+            state=row["state"],
+            amount=int(row["amount"]),
+            created_at=row["created_at"],
+            resolved_at=row["resolved_at"],
+            resolved_by=row["resolved_by"],
+            resolution=row["resolution"],
+        )
+
+
+async def _advance_watermark(conn: asyncpg.Connection, partition: int, entry_id: str) -> None:
+    """The partition's watermark to entry_id, never backwards."""
+    ms, _, seq = entry_id.partition("-")
+    await conn.execute(
+        "INSERT INTO settlement_watermarks AS w (partition, last_ms, last_seq) VALUES ($1, $2, $3)"
+        " ON CONFLICT (partition) DO UPDATE SET last_ms = excluded.last_ms, last_seq = excluded.last_seq"
+        " WHERE (w.last_ms, w.last_seq) < (excluded.last_ms, excluded.last_seq)",
+        partition,
+        int(ms),
+        int(seq),
+    )
+
+
+async def _insert_dead_letter(conn: asyncpg.Connection, d: DeadLetter) -> bool:
+    inserted = await conn.fetchval(
+        "INSERT INTO settlement_dead_letters (partition, entry_id, organization_id, raw, error, state, amount)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (partition, entry_id) DO NOTHING RETURNING id",
+        d.partition,
+        d.entry_id,
+        uuid.UUID(d.organization_id) if d.organization_id else None,
+        d.raw,
+        d.error[:2000],
+        d.state,
+        d.amount,
+    )
+    return inserted is not None
+
+
+@dataclass(frozen=True)
 class OrgBalance:
     organization_id: str
     balance: int
@@ -285,15 +440,29 @@ class Settlement:
         await self.pool.close()
 
     async def settle(
-        self, staged: Staged, *, batch_id: str, partition: int, first_entry: str, last_entry: str
+        self,
+        staged: Staged,
+        *,
+        batch_id: str,
+        partition: int,
+        first_entry: str,
+        last_entry: str,
+        dead_letter: DeadLetter | None = None,
     ) -> list[OrgBalance]:
-        """Settle one batch in one transaction; idempotent (see migrations/0005)."""
-        if not staged:
+        """Settle one batch in one transaction; idempotent (see migrations/0005). With
+        `dead_letter`, the quarantine record of the entry this batch settles cleaned is
+        written in the same transaction."""
+        if not staged and dead_letter is None:
             return []
         for _ in range(RESTAGE_ROUNDS):
             try:
                 return await self._settle(
-                    staged, batch_id=batch_id, partition=partition, first_entry=first_entry, last_entry=last_entry
+                    staged,
+                    batch_id=batch_id,
+                    partition=partition,
+                    first_entry=first_entry,
+                    last_entry=last_entry,
+                    dead_letter=dead_letter,
                 )
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name != "usage_events_pkey":
@@ -314,22 +483,20 @@ class Settlement:
         return {(r["organization_id"], r["id"]) for r in rows}
 
     async def _settle(
-        self, staged: Staged, *, batch_id: str, partition: int, first_entry: str, last_entry: str
+        self,
+        staged: Staged,
+        *,
+        batch_id: str,
+        partition: int,
+        first_entry: str,
+        last_entry: str,
+        dead_letter: DeadLetter | None,
     ) -> list[OrgBalance]:
         """One transaction: COPY the batch into staging, settle it, record the batch."""
         async with self.pool.acquire() as conn, conn.transaction():
-            if staged.uses:
-                await conn.copy_records_to_table("settle_uses", records=staged.uses, columns=list(USE_COLUMNS))
-                debits = staged.debits()
-                if debits:
-                    await conn.copy_records_to_table("settle_debits", records=debits, columns=list(DEBIT_COLUMNS))
-            if staged.events:
-                await conn.copy_records_to_table("settle_events", records=staged.events, columns=list(EVENT_COLUMNS))
-            if staged.allocs:
-                await conn.copy_records_to_table("settle_allocs", records=staged.allocs, columns=list(ALLOC_COLUMNS))
-            rows = await conn.fetch("SELECT * FROM settle_staged($1)", batch_id)
-            if staged.uses:  # their hours for /usage/summary (migrations/0006)
-                await conn.execute("SELECT rollup_staged_uses()")
+            if dead_letter is not None:
+                await _insert_dead_letter(conn, dead_letter)
+            balances = await self._settle_in(conn, staged, batch_id=batch_id)
             await conn.execute(
                 "INSERT INTO settlement_batches (id, partition, first_entry, last_entry, events)"
                 " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
@@ -339,16 +506,83 @@ class Settlement:
                 last_entry,
                 len(staged),
             )
-            ms, _, seq = last_entry.partition("-")
-            await conn.execute(
-                "INSERT INTO settlement_watermarks AS w (partition, last_ms, last_seq) VALUES ($1, $2, $3)"
-                " ON CONFLICT (partition) DO UPDATE SET last_ms = excluded.last_ms, last_seq = excluded.last_seq"
-                " WHERE (w.last_ms, w.last_seq) < (excluded.last_ms, excluded.last_seq)",
-                partition,
-                int(ms),
-                int(seq),
-            )
+            await _advance_watermark(conn, partition, last_entry)
+        return balances
+
+    @staticmethod
+    async def _settle_in(conn: asyncpg.Connection, staged: Staged, *, batch_id: str) -> list[OrgBalance]:
+        """COPY the batch into staging and settle it, in the caller's transaction."""
+        if not staged:
+            return []
+        if staged.uses:
+            await conn.copy_records_to_table("settle_uses", records=staged.uses, columns=list(USE_COLUMNS))
+            debits = staged.debits()
+            if debits:
+                await conn.copy_records_to_table("settle_debits", records=debits, columns=list(DEBIT_COLUMNS))
+        if staged.events:
+            await conn.copy_records_to_table("settle_events", records=staged.events, columns=list(EVENT_COLUMNS))
+        if staged.allocs:
+            await conn.copy_records_to_table("settle_allocs", records=staged.allocs, columns=list(ALLOC_COLUMNS))
+        rows = await conn.fetch("SELECT * FROM settle_staged($1)", batch_id)
+        if staged.uses:  # their hours for /usage/summary (migrations/0006)
+            await conn.execute("SELECT rollup_staged_uses()")
         return [OrgBalance(str(r["organization_id"]), int(r["balance"])) for r in rows]
+
+    # -- quarantine -------------------------------------------------------------------
+    async def hold_dead_letter(self, dead_letter: DeadLetter) -> bool:
+        """Keep an entry settlement could not take (state `held`); False when this entry
+        is in quarantine already (a redelivery). The partition's watermark moves past it:
+        "the ledger holds every entry up to here, or quarantine does" (reconciliation and
+        cold loads then count it once, from quarantine)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            inserted = await _insert_dead_letter(conn, dead_letter)
+            await _advance_watermark(conn, dead_letter.partition, dead_letter.entry_id)
+        return inserted
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT state, count(*) AS n FROM settlement_dead_letters GROUP BY state")
+        return {r["state"]: int(r["n"]) for r in rows}
+
+    async def dead_letters(
+        self, *, state: str | None = None, organization_id: str | None = None, limit: int = 100
+    ) -> list[DeadLetterRow]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM settlement_dead_letters WHERE ($1::text IS NULL OR state = $1)"
+                " AND ($2::uuid IS NULL OR organization_id = $2) ORDER BY id DESC LIMIT $3",
+                state,
+                uuid.UUID(organization_id) if organization_id else None,
+                limit,
+            )
+        return [DeadLetterRow.of(r) for r in rows]
+
+    async def dead_letter(self, dead_letter_id: int) -> DeadLetterRow | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT * FROM settlement_dead_letters WHERE id = $1", dead_letter_id)
+        return None if row is None else DeadLetterRow.of(row)
+
+    async def resolve_dead_letter(
+        self, dead_letter_id: int, *, state: str, by: str, resolution: str, staged: Staged | None = None
+    ) -> bool:
+        """Close a held entry: `replayed` (settling `staged`, its events, in the same
+        transaction) or `discarded`. False when it is not held (any more)."""
+        if state not in ("replayed", "discarded"):
+            raise ValueError("a held entry is replayed or discarded")
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE settlement_dead_letters SET state = $2, resolved_at = now(), resolved_by = $3,"
+                " resolution = $4 WHERE id = $1 AND state = 'held' RETURNING partition, entry_id",
+                dead_letter_id,
+                state,
+                by,
+                resolution,
+            )
+            if row is None:
+                return False
+            if staged is not None and staged:
+                await self._settle_in(conn, staged, batch_id=f"replay-{dead_letter_id}")
+        return True
 
     # -- what the periodic jobs look for -------------------------------------------
     async def orgs_with_due_expiry(self, now: dt.datetime, *, limit: int = 100) -> list[str]:
@@ -392,23 +626,14 @@ class Settlement:
             rows = await conn.fetch("SELECT id, balance FROM organizations WHERE id = ANY($1::uuid[])", ids)
         return {str(r["id"]): int(r["balance"]) for r in rows}
 
-    async def ledger_view(self, organization_id: str, partition: int) -> tuple[int, str, list[tuple[str, int]]]:
+    async def ledger_view(self, organization_id: str, partition: int) -> LedgerSide:
         """In one snapshot: the ledger balance, the partition's watermark (the first
-        stream entry the ledger does NOT hold) and the grants not yet confirmed in the
-        cache (outbox)."""
+        stream entry the ledger does NOT hold), the grants not yet confirmed in the cache
+        (outbox) and what quarantine holds out of the ledger."""
         org = uuid.UUID(organization_id)
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             balance = await conn.fetchval("SELECT balance FROM organizations WHERE id = $1", org)
-            mark = await conn.fetchrow(
-                "SELECT last_ms, last_seq FROM settlement_watermarks WHERE partition = $1", partition
-            )
-            outbox = await conn.fetch(
-                "SELECT o.grant_id, g.amount FROM grant_outbox o JOIN credit_grants g ON g.id = o.grant_id"
-                " WHERE o.organization_id = $1",
-                org,
-            )
-        after = "0-0" if mark is None else f"{mark['last_ms']}-{int(mark['last_seq']) + 1}"
-        return int(balance or 0), after, [(str(r["grant_id"]), int(r["amount"])) for r in outbox]
+            return await ledger_side(conn, org, int(balance or 0), partition)
 
     async def organizations(self, *, after: str | None = None, limit: int = 1000) -> list[str]:
         async with self.pool.acquire() as conn:
@@ -436,6 +661,21 @@ class AlertStore:
                     " WHERE organization_id = ANY($1::uuid[])",
                     [uuid.UUID(o) for o in organization_ids],
                 )
+        return [dict(r) for r in rows]
+
+    async def alert_configs_changed(self, after: tuple[dt.datetime, str] | None, *, limit: int) -> list[dict[str, Any]]:
+        """Alert configurations changed after the cursor (updated_at, organization), in
+        that order: the periodic check looks only at what changed (a new or edited
+        threshold, or a crossing recorded since)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT organization_id, threshold, state, updated_at FROM balance_alerts"
+                " WHERE $1::timestamptz IS NULL OR (updated_at, organization_id) > ($1, $2::uuid)"
+                " ORDER BY updated_at, organization_id LIMIT $3",
+                after[0] if after else None,
+                uuid.UUID(after[1]) if after else None,
+                limit,
+            )
         return [dict(r) for r in rows]
 
     async def alert_crossed(

@@ -83,6 +83,16 @@ class Cost:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerSide:
+    """What reconciliation compares the cache with, read in one snapshot."""
+
+    balance: int  # organizations.balance
+    after: str  # the first stream entry of the partition the ledger does not hold
+    outbox: list[tuple[str, int]]  # grants not yet confirmed in the cache: (id, amount)
+    quarantined: int  # the balance change of held dead letters (settlement could not take them)
+
+
+@dataclass(frozen=True, slots=True)
 class ApiKeyRow:
     """An API key as people see it: never its secret."""
 
@@ -403,6 +413,10 @@ class Ledger:
                 " ) u",
                 earliest,
             )
+            held = await conn.fetch(
+                "SELECT raw FROM settlement_dead_letters WHERE organization_id = $1 AND state = 'held' ORDER BY id",
+                uuid.UUID(organization_id),
+            )
             keys = await conn.fetch(
                 "SELECT k.id, k.cap, k.revoked_at, k.rate_limit_per_s, k.rate_limit_burst,"
                 " coalesce((SELECT sum(u.credits) FROM usage_events u WHERE u.credential_id = k.id::text), 0)"
@@ -474,9 +488,10 @@ class Ledger:
             ],
             holds=hold_snaps,
             after=after,
+            held=[bytes(r["raw"]) for r in held],
         )
 
-    async def ledger_view(self, organization_id: str, partition: int) -> tuple[int, str, list[tuple[str, int]]]:
+    async def ledger_view(self, organization_id: str, partition: int) -> LedgerSide:
         """Reconciliation's ledger side for one organization, in one snapshot (see
         ledger.settlement.Settlement.ledger_view, the settler's cross-tenant twin)."""
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
@@ -484,14 +499,7 @@ class Ledger:
             balance = await conn.fetchval("SELECT balance FROM organizations")
             if balance is None:
                 raise NotFound(f"organization {organization_id} not found")
-            mark = await conn.fetchrow(
-                "SELECT last_ms, last_seq FROM settlement_watermarks WHERE partition = $1", partition
-            )
-            outbox = await conn.fetch(
-                "SELECT o.grant_id, g.amount FROM grant_outbox o JOIN credit_grants g ON g.id = o.grant_id"
-            )
-        after = "0-0" if mark is None else f"{mark['last_ms']}-{int(mark['last_seq']) + 1}"
-        return int(balance), after, [(str(r["grant_id"]), int(r["amount"])) for r in outbox]
+            return await ledger_side(conn, uuid.UUID(organization_id), int(balance), partition)
 
     # -- alerts ---------------------------------------------------------------------
     async def set_alert(self, organization_id: str, *, threshold: int, webhook_url: str) -> str:
@@ -688,6 +696,32 @@ class EntryRow:
     balance_after: int
     reference: str
     created_at: dt.datetime
+
+
+async def ledger_side(conn: asyncpg.Connection, org: uuid.UUID, balance: int, partition: int) -> LedgerSide:
+    """The rest of LedgerSide, in the caller's snapshot (shared by the tenant's and the
+    settler's view)."""
+    mark = await conn.fetchrow("SELECT last_ms, last_seq FROM settlement_watermarks WHERE partition = $1", partition)
+    outbox = await conn.fetch(
+        "SELECT o.grant_id, g.amount FROM grant_outbox o JOIN credit_grants g ON g.id = o.grant_id"
+        " WHERE o.organization_id = $1",
+        org,
+    )
+    quarantined = await conn.fetchval(
+        "SELECT coalesce(sum(amount), 0) FROM settlement_dead_letters WHERE organization_id = $1 AND state = 'held'",
+        org,
+    )
+    return LedgerSide(
+        balance=balance,
+        after=watermark_after(mark),
+        outbox=[(str(r["grant_id"]), int(r["amount"])) for r in outbox],
+        quarantined=int(quarantined),
+    )
+
+
+def watermark_after(mark: asyncpg.Record | None) -> str:
+    """The first stream entry after a partition's watermark ("0-0": nothing settled)."""
+    return "0-0" if mark is None else f"{mark['last_ms']}-{int(mark['last_seq']) + 1}"
 
 
 def usage_page_query(

@@ -4,6 +4,10 @@
   ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
   ARGV[4] grant id               ARGV[5] amount (millicredits, >= 1)
   ARGV[6] priority (0..899, lower is spent first)            ARGV[7] expires (ms; 0 = never)
+  A grant that lands appends a `grant_applied` entry to the usage stream: the ledger
+  holds the grant already, so settlement records nothing for it, but the organizations
+  of every settled batch are the ones whose alerts and reconciliation are looked at
+  (settler/service.py): this is how a grant reaches them.
   Returns {status, msgpack payload}:
     OK         {balance, available}
     DUPLICATE  {balance, available}   already applied, nothing changed
@@ -19,6 +23,7 @@ local code = OK
 if redis.call('SADD', KEYS[K_GAPPLIED], gid) == 1 then
   return_to_grant(gid, amount, priority * SCORE_SCALE + expires_ms)
   redis.call('HINCRBY', KEYS[K_ACCT], 'bal', amount)
+  emit({t = 'grant_applied', id = next_event_id(), g = gid, amt = amount, at = NOW})
 else
   code = DUPLICATE
 end

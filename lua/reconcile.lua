@@ -4,8 +4,9 @@
   ARGV[4] first stream entry the ledger does not hold (its watermark + 1)
   ARGV[5] most entries to scan   ARGV[6] grants in the outbox, msgpack [id, amount, ...]
   Returns {status, msgpack payload}:
-    OK {balance, in_flight, unpushed, scanned, truncated}   (millicredits)
+    OK {balance, in_flight, unpushed, scanned, truncated, oldest}   (millicredits)
        in_flight: the balance change of this organization's entries not yet settled
+       oldest:    the id of the first of those entries ('' when there is none)
        unpushed:  outbox grants the cache has not applied yet
     NOT_LOADED {}   nothing cached: nothing to compare
 ]]
@@ -14,7 +15,7 @@ local outbox = unpack(ARGV[6])
 if not loaded() then return reply(NOT_LOADED, {}) end
 
 local rows = redis.call('XRANGE', KEYS[K_STREAM], after, '+', 'COUNT', scan_max + 1)
-local in_flight, scanned = 0, 0
+local in_flight, scanned, oldest = 0, 0, ''
 for i = 1, math.min(#rows, scan_max) do
   scanned = scanned + 1
   local fields = rows[i][2]
@@ -23,13 +24,16 @@ for i = 1, math.min(#rows, scan_max) do
     if fields[j] == 'o' then org = fields[j + 1] elseif fields[j] == 'd' then data = fields[j + 1] end
   end
   if org == ORG and data then
-    local ev = unpack(data)
-    if ev.t == 'use' or ev.t == 'grant_expired' or ev.t == 'adjustment' or ev.t == 'refund' then
-      in_flight = in_flight - ev.amt
-    elseif ev.t == 'use_batch' then
-      for _, item in ipairs(ev.ev) do in_flight = in_flight - item.amt end
-    elseif ev.t == 'hold_closed' then
-      in_flight = in_flight - ev.used
+    if oldest == '' then oldest = rows[i][1] end
+    local decoded, ev = pcall(unpack, data)  -- an entry that is not ours to read counts nothing
+    if decoded and type(ev) == 'table' then
+      if ev.t == 'use' or ev.t == 'grant_expired' or ev.t == 'adjustment' or ev.t == 'refund' then
+        in_flight = in_flight - num(ev.amt)
+      elseif ev.t == 'use_batch' and type(ev.ev) == 'table' then
+        for _, item in ipairs(ev.ev) do in_flight = in_flight - num(item.amt) end
+      elseif ev.t == 'hold_closed' then
+        in_flight = in_flight - num(ev.used)
+      end
     end
   end
 end
@@ -38,4 +42,4 @@ for i = 1, #outbox, 2 do
   if redis.call('SISMEMBER', KEYS[K_GAPPLIED], outbox[i]) == 0 then unpushed = unpushed + outbox[i + 1] end
 end
 return reply(OK, {balance = num(redis.call('HGET', KEYS[K_ACCT], 'bal')), in_flight = in_flight,
-                  unpushed = unpushed, scanned = scanned, truncated = #rows > scan_max})
+                  unpushed = unpushed, scanned = scanned, truncated = #rows > scan_max, oldest = oldest})

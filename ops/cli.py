@@ -398,22 +398,103 @@ def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
                 "ledger": str(to_credits(d.ledger)),
                 "in_flight": str(to_credits(d.in_flight)),
                 "unpushed_grants": str(to_credits(d.unpushed)),
+                "quarantined": str(to_credits(d.quarantined)),
                 "difference": str(to_credits(d.difference)),
             }
             for d in report.drifts
         ]
-        out = {"checked": report.checked, "drifts": drifts, "lagging": report.lagging, "repaired": repaired}
+        out = {
+            "checked": report.checked,
+            "drifts": drifts,
+            "lagging": report.lagging,
+            "quarantined": {org: str(to_credits(amount)) for org, amount in report.quarantined.items()},
+            "dead_letters": report.dead_letters,
+            "lagging_partitions": {str(p): round(age, 1) for p, age in report.lagging_partitions.items()},
+            "repaired": repaired,
+        }
         if args.json:
             _print(out)
         else:
             sys.stdout.write(f"checked {report.checked} organizations, {len(drifts)} drifting\n")
             for row in drifts:
                 sys.stdout.write("  ".join(f"{k} {v}" for k, v in row.items()) + "\n")
+            for org in report.lagging:
+                sys.stdout.write(f"lagging {org}: too much unsettled to compare now\n")
+            for org, amount in report.quarantined.items():
+                sys.stdout.write(f"quarantined {org}: {to_credits(amount)} credits held out of the ledger\n")
+            for partition, age in report.lagging_partitions.items():
+                sys.stdout.write(f"partition {partition}: oldest unsettled entry {age:.0f} s old\n")
+            if report.dead_letters:
+                counts = ", ".join(f"{n} {state}" for state, n in sorted(report.dead_letters.items()))
+                sys.stdout.write(f"dead letters: {counts} (credits deadletter list)\n")
             for org in repaired:
                 sys.stdout.write(f"repaired {org} from the ledger\n")
-        return 1 if drifts and not args.repair else 0
+        unresolved = report.lagging or report.quarantined or report.lagging_partitions
+        return 1 if (drifts and not args.repair) or unresolved else 0
 
     return _run_with_services(config, run)
+
+
+# -- quarantine (entries settlement could not take) ------------------------------------
+def _with_settlement(config: Config, fn: Callable[[Any], Awaitable[int]]) -> int:
+    from ledger.settlement import Settlement
+
+    async def run(s: Services) -> int:
+        settlement = await Settlement.connect(s.config.settler_dsn(), max_size=2)
+        try:
+            return await fn(settlement)
+        finally:
+            await settlement.close()
+
+    return _run_with_services(config, run)
+
+
+def cmd_deadletter_list(config: Config, args: argparse.Namespace) -> int:
+    from settler import quarantine
+
+    async def run(settlement: Any) -> int:
+        rows = await settlement.dead_letters(state=args.state, organization_id=args.org, limit=args.limit)
+        if args.json:
+            _print({"data": [quarantine.describe(r) for r in rows]})
+            return 0
+        for r in rows:
+            sys.stdout.write(
+                f"{r.id:>6}  {r.state:9}  partition {r.partition:<3} {r.entry_id:22} org {r.organization_id}"
+                f"  {to_credits(r.amount)} credits  {r.error[:80]}\n"
+            )
+        if not rows:
+            sys.stdout.write("no dead letters\n")
+        return 0
+
+    return _with_settlement(config, run)
+
+
+def cmd_deadletter_show(config: Config, args: argparse.Namespace) -> int:
+    from settler import quarantine
+
+    async def run(settlement: Any) -> int:
+        row = await settlement.dead_letter(args.id)
+        if row is None:
+            raise admin.AdminError(f"no dead letter {args.id}")
+        _print(quarantine.describe(row))
+        return 0
+
+    return _with_settlement(config, run)
+
+
+def cmd_deadletter_resolve(config: Config, args: argparse.Namespace) -> int:
+    from settler import quarantine
+
+    async def run(settlement: Any) -> int:
+        act = quarantine.replay if args.deadletter_command == "replay" else quarantine.discard
+        try:
+            row = await act(settlement, args.id, reason=args.reason)
+        except quarantine.QuarantineError as exc:
+            raise admin.AdminError(str(exc)) from None
+        _print(quarantine.describe(row))
+        return 0
+
+    return _with_settlement(config, run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -477,6 +558,26 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--repair", action="store_true", help="rebuild drifting organizations from the ledger")
     rc.add_argument("--json", action="store_true")
     rc.set_defaults(fn=cmd_reconcile)
+
+    dl = sub.add_parser("deadletter", help="stream entries settlement could not take (quarantine)")
+    dls = dl.add_subparsers(dest="deadletter_command", required=True)
+    dll = dls.add_parser("list", help="list quarantined entries, newest first")
+    dll.add_argument("--state", choices=["held", "cleaned", "replayed", "discarded"])
+    dll.add_argument("--org", help="one organization")
+    dll.add_argument("--limit", type=int, default=100)
+    dll.add_argument("--json", action="store_true")
+    dll.set_defaults(fn=cmd_deadletter_list)
+    dlshow = dls.add_parser("show", help="one quarantined entry, its event decoded")
+    dlshow.add_argument("id", type=int)
+    dlshow.set_defaults(fn=cmd_deadletter_show)
+    for verb, text in (
+        ("replay", "settle a held entry as it is, once its cause is fixed"),
+        ("discard", "close a held entry that should never count (then reconcile --repair the organization)"),
+    ):
+        dlr = dls.add_parser(verb, help=text)
+        dlr.add_argument("id", type=int)
+        dlr.add_argument("--reason", required=True)
+        dlr.set_defaults(fn=cmd_deadletter_resolve)
 
     b = sub.add_parser("balance", help="show an organization's balance")
     b.add_argument("--org", required=True)

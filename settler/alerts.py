@@ -13,6 +13,8 @@ timestamp older than five minutes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -65,6 +67,9 @@ class Alerts:
         """Compare available credits with each configured threshold; record and send
         every crossing. Returns the number of crossings."""
         configs = await self.store.alert_configs(None if organizations is None else list(organizations))
+        return await self.check_configs(configs)
+
+    async def check_configs(self, configs: list[dict[str, Any]]) -> int:
         crossings = 0
         for cfg in configs:
             org = str(cfg["organization_id"])
@@ -89,7 +94,13 @@ class Alerts:
             if delivery is not None:
                 crossings += 1
                 log.warning(
-                    "balance_alert org=%s type=%s available=%d threshold=%d", org, event["type"], available, threshold
+                    "balance_alert",
+                    extra={
+                        "organization_id": org,
+                        "type": event["type"],
+                        "available": available,
+                        "threshold": threshold,
+                    },
                 )
                 await self._deliver(delivery)
         return crossings
@@ -114,10 +125,64 @@ class Alerts:
                 ok = 200 <= response.status < 300
                 error = "" if ok else f"HTTP {response.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            ok, error = False, f"{type(exc).__name__}: {exc}"
+            ok, error = False, type(exc).__name__  # its text can carry the URL, which is the receiver's secret
         if ok:
             await self.store.delivery_done(row["id"])
             return 1
-        log.warning("webhook_delivery_failed id=%s url=%s error=%s", row["id"], row["webhook_url"], error)
+        log.warning("webhook_delivery_failed", extra={"delivery_id": str(row["id"]), "error": error})
         await self.store.delivery_retry(row["id"], error)
         return 0
+
+
+OPS_ATTEMPTS_MAX = 5
+OPS_QUEUE_MAX = 1000
+
+
+class OpsAlerts:
+    """Alerts for the platform's operators (not an organization's): a quarantined
+    entry, settlement lag, drift. POSTed as JSON to OPS_ALERT_URL, signed like the
+    organizations' alerts (Credits-Signature, with OPS_ALERT_SECRET), retried a few
+    times with backoff; at most OPS_QUEUE_MAX wait. Each is also a log event and a
+    metric, which is what to alert on when no URL is set."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, secret: str) -> None:
+        self.session = session
+        self.url = url
+        self.secret = secret
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def send(self, event_type: str, **fields: object) -> None:
+        """Queue one alert (never blocks settlement)."""
+        if len(self._pending) >= OPS_QUEUE_MAX:
+            log.error("ops_alert_dropped", extra={"type": event_type, "reason": "queue full"})
+            return
+        event = {
+            "id": f"evt_{uuid.uuid4().hex}",
+            "type": event_type,
+            "created_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            **fields,
+        }
+        task = asyncio.create_task(self._deliver(_encode(event)))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _deliver(self, body: bytes) -> None:
+        for attempt in range(OPS_ATTEMPTS_MAX):
+            headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self.secret, body, int(time.time()))}
+            try:
+                timeout = aiohttp.ClientTimeout(total=DELIVERY_TIMEOUT_S)
+                async with self.session.post(self.url, data=body, headers=headers, timeout=timeout) as response:
+                    if 200 <= response.status < 300:
+                        return
+                    error = f"HTTP {response.status}"
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                error = type(exc).__name__
+            log.warning("ops_alert_failed", extra={"attempt": attempt + 1, "error": error})
+            await asyncio.sleep(min(30.0, 0.5 * 2**attempt))
+
+    async def close(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
+        for task in list(self._pending):
+            with contextlib.suppress(BaseException):
+                await task

@@ -13,14 +13,17 @@ from __future__ import annotations
 import hmac
 import uuid
 
+import msgspec
 import prometheus_client
 from aiohttp import web
 
 from core.money import to_credits
 from settler import reconcile
-from settler.service import REGISTRY, Settler
+from settler.metrics import REGISTRY
+from settler.service import Settler
 
 SETTLER = web.AppKey("settler", Settler)
+_encode = msgspec.json.Encoder(decimal_format="number").encode
 
 
 def _authorize(request: web.Request) -> None:
@@ -63,12 +66,18 @@ def _organization(request: web.Request, *, required: bool) -> str | None:
 def _drift(d: reconcile.Drift) -> dict[str, object]:
     return {
         "organization_id": d.organization_id,
-        "redis": float(to_credits(d.cache)),
-        "ledger": float(to_credits(d.ledger)),
-        "in_flight": float(to_credits(d.in_flight)),
-        "unpushed_grants": float(to_credits(d.unpushed)),
-        "difference": float(to_credits(d.difference)),
+        "redis": to_credits(d.cache),
+        "ledger": to_credits(d.ledger),
+        "in_flight": to_credits(d.in_flight),
+        "unpushed_grants": to_credits(d.unpushed),
+        "quarantined": to_credits(d.quarantined),
+        "difference": to_credits(d.difference),
     }
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    """Credits as exact JSON numbers (never floats), like every other answer."""
+    return web.Response(body=_encode(body), status=status, content_type="application/json")
 
 
 async def get_reconcile(request: web.Request) -> web.Response:
@@ -76,8 +85,16 @@ async def get_reconcile(request: web.Request) -> web.Response:
     org = _organization(request, required=False)
     s = request.app[SETTLER]
     report = await reconcile.run(s.redis, s.hot, s.settlement, [org] if org else None)
-    return web.json_response(
-        {"checked": report.checked, "drifts": [_drift(d) for d in report.drifts], "lagging": report.lagging}
+    return _json(
+        {
+            "checked": report.checked,
+            "clean": report.clean,
+            "drifts": [_drift(d) for d in report.drifts],
+            "lagging": report.lagging,
+            "quarantined": {o: to_credits(amount) for o, amount in report.quarantined.items()},
+            "dead_letters": report.dead_letters,
+            "lagging_partitions": {str(p): round(age, 1) for p, age in report.lagging_partitions.items()},
+        }
     )
 
 
@@ -93,7 +110,7 @@ async def post_reconcile(request: web.Request) -> web.Response:
             {"error": {"type": "conflict_error", "code": "in_flight", "message": str(exc), "param": "organization_id"}},
             status=409,
         )
-    return web.json_response({"organization_id": org, "repaired": _drift(repaired) if repaired else None})
+    return _json({"organization_id": org, "repaired": _drift(repaired) if repaired else None})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -14,38 +14,30 @@ import uuid
 from dataclasses import dataclass, field
 
 import aiohttp
-import prometheus_client
 import redis.asyncio as aioredis
 
 from accounts.grants import push_one
 from core.config import Config
+from core.money import to_credits
 from hotpath.client import HotPath, Unavailable, now_ms
-from ledger.settlement import AlertStore, Settlement
+from ledger.settlement import AlertStore, DeadLetter, Settlement
 from ledger.store import Ledger
 from settler import reconcile
-from settler.alerts import Alerts
+from settler.alerts import Alerts, OpsAlerts
+from settler.metrics import DRIFT, LAG_ALERTS, LAG_ENTRIES, LAG_SECONDS, SETTLED
 from settler.stream import PartitionSettler, lag
 
 log = logging.getLogger(__name__)
+# (redis-py types its async commands as a union with their sync results: the awaits of
+# sadd, spop, hset, hdel and hvals below carry type: ignore[misc] for that reason.)
 
-REGISTRY = prometheus_client.CollectorRegistry()
-LAG_ENTRIES = prometheus_client.Gauge(
-    "credits_settlement_lag_entries", "Unsettled stream entries", ["partition"], registry=REGISTRY
-)
-LAG_SECONDS = prometheus_client.Gauge(
-    "credits_settlement_lag_seconds", "Age of the oldest unsettled entry", ["partition"], registry=REGISTRY
-)
-LAG_ALERTS = prometheus_client.Counter(
-    "credits_settlement_lag_alerts", "Times settlement lag passed the alert threshold", registry=REGISTRY
-)
-DRIFT = prometheus_client.Gauge(
-    "credits_reconciliation_drift_millicredits", "Total absolute drift, cache vs ledger", registry=REGISTRY
-)
-SETTLED = prometheus_client.Counter("credits_settled_events", "Events settled into the ledger", registry=REGISTRY)
 
 SUPERVISE_INTERVAL_S = 1.0
 OUTBOX_BATCH = 500
 EXPIRY_BATCH = 100
+ALERT_CONFIGS_PER_TICK = 500
+RECONCILE_TOUCHED_PER_TICK = 1000
+RECONCILE_SWEEP_PER_TICK = 200
 
 
 @dataclass
@@ -59,6 +51,7 @@ class Settler:
     owned: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     lag_alerting: bool = False
     alerts: Alerts | None = None
+    ops_alerts: OpsAlerts | None = None
     http: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -75,10 +68,14 @@ class Settler:
         settler = cls(config, redis, settlement, ledger, hot)
         settler.http = aiohttp.ClientSession()
         settler.alerts = Alerts(AlertStore(settlement), hot, settler.http)
+        if config.ops_alert_url and config.ops_alert_secret:
+            settler.ops_alerts = OpsAlerts(settler.http, config.ops_alert_url, config.ops_alert_secret)
         return settler
 
     async def close(self) -> None:
         await self.stop_partitions()
+        if self.ops_alerts is not None:
+            await self.ops_alerts.close()
         if self.http is not None:
             await self.http.close()
         await self.settlement.close()
@@ -94,8 +91,31 @@ class Settler:
             partition,
             consumer=self.consumer,
             batch_entries=self.config.settle_batch_entries,
-            on_settled=self.alerts.check if self.alerts is not None else None,
+            on_settled=self._settled,
+            on_quarantined=self._quarantined,
         )
+
+    async def _settled(self, organizations: set[str]) -> None:
+        """After each settled batch: its organizations' alerts, and a note for the next
+        reconciliation (the organizations whose money moved)."""
+        if self.alerts is not None:
+            await self.alerts.check(organizations)
+        await self.redis.sadd(self._key("reconcile:touched"), *organizations)  # type: ignore[misc]
+
+    async def _quarantined(self, dead: DeadLetter) -> None:
+        if self.ops_alerts is not None:
+            self.ops_alerts.send(
+                "settlement.quarantined",
+                partition=dead.partition,
+                entry_id=dead.entry_id,
+                organization_id=dead.organization_id,
+                state=dead.state,
+                amount=float(to_credits(dead.amount)),
+                error=dead.error[:500],
+            )
+
+    def _key(self, name: str) -> str:
+        return f"{self.config.redis_key_prefix}:settler:{name}"
 
     async def supervise(self, stop: asyncio.Event) -> None:
         """Own as many partitions as are free; restart a partition task that ended."""
@@ -111,7 +131,7 @@ class Settler:
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # never let one partition stop the supervisor
-                    log.exception("lease_failed partition=%d", p)
+                    log.exception("lease_failed", extra={"partition": p})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=SUPERVISE_INTERVAL_S)
         await self.stop_partitions()
@@ -123,7 +143,7 @@ class Settler:
         except asyncio.CancelledError:
             raise
         except Exception:  # logged; the supervisor restarts the partition next round
-            log.exception("partition_failed partition=%d", ps.partition)
+            log.exception("partition_failed", extra={"partition": ps.partition})
         finally:
             SETTLED.inc(ps.stats.settled_events - before)
 
@@ -158,7 +178,7 @@ class Settler:
                 await self.settlement.outbox_done(row["grant_id"])
                 pushed += 1
             except (Unavailable, aioredis.RedisError, OSError) as exc:
-                log.warning("grant_push_failed grant=%s error=%s", grant_id, exc)
+                log.warning("grant_push_failed", extra={"grant_id": grant_id, "error": str(exc)})
                 await self.settlement.outbox_retry_later(row["grant_id"])
         return pushed
 
@@ -182,30 +202,77 @@ class Settler:
         alerting = worst > self.config.settlement_lag_alert_s
         if alerting and not self.lag_alerting:
             LAG_ALERTS.inc()
-            log.error("settlement_lag_alert lag_s=%.1f threshold_s=%.1f", worst, self.config.settlement_lag_alert_s)
+            log.error("settlement_lag_alert", extra={"lag_s": worst, "threshold_s": self.config.settlement_lag_alert_s})
+            if self.ops_alerts is not None:
+                self.ops_alerts.send("settlement.lagging", lag_s=worst, threshold_s=self.config.settlement_lag_alert_s)
         elif self.lag_alerting and not alerting:
-            log.warning("settlement_lag_recovered lag_s=%.1f", worst)
+            log.warning("settlement_lag_recovered", extra={"lag_s": worst})
         self.lag_alerting = alerting
         return worst
 
     async def alerts_tick(self) -> int:
-        """Every configured organization, and the deliveries that are due."""
+        """The alerts whose configuration changed since the last tick (settled batches
+        check their own organizations as they settle), and the deliveries that are due.
+        Costs what changed, not the number of organizations: ALERT_CONFIGS_PER_TICK at
+        most, the rest on the next ticks (the cursor is in Redis, shared by settlers)."""
         if self.alerts is None:
             return 0
-        crossings = await self.alerts.check()
+        cursor_key = self._key("alerts:cursor")
+        raw = await self.redis.get(cursor_key)
+        after = None
+        if raw:
+            stamp, _, org = raw.decode().partition("|")
+            after = (dt.datetime.fromisoformat(stamp), org)
+        configs = await self.alerts.store.alert_configs_changed(after, limit=ALERT_CONFIGS_PER_TICK)
+        crossings = await self.alerts.check_configs(configs) if configs else 0
+        if configs:
+            last = configs[-1]
+            await self.redis.set(cursor_key, f"{last['updated_at'].isoformat()}|{last['organization_id']}")
         await self.alerts.deliver_due()
         return crossings
 
     async def reconcile(self) -> int:
-        report = await reconcile.run(self.redis, self.hot, self.settlement)
-        DRIFT.set(sum(abs(d.difference) for d in report.drifts))
+        """One reconciliation tick: the organizations whose money moved since the last
+        (noted by each settled batch), then the next page of every organization in
+        turn (a sweep for drift nothing moved). Bounded per tick, whatever the number
+        of organizations; the drifts found stay published until a check finds them gone."""
+        touched = await self.redis.spop(self._key("reconcile:touched"), RECONCILE_TOUCHED_PER_TICK) or []  # type: ignore[misc]
+        organizations = list(dict.fromkeys(o.decode() if isinstance(o, bytes) else str(o) for o in touched))
+        cursor_key = self._key("reconcile:cursor")
+        cursor = await self.redis.get(cursor_key)
+        page = await self.settlement.organizations(
+            after=cursor.decode() if cursor else None, limit=RECONCILE_SWEEP_PER_TICK
+        )
+        await self.redis.set(cursor_key, page[-1] if len(page) == RECONCILE_SWEEP_PER_TICK else "")
+        organizations += [o for o in page if o not in set(organizations)]
+        report = reconcile.Report()
+        await reconcile.check_many(self.hot, self.settlement, organizations, report)
+        drifts_key = self._key("reconcile:drifts")
+        found = {d.organization_id: d.difference for d in report.drifts}
+        gone = [o for o in organizations if o not in found]
+        if gone:
+            await self.redis.hdel(drifts_key, *gone)  # type: ignore[misc]
+        if found:
+            await self.redis.hset(drifts_key, mapping=found)  # type: ignore[misc]
+        known = await self.redis.hvals(drifts_key)  # type: ignore[misc]
+        DRIFT.set(sum(abs(int(v)) for v in known))
         for d in report.drifts:
             log.error(
-                "reconciliation_drift org=%s cache=%d ledger=%d in_flight=%d difference=%d",
-                d.organization_id,
-                d.cache,
-                d.ledger,
-                d.in_flight,
-                d.difference,
+                "reconciliation_drift",
+                extra={
+                    "organization_id": d.organization_id,
+                    "cache": d.cache,
+                    "ledger": d.ledger,
+                    "in_flight": d.in_flight,
+                    "unpushed": d.unpushed,
+                    "quarantined": d.quarantined,
+                    "difference": d.difference,
+                },
             )
+            if self.ops_alerts is not None:
+                self.ops_alerts.send(
+                    "reconciliation.drift",
+                    organization_id=d.organization_id,
+                    difference=float(to_credits(d.difference)),
+                )
         return len(report.drifts)

@@ -36,7 +36,17 @@ import msgspec
 import redis.asyncio as aioredis
 
 from hotpath.client import HotPath
-from ledger.settlement import Settlement, Staged
+from ledger.settlement import (
+    DeadLetter,
+    PoisonEntry,
+    Settlement,
+    Staged,
+    balance_change,
+    clean_event,
+    is_poison,
+    is_transient,
+)
+from settler.metrics import QUARANTINED
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,7 @@ LEASE_TTL_MS = 15_000
 BLOCK_MS = 200
 BACKOFF_S_MAX = 5.0
 CLAIM_COUNT = 1000
+SETTLE_ATTEMPTS_MAX = 5  # a batch failing this often, for no reason known to be passing, is isolated
 
 _decode = msgspec.msgpack.Decoder().decode
 
@@ -94,7 +105,16 @@ class PartitionStats:
     settled_events: int = 0
     batches: int = 0
     failures: int = 0
+    quarantined: int = 0
     last_error: str = ""
+
+
+def _organization(fields: dict[bytes, bytes]) -> str | None:
+    """The entry's organization id, if it names a valid one."""
+    try:
+        return str(uuid.UUID(fields[b"o"].decode()))
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
 
 
 class PartitionSettler:
@@ -110,8 +130,11 @@ class PartitionSettler:
         consumer: str,
         batch_entries: int = 500,
         on_settled: Callable[[set[str]], Awaitable[object]] | None = None,
+        on_quarantined: Callable[[DeadLetter], Awaitable[object]] | None = None,
     ) -> None:
         self.on_settled = on_settled
+        self.on_quarantined = on_quarantined
+        self._strikes = ("", 0)  # (first entry of the failing batch, failures in a row)
         self.redis = redis
         self.settlement = settlement
         self.hot = hot
@@ -175,18 +198,57 @@ class PartitionSettler:
 
     @staticmethod
     def _stage(entries: list[Entry]) -> Staged:
+        """The batch decoded for settlement; PoisonEntry when an entry cannot be."""
         staged = Staged()
-        for _, fields in entries:
-            staged.add(fields[b"o"].decode(), _decode(fields[b"d"]))
+        for eid, fields in entries:
+            try:
+                staged.add(fields[b"o"].decode(), _decode(fields[b"d"]))
+            except Exception as exc:  # whatever an entry holds, it must not stop the partition
+                raise PoisonEntry(f"entry {eid}: {type(exc).__name__}: {exc}") from exc
         return staged
 
+    def _stage_or_none(self, entries: list[Entry]) -> Staged | None:
+        try:
+            return self._stage(entries)
+        except PoisonEntry:
+            return None  # settled entry by entry (_isolate)
+
     async def settle_once(self, *, block_ms: int = BLOCK_MS) -> int:
-        """Read, settle, acknowledge one batch. Returns the number of entries settled."""
+        """Read, settle, acknowledge one batch. Returns the number of entries settled
+        (quarantined ones included)."""
         entries, _ = await self._read(block_ms)
         if not entries:
             return 0
-        await self._settle(entries, self._stage(entries))
+        await self._settle_checked(entries, self._stage_or_none(entries))
         return len(entries)
+
+    async def _settle_checked(self, entries: list[Entry], staged: Staged | None) -> None:
+        """Settle a batch; one that cannot be settled as it is (an entry Postgres refuses,
+        or a failure that repeats SETTLE_ATTEMPTS_MAX times) is settled around its bad
+        entries, which go to quarantine: nothing can stall the partition. Failures that
+        are not the entries' fault (Postgres unreachable, a lock, a restart) are raised:
+        the loop retries the same entries after a backoff, however long it takes."""
+        if staged is None:
+            await self._isolate(entries)
+            return
+        try:
+            await self._settle(entries, staged)
+            self._strikes = ("", 0)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            if not is_poison(exc):
+                first = entries[0][0]
+                count = self._strikes[1] + 1 if self._strikes[0] == first else 1
+                self._strikes = (first, count)
+                if count < SETTLE_ATTEMPTS_MAX:
+                    raise
+            log.error(
+                "settlement_isolating",
+                extra={"partition": self.partition, "entries": len(entries), "first": entries[0][0], "error": str(exc)},
+            )
+            await self._isolate(entries)
+            self._strikes = ("", 0)
 
     async def _settle(self, entries: list[Entry], staged: Staged) -> None:
         await self.settlement.settle(
@@ -196,29 +258,123 @@ class PartitionSettler:
             first_entry=entries[0][0],
             last_entry=entries[-1][0],
         )
-        # Committed: now (and only now) acknowledge and trim.
+        await self._acknowledge(entries, len(staged))
+
+    async def _acknowledge(self, entries: list[Entry], events: int) -> None:
+        """Committed: now (and only now) acknowledge and trim."""
         await self._ack_trim(keys=[self.stream], args=[GROUP, next_id(entries[-1][0]), *(eid for eid, _ in entries)])
         self.stats.settled_entries += len(entries)
-        self.stats.settled_events += len(staged)
+        self.stats.settled_events += events
         self.stats.batches += 1
         if self.on_settled is not None:
-            orgs = {fields[b"o"].decode() for _, fields in entries}
+            orgs = {fields[b"o"].decode(errors="replace") for _, fields in entries}
             try:
                 await self.on_settled(orgs)
             except Exception:  # an alert check must never hold settlement back
-                log.exception("on_settled_failed partition=%d", self.partition)
+                log.exception("on_settled_failed", extra={"partition": self.partition})
+
+    # -- quarantine ----------------------------------------------------------------
+    async def _isolate(self, entries: list[Entry]) -> None:
+        """Settle the batch in order, halving every part that fails until the entries
+        that cannot be settled stand alone; those go to quarantine. At most about
+        2 x len(entries) transactions; a transient failure on the way is raised (what
+        was committed stays committed; the rest is read again)."""
+        events = 0
+
+        async def settle_part(part: list[Entry]) -> None:
+            nonlocal events
+            try:
+                staged = self._stage(part)
+                await self.settlement.settle(
+                    staged,
+                    batch_id=uuid.uuid4().hex,
+                    partition=self.partition,
+                    first_entry=part[0][0],
+                    last_entry=part[-1][0],
+                )
+                events += len(staged)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                if len(part) == 1:
+                    await self._quarantine(part[0], exc)
+                    return
+                middle = len(part) // 2
+                await settle_part(part[:middle])
+                await settle_part(part[middle:])
+
+        await settle_part(entries)
+        await self._acknowledge(entries, events)
+
+    async def _quarantine(self, entry: Entry, error: BaseException) -> None:
+        """One entry settlement refused: settled cleaned (its charges in the ledger,
+        the offending text replaced), else held out of the ledger; recorded either way,
+        with the raw entry and the error, and announced."""
+        eid, fields = entry
+        raw = fields.get(b"d", b"")
+        org = _organization(fields)
+        try:
+            event: dict[str, Any] | None = _decode(raw)
+            if not isinstance(event, dict):
+                event = None
+        except Exception:  # undecodable: kept as it is
+            event = None
+        reason = f"{type(error).__name__}: {error}"
+        if event is not None and org is not None:
+            cleaned = Staged()
+            try:
+                cleaned.add(org, clean_event(event))
+                dead = DeadLetter(self.partition, eid, org, raw, reason, "cleaned")
+                await self.settlement.settle(
+                    cleaned,
+                    batch_id=uuid.uuid4().hex,
+                    partition=self.partition,
+                    first_entry=eid,
+                    last_entry=eid,
+                    dead_letter=dead,
+                )
+                await self._quarantined(dead)
+                return
+            except Exception as second:
+                if is_transient(second):
+                    raise
+                reason = f"{reason}; cleaned: {type(second).__name__}: {second}"
+        amount = balance_change(event) if event is not None else 0
+        dead = DeadLetter(self.partition, eid, org, raw, reason, "held", amount)
+        await self.settlement.hold_dead_letter(dead)
+        await self._quarantined(dead)
+
+    async def _quarantined(self, dead: DeadLetter) -> None:
+        QUARANTINED.labels(dead.state).inc()
+        self.stats.quarantined += 1
+        log.error(
+            "settlement_quarantined",
+            extra={
+                "partition": dead.partition,
+                "entry": dead.entry_id,
+                "organization_id": dead.organization_id,
+                "state": dead.state,
+                "amount": dead.amount,
+                "error": dead.error,
+            },
+        )
+        if self.on_quarantined is not None:
+            try:
+                await self.on_quarantined(dead)
+            except Exception:  # an ops alert must never hold settlement back
+                log.exception("on_quarantined_failed", extra={"partition": self.partition})
 
     # -- the loop ----------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Settle while holding the lease, backing off on failure, until `stop`."""
         last_renew = 0.0
-        ahead: asyncio.Task[tuple[list[Entry], Staged]] | None = None  # the next batch, meanwhile
+        ahead: asyncio.Task[tuple[list[Entry], Staged | None]] | None = None  # the next batch, meanwhile
         try:
             while not stop.is_set():
                 now = time.monotonic()
                 if now - last_renew > LEASE_TTL_MS / 3000:
                     if not await self.acquire():
-                        log.warning("lease_lost partition=%d", self.partition)
+                        log.warning("lease_lost", extra={"partition": self.partition})
                         return  # another settler owns this partition now
                     last_renew = now
                 try:
@@ -227,12 +383,12 @@ class PartitionSettler:
                         ahead = None
                     else:
                         entries, new = await self._read(BLOCK_MS)
-                        staged = self._stage(entries)
+                        staged = self._stage_or_none(entries)
                     if not entries:
                         continue
                     if new:  # nothing else is pending: the next entries follow these
                         ahead = asyncio.create_task(self._read_ahead())
-                    await self._settle(entries, staged)
+                    await self._settle_checked(entries, staged)
                     self._backoff_s = 0.0
                 except asyncio.CancelledError:
                     raise
@@ -243,17 +399,18 @@ class PartitionSettler:
                     self.stats.last_error = str(exc)
                     self._backoff_s = min(BACKOFF_S_MAX, max(0.1, self._backoff_s * 2))
                     log.warning(
-                        "settle_failed partition=%d retry_in_s=%.1f error=%s", self.partition, self._backoff_s, exc
+                        "settle_failed",
+                        extra={"partition": self.partition, "retry_in_s": self._backoff_s, "error": str(exc)},
                     )
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=self._backoff_s)
         finally:
             await _drop(ahead)
 
-    async def _read_ahead(self) -> tuple[list[Entry], Staged]:
+    async def _read_ahead(self) -> tuple[list[Entry], Staged | None]:
         """Read and decode the next batch while Postgres settles the current one."""
         entries = await self._xread(">", BLOCK_MS)
-        return entries, self._stage(entries)
+        return entries, self._stage_or_none(entries)
 
 
 async def _drop(task: asyncio.Task[Any] | None) -> None:

@@ -74,14 +74,17 @@ class Proxy:
         try:
             await upstream  # the client is done (or gone); what it sent has been delivered
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(downstream), timeout=1.0)  # the server's answers
+                await asyncio.wait_for(asyncio.shield(downstream), timeout=10.0)  # the server's answers
         finally:
             for task in (upstream, downstream):
                 task.cancel()
                 self._tasks.discard(task)
-            for w in (writer, up_writer):
-                self._writers.discard(w)
-                w.transport.abort()
+            self._writers.discard(writer)
+            self._writers.discard(up_writer)
+            writer.transport.abort()
+            # A FIN, not a reset: the server reads (and runs) what it was sent before it
+            # sees the end, as it does when a client that gave up closes its socket.
+            up_writer.close()
 
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, held: bool) -> None:
         with contextlib.suppress(ConnectionError, OSError):

@@ -76,12 +76,10 @@ async def test_low_then_recovered_signed_and_once(
         await hot.consume(org.id, org.admin_key_id, action="generate_content", units=5)
         await ps.settle_once(block_ms=1)
         assert rec.received == []  # 95 available: above the threshold
-        spent_at = time.monotonic()
         await hot.consume(org.id, org.admin_key_id, action="generate_content", units=10)
         await ps.settle_once(block_ms=1)
-        assert len(rec.received) == 1
-        at, body, header = rec.received[0]
-        assert at - spent_at < 1.0
+        assert len(rec.received) == 1  # sent by the settlement of the batch that crossed it
+        _, body, header = rec.received[0]
         assert verify(secret, body, header)
         assert not verify("whsec_wrong", body, header)
         event = json.loads(body)
@@ -94,6 +92,7 @@ async def test_low_then_recovered_signed_and_once(
         await admin.grant(ledger, hot, org.id, amount=20 * CREDIT, reason="top-up")
         await alerts.check([org.id])
         assert [json.loads(b)["type"] for _, b, _ in rec.received] == ["balance.low", "balance.recovered"]
+        await ps.release()
 
 
 async def test_failed_delivery_is_retried(
@@ -160,7 +159,7 @@ async def test_api_keys_list_without_secrets_with_last_use(
     await hot.consume(org.id, agent.id, action="web_search", units=1)
     ps = PartitionSettler(redis, settlement, hot, hot.partition(org.id), consumer="keys-test")
     used = None
-    for _ in range(200):  # another test's settler may own the partition and settle it first
+    for _ in range(600):  # another test's settler may hold the partition's lease (15 s) or settle it first
         if await ps.acquire():
             await ps.settle_once(block_ms=10)
         used = {k.id: k for k in await ledger.api_keys(org.id)}[agent.id]
