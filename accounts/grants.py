@@ -25,20 +25,43 @@ def _ms(value: object) -> int:
 
 
 async def push_one(
-    hot: HotPath, organization_id: str, *, grant_id: str, amount: int, priority: int, expires_at: object
+    hot: HotPath,
+    organization_id: str,
+    *,
+    grant_id: str,
+    amount: int,
+    priority: int,
+    expires_at: object,
+    created_at: object,
 ) -> None:
-    """Push one grant the ledger holds; raises Unavailable if the cache refuses it."""
-    expires_ms = _ms(expires_at)
-    result = await hot.grant(
-        organization_id, grant_id=grant_id, amount=amount, priority=priority, expires_ms=expires_ms
-    )
-    if result.status is Status.NOT_LOADED:
-        await hot.load(organization_id)
+    """Push one grant the ledger holds; raises Unavailable if the cache refuses it.
+    A grant older than the cache remembers applied grants (STALE) is not pushed: the
+    organization is loaded again from the ledger, which holds it (a load replays what
+    is unsettled, so it is right whatever is in flight)."""
+    expires_ms, created_ms = _ms(expires_at), _ms(created_at)
+
+    async def push() -> Status:
         result = await hot.grant(
-            organization_id, grant_id=grant_id, amount=amount, priority=priority, expires_ms=expires_ms
+            organization_id,
+            grant_id=grant_id,
+            amount=amount,
+            priority=priority,
+            expires_ms=expires_ms,
+            created_ms=created_ms,
         )
-    if result.status not in (Status.OK, Status.DUPLICATE):
-        raise Unavailable(f"grant push refused: {result.status.name}")
+        return result.status
+
+    status = await push()
+    if status is Status.NOT_LOADED:
+        await hot.load(organization_id)
+        status = await push()
+    if status is Status.STALE:
+        log.warning("grant_push_stale_reload", extra={"organization_id": organization_id, "grant_id": grant_id})
+        await hot.evict(organization_id)
+        await hot.load(organization_id)
+        return
+    if status not in (Status.OK, Status.DUPLICATE):
+        raise Unavailable(f"grant push refused: {status.name}")
 
 
 async def push_pending(ledger: Ledger, hot: HotPath, organization_id: str) -> int:
@@ -56,6 +79,7 @@ async def push_pending(ledger: Ledger, hot: HotPath, organization_id: str) -> in
             amount=int(row["amount"]),
             priority=int(row["priority"]),
             expires_at=row["expires_at"],
+            created_at=row["created_at"],
         )
         await ledger.grant_pushed(organization_id, grant_id)
         confirmed += 1

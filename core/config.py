@@ -174,6 +174,28 @@ def _ops_token(env: Mapping[str, str]) -> str | None:
     return raw
 
 
+# Passwords anyone can read in this repository: for the embedded stack and a local
+# Postgres only (checked in load()).
+DEV_PASSWORDS = frozenset({"credits_app", "credits_settler", "change-me-app", "change-me-settler"})
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", ""})
+
+
+def _role_password(env: Mapping[str, str], name: str, default: str, url_name: str) -> str:
+    """A role's password; a well-known one only for a Postgres on this machine (or when
+    the role's own URL is given): on any other host it would be the password of a
+    production ledger."""
+    password = env.get(name, default)
+    database_url = env.get("DATABASE_URL") or ""
+    if password in DEV_PASSWORDS and database_url and not env.get(url_name):
+        host = urllib.parse.urlsplit(database_url).hostname or ""
+        if host not in LOOPBACK_HOSTS:
+            raise ConfigError(
+                f"{name}: {password!r} is a development password and DATABASE_URL names {host}:"
+                f" set a password of your own (or {url_name})"
+            )
+    return password
+
+
 def load(env: Mapping[str, str] | None = None) -> Config:
     """Decode the configuration from `env` (default: os.environ)."""
     env = os.environ if env is None else env
@@ -193,9 +215,9 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         redis_url=_url(env, "REDIS_URL", ("redis", "rediss", "unix")),
         database_url=_url(env, "DATABASE_URL", ("postgres", "postgresql")),
         app_database_url=_url(env, "APP_DATABASE_URL", ("postgres", "postgresql")),
-        app_db_password=env.get("APP_DB_PASSWORD", "credits_app"),
+        app_db_password=_role_password(env, "APP_DB_PASSWORD", "credits_app", "APP_DATABASE_URL"),
         settler_database_url=_url(env, "SETTLER_DATABASE_URL", ("postgres", "postgresql")),
-        settler_db_password=env.get("SETTLER_DB_PASSWORD", "credits_settler"),
+        settler_db_password=_role_password(env, "SETTLER_DB_PASSWORD", "credits_settler", "SETTLER_DATABASE_URL"),
         data_dir=pathlib.Path(env.get("CREDITS_DATA_DIR", ".data")),
         jwt_secret=jwt_secret,
         usage_partitions=_int(env, "USAGE_PARTITIONS", 16, 1, 1024),

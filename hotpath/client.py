@@ -70,6 +70,7 @@ FIXED_KEYS = (
     "acct",
     "grem",
     "gq",
+    "gx",
     "costs",
     "depts",
     "creds",
@@ -78,7 +79,7 @@ FIXED_KEYS = (
     "hclosed",
     "gapplied",
 )
-N_ORG_KEYS = len(FIXED_KEYS) + 1  # and the usage stream: KEYS[1..11] of every script
+N_ORG_KEYS = len(FIXED_KEYS) + 1  # and the usage stream: KEYS[1..12] of every script (see lua/lib.lua)
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
@@ -110,6 +111,14 @@ class Result(msgspec.Struct, frozen=True):
 
 
 _LIBRARY_NAME = re.compile(r"credits_[0-9a-f]{12}")  # lua.library()'s names
+LIBRARY_IN_USE_S = 86_400  # a library version no process started with for this long is pruned
+
+
+def _library_mark(name: str) -> str:
+    """The key that says a library version is in use (one per server: functions are)."""
+    return f"credits-function-library:{name}"
+
+
 _STATUSES = {int(s): s for s in Status}  # a dict lookup, not an Enum call, per reply
 
 
@@ -439,21 +448,28 @@ class HotPath:
 
     async def _prune_libraries(self) -> None:
         """Each version of the scripts is its own library (credits_<hash>), so a deploy
-        adds one. A process still running an older version that finds its library gone
-        loads it again on its next call (see _call_again): deleting is always safe."""
+        adds one. Every start marks its version as in use for LIBRARY_IN_USE_S; a
+        library no process has started with for that long is deleted. (A process still
+        running it would load it again on its next call, see _call_again, so deleting is
+        safe; waiting spares a rolling deploy, and the other versions sharing a server,
+        from taking each other's libraries away every time one of them starts.)"""
+        await self._execute("SET", _library_mark(self._library.name), now_ms(), "EX", LIBRARY_IN_USE_S)
         try:
             listed = await self._execute("FUNCTION", "LIST", "LIBRARYNAME", "credits_*")
         except ResponseError as exc:
-            log.warning("function_list_failed: %s", exc)
+            log.warning("function_list_failed", extra={"error": str(exc)})
             return
         for entry in listed:
             fields = dict(zip(entry[::2], entry[1::2], strict=True))
             raw = fields.get(b"library_name", fields.get("library_name", b""))
             name = raw.decode() if isinstance(raw, bytes) else str(raw)
-            if _LIBRARY_NAME.fullmatch(name) and name != self._library.name:
-                with contextlib.suppress(ResponseError):  # another process deleted it first
-                    await self._execute("FUNCTION", "DELETE", name)
-                log.info("function_library_pruned: %s", name)
+            if not _LIBRARY_NAME.fullmatch(name) or name == self._library.name:
+                continue
+            if await self._execute("EXISTS", _library_mark(name)):
+                continue  # started with recently: still in use
+            with contextlib.suppress(ResponseError):  # another process deleted it first
+                await self._execute("FUNCTION", "DELETE", name)
+            log.info("function_library_pruned", extra={"library": name})
 
     async def _install(self) -> None:
         """Load the function library (or the scripts); concurrent callers share one load."""
@@ -773,14 +789,22 @@ class HotPath:
         *,
         reservation_id: str,
         used: int,
+        any_hold: bool = False,
         idempotency_key: str | None = None,
         fp: str = "",
         assigned: bool = False,
         now: int | None = None,
     ) -> Result:
+        """Close a hold of `cred` (any hold of the organization with any_hold: an admin)."""
         now = now_ms() if now is None else now
         idem_keys, idem_args = self._idem(org, idempotency_key, fp, assigned)
-        args = (*self._common(org, cred, now, new_id()), *idem_args, reservation_id, used)
+        args = (
+            *self._common(org, cred, now, new_id()),
+            *idem_args,
+            reservation_id,
+            used,
+            "1" if any_hold else "0",
+        )
         return await self._call_loaded("release", org, idem_keys, args)
 
     async def balance(self, org: str, cred: str = "", *, department_id: str = "", now: int | None = None) -> Result:
@@ -793,13 +817,22 @@ class HotPath:
         return await self._call_loaded("ratelimit", org, (), self._common(org, cred, now, new_id())[:6])
 
     async def grant(
-        self, org: str, *, grant_id: str, amount: int, priority: int, expires_ms: int, now: int | None = None
+        self,
+        org: str,
+        *,
+        grant_id: str,
+        amount: int,
+        priority: int,
+        expires_ms: int,
+        created_ms: int,
+        now: int | None = None,
     ) -> Result:
-        """Push a grant the ledger holds; NOT_LOADED means the next load carries it."""
+        """Push a grant the ledger holds (written at created_ms); NOT_LOADED means the
+        next load carries it, STALE that it is too old to tell from a repeat: reload."""
         if amount <= 0:
             raise ValueError("a grant is positive; use debit() to take credits away")
         now = now_ms() if now is None else now
-        args = (org, now, new_id(), grant_id, amount, priority, expires_ms)
+        args = (org, now, new_id(), grant_id, amount, priority, expires_ms, created_ms)
         return await self._call("grant", org, (), args)
 
     async def debit(

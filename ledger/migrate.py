@@ -7,11 +7,13 @@ schema_migrations, and a file whose checksum changed after it was applied is ref
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib.resources
 import logging
 
 import asyncpg
+import scramp
 
 from core.config import APP_ROLE, SETTLER_ROLE
 
@@ -23,6 +25,20 @@ MIGRATION_LOCK_ID = 0x6372656469747301
 
 class MigrationError(RuntimeError):
     pass
+
+
+SCRAM_ITERATIONS = 4096  # PostgreSQL's own default (scram_iterations)
+
+
+def scram_verifier(password: str) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for `password`, made here (with
+    scramp, which applies SASLprep as the server and asyncpg do), so that ALTER ROLE
+    carries the verifier and the password never leaves this process."""
+    salt, stored_key, server_key, iterations = scramp.ScramMechanism("SCRAM-SHA-256").make_auth_info(
+        password, iteration_count=SCRAM_ITERATIONS
+    )
+    b64 = base64.b64encode
+    return f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}${b64(stored_key).decode()}:{b64(server_key).decode()}"
 
 
 def migration_files() -> list[tuple[str, str]]:
@@ -56,8 +72,10 @@ async def migrate(dsn: str, *, app_password: str, settler_password: str) -> list
                 log.info("migration_applied", extra={"migration": name})
                 applied.append(name)
             # The roles are cluster-wide and their passwords come from configuration.
+            # Only a SCRAM verifier reaches the server, never the password: a statement
+            # log (log_statement = ddl) would keep a plaintext one.
             for role, password in ((APP_ROLE, app_password), (SETTLER_ROLE, settler_password)):
-                quoted = await conn.fetchval("SELECT quote_literal($1)", password)
+                quoted = await conn.fetchval("SELECT quote_literal($1)", scram_verifier(password))
                 await conn.execute(f"ALTER ROLE {role} LOGIN PASSWORD {quoted}")
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)

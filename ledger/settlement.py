@@ -526,6 +526,8 @@ class Settlement:
         rows = await conn.fetch("SELECT * FROM settle_staged($1)", batch_id)
         if staged.uses:  # their hours for /usage/summary (migrations/0006)
             await conn.execute("SELECT rollup_staged_uses()")
+        if staged.uses or staged.events:  # what keys and departments spent (migrations/0008)
+            await conn.execute("SELECT rollup_staged_spend()")
         return [OrgBalance(str(r["organization_id"]), int(r["balance"])) for r in rows]
 
     # -- quarantine -------------------------------------------------------------------
@@ -600,7 +602,8 @@ class Settlement:
     async def outbox(self, *, limit: int = 500) -> list[dict[str, Any]]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT o.grant_id, o.organization_id, g.amount, g.priority, g.expires_at FROM grant_outbox o"
+                "SELECT o.grant_id, o.organization_id, g.amount, g.priority, g.expires_at, g.created_at"
+                " FROM grant_outbox o"
                 " JOIN credit_grants g ON g.id = o.grant_id WHERE o.next_attempt_at <= now()"
                 " ORDER BY o.created_at LIMIT $1",
                 limit,

@@ -30,6 +30,10 @@ POSTGRES_DOWN: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
 )
 API_KEY_PREFIX = "ck_"
+# How long the cache remembers that a grant was applied (hotpath: a push of a grant
+# older than this, not remembered, is refused as stale); the snapshot marks as applied
+# the grants created this recently and those still in the outbox.
+APPLIED_KEEP_MS = 7 * 86_400_000
 GRANT_PRIORITY = {"signup_bonus": 0, "subscription": 10, "purchase": 20, "admin": 20}
 
 
@@ -244,9 +248,9 @@ class Ledger:
         """The organization's keys, newest first."""
         async with self.tenant(organization_id) as conn:
             rows = await conn.fetch(
-                "SELECT k.*, (SELECT max(u.created_at) FROM usage_events u"
-                "  WHERE u.organization_id = k.organization_id AND u.credential_id = k.id::text) AS last_used_at"
-                " FROM api_keys k WHERE $1 OR k.revoked_at IS NULL ORDER BY k.created_at DESC, k.id",
+                "SELECT k.*, s.last_used_at FROM api_keys k LEFT JOIN credential_spend s"
+                "   ON s.organization_id = k.organization_id AND s.credential_id = k.id::text"
+                " WHERE $1 OR k.revoked_at IS NULL ORDER BY k.created_at DESC, k.id",
                 include_revoked,
             )
         return [
@@ -349,7 +353,7 @@ class Ledger:
         """Grants of the outbox not yet confirmed in the cache."""
         async with self.tenant(organization_id) as conn:
             rows = await conn.fetch(
-                "SELECT g.id, g.amount, g.priority, g.expires_at FROM grant_outbox o"
+                "SELECT g.id, g.amount, g.priority, g.expires_at, g.created_at FROM grant_outbox o"
                 " JOIN credit_grants g ON g.id = o.grant_id ORDER BY o.created_at"
             )
         return [dict(r) for r in rows]
@@ -374,7 +378,8 @@ class Ledger:
         with the watermark of its partition (the first stream entry not yet settled)."""
         now = dt.datetime.now(dt.UTC)
         starts = dict(zip(("day", "week", "month"), period_starts_ms(_ms(now)), strict=True))
-        earliest = dt.datetime.fromtimestamp(min(starts.values()) / 1000, dt.UTC)
+        start_days = {k: dt.datetime.fromtimestamp(v / 1000, dt.UTC).date() for k, v in starts.items()}
+        org = uuid.UUID(organization_id)
         async with self.tenant(organization_id) as conn:
             # Each load gets a new generation (its own short transaction: concurrent
             # loads must not fail the snapshot below with a serialization error).
@@ -391,9 +396,27 @@ class Ledger:
             grants = await conn.fetch(
                 "SELECT id, remaining, priority, expires_at FROM credit_grants WHERE remaining > 0"
             )
-            applied = await conn.fetch("SELECT id FROM credit_grants")
+            # Grants a push may still arrive for: the recent ones and those in the outbox
+            # (the cache remembers applied grants as long; an older push is refused as
+            # stale and answered with a reload, see accounts.grants).
+            applied = await conn.fetch(
+                "SELECT id FROM credit_grants WHERE organization_id = $1 AND created_at > $2"
+                " UNION SELECT grant_id FROM grant_outbox WHERE organization_id = $1",
+                org,
+                now - dt.timedelta(milliseconds=APPLIED_KEEP_MS),
+            )
             costs = await conn.fetch("SELECT action, credits FROM action_costs")
-            depts = await conn.fetch("SELECT id, limit_amount, period FROM departments")
+            # What each department spent in its current period, from the daily totals
+            # settlement keeps (migrations/0008): usage and captures of closed holds.
+            depts = await conn.fetch(
+                "SELECT d.id, d.limit_amount, d.period, coalesce((SELECT sum(s.spent) FROM department_spend_daily s"
+                "   WHERE s.organization_id = d.organization_id AND s.department_id = d.id"
+                "   AND s.day >= CASE d.period WHEN 'day' THEN $1::date WHEN 'week' THEN $2::date ELSE $3::date END),"
+                " 0) AS spent FROM departments d",
+                start_days["day"],
+                start_days["week"],
+                start_days["month"],
+            )
             holds = await conn.fetch(
                 "SELECT r.id, r.amount, r.department_id, r.credential_id, r.action, r.expires_at, r.created_at,"
                 " coalesce(array_agg(a.grant_id::text ORDER BY a.score, a.grant_id)"
@@ -406,29 +429,18 @@ class Ledger:
                 "   ON a.organization_id = r.organization_id AND a.reservation_id = r.id"
                 " WHERE r.status = 'open' GROUP BY r.organization_id, r.id"
             )
-            usage_by_dept = await conn.fetch(
-                "SELECT department_id, created_at, credits FROM ("
-                " SELECT department_id, created_at, credits FROM usage_events"
-                "  WHERE department_id IS NOT NULL AND created_at >= $1"
-                " ) u",
-                earliest,
-            )
             held = await conn.fetch(
                 "SELECT raw FROM settlement_dead_letters WHERE organization_id = $1 AND state = 'held' ORDER BY id",
                 uuid.UUID(organization_id),
             )
             keys = await conn.fetch(
                 "SELECT k.id, k.cap, k.revoked_at, k.rate_limit_per_s, k.rate_limit_burst,"
-                " coalesce((SELECT sum(u.credits) FROM usage_events u WHERE u.credential_id = k.id::text), 0)"
-                " AS spent FROM api_keys k"
+                " coalesce(s.spent, 0) AS spent FROM api_keys k LEFT JOIN credential_spend s"
+                "   ON s.organization_id = k.organization_id AND s.credential_id = k.id::text"
             )
         after = "0-0" if mark is None else f"{mark['last_ms']}-{int(mark['last_seq']) + 1}"
         dept_rows = {d["id"]: d for d in depts}
-        dept_spent: dict[Any, int] = {}
-        for u in usage_by_dept:
-            d = dept_rows.get(u["department_id"])
-            if d is not None and _ms(u["created_at"]) >= starts[d["period"]]:
-                dept_spent[d["id"]] = dept_spent.get(d["id"], 0) + int(u["credits"])
+        dept_spent: dict[Any, int] = {d["id"]: int(d["spent"]) for d in depts}
         hold_snaps: list[HoldSnapshot] = []
         cred_held: dict[str, int] = {}
         for h in holds:
@@ -636,6 +648,18 @@ class Ledger:
         return Cost(row["action"], int(row["credits"]), row["unit"], row["description"])
 
     # -- idempotency of endpoints outside the hot path -------------------------------
+    @asynccontextmanager
+    async def idempotency_lock(self, organization_id: str, key: str) -> AsyncIterator[None]:
+        """Requests with the same key (in one organization) run one at a time: a session
+        advisory lock on the pair, held while the caller decides and stores its answer."""
+        async with self.pool.acquire() as conn:
+            lock = await conn.fetchval("SELECT hashtextextended($1, 0)", f"idempotency:{organization_id}:{key}")
+            await conn.execute("SELECT pg_advisory_lock($1)", lock)
+            try:
+                yield
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", lock)
+
     async def stored_response(self, organization_id: str, key: str) -> StoredResponse | None:
         async with self.tenant(organization_id) as conn:
             row = await conn.fetchrow(

@@ -27,6 +27,7 @@ class Status(enum.IntEnum):
     REPLAY = 2
     DUPLICATE = 3
     ALREADY_LOADED = 4
+    STALE = 5
     NOT_LOADED = 10
     IDEMPOTENCY_CONFLICT = 11
     UNAUTHENTICATED = 12
@@ -39,6 +40,7 @@ class Status(enum.IntEnum):
     NOT_FOUND = 30
     RESERVATION_CLOSED = 31
     USED_EXCEEDS_HOLD = 32
+    NOT_YOURS = 33
     ITEM_FAILED = 40
 
 

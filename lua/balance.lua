@@ -1,5 +1,5 @@
 --[[ Read an organization's balance (expiring what is due first).
-  KEYS[1..11]  the organization's fixed keys (see lib.lua)
+  KEYS[1..12]  the organization's fixed keys (see lib.lua)
   ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
   ARGV[4] credential id          ARGV[5] default rate        ARGV[6] default burst
   ARGV[7..9] current day / week / month start (ms)           ARGV[10] department ('' none)
@@ -26,16 +26,19 @@ if dept ~= '' then
   if not d then return reply(DEPARTMENT_NOT_FOUND, {}) end
 end
 sweep_holds(starts)
-local live, expired = scan_grants()
-expire_grants(expired)
+sweep_grants()
+-- Every live grant (a listing, not the charge path): in burn-down order.
+local rows = redis.call('ZRANGE', KEYS[K_GQ], 0, -1, 'WITHSCORES')
+local left = {}
+local flat = redis.call('HGETALL', KEYS[K_GREM])
+for i = 1, #flat, 2 do left[flat[i]] = flat[i + 1] end
 local grants = {}
-for _, g in ipairs(live) do
-  local exp = g[3] % SCORE_SCALE
-  if exp >= SCORE_SCALE - 1 then exp = 0 end
-  grants[#grants + 1] = {id = g[1], remaining = g[2], expires_ms = exp}
+for i = 1, #rows, 2 do
+  local exp = tonumber(rows[i + 1]) % SCORE_SCALE
+  if exp >= NEVER then exp = 0 end
+  grants[#grants + 1] = {id = rows[i], remaining = num(left[rows[i]]), expires_ms = exp}
 end
-local v = redis.call('HMGET', KEYS[K_ACCT], 'bal', 'res')
-local bal, res = num(v[1]), num(v[2])
+local _, bal, res = usable_now()
 local payload = {balance = bal, reserved = res, available = bal - res, grants = grants}
 if d then payload.dept = d end
 return reply(OK, payload)

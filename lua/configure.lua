@@ -1,5 +1,5 @@
 --[[ Mirror a configuration change that Postgres already holds into the cache.
-  KEYS[1..11]  the organization's fixed keys (see lib.lua)
+  KEYS[1..12]  the organization's fixed keys (see lib.lua)
   ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
   ARGV[4] what: 'cost' | 'dept' | 'cred'
     cost: ARGV[5] action         ARGV[6] millicredits per unit

@@ -1,6 +1,6 @@
 --[[ Consume credits for one action, checking every budget level in one step.
-  KEYS[1..11]  the organization's fixed keys (see lib.lua)
-  KEYS[12]     idempotency record (only when ARGV[10] is not empty)
+  KEYS[1..12]  the organization's fixed keys (see lib.lua)
+  KEYS[13]     idempotency record (only when ARGV[10] is not empty)
   ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
   ARGV[4] credential id          ARGV[5] default rate (requests/s, <= 0 unlimited)
   ARGV[6] default burst          ARGV[7..9] current day / week / month start (ms)
@@ -17,26 +17,14 @@
     CAP_EXCEEDED {remaining, needed}
   All checks run before any charge; a refusal charges nothing.
 ]]
-local cred = ARGV[4]
-local default_rate, default_burst = tonumber(ARGV[5]), tonumber(ARGV[6])
-local starts = {day = tonumber(ARGV[7]), week = tonumber(ARGV[8]), month = tonumber(ARGV[9])}
-local fp, idem_ttl_ms = ARGV[10], tonumber(ARGV[11])
+local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
 local action, units, dept = ARGV[12], tonumber(ARGV[13]), ARGV[14]
 local metadata, event_id = ARGV[15], ARGV[16]
 
-local acct = redis.call('HMGET', KEYS[K_ACCT], 'loaded', 'res')  -- res changes only if a hold closes
-if acct[1] ~= '1' then return reply(NOT_LOADED, {}) end
-local replay = idem_check(12, fp)
-if replay then return replay end
-
-local c = cred_state(cred)
-if c.revoked then return reply(UNAUTHENTICATED, {}) end
-local wait_ms = rate_take(cred, default_rate, default_burst, c)
-if wait_ms > 0 then return reply(RATE_LIMITED, {retry_after_ms = wait_ms}) end
-
-local holds_closed = sweep_holds(starts)
-local live, expired, usable = scan_grants()
-expire_grants(expired)
+local early, c = preamble(cred, default_rate, default_burst, starts, fp)
+if early then return early end
+sweep_grants()
+local usable, bal, res = usable_now()
 
 local cost = tonumber(redis.call('HGET', KEYS[K_COSTS], action))
 if not cost then return reply(UNKNOWN_ACTION, {}) end
@@ -56,21 +44,22 @@ end
 if c.cap >= 0 and c.spent + charge > c.cap then
   return reply(CAP_EXCEEDED, {remaining = cred_room(c), needed = charge})
 end
+local grants = grants_cursor()
+local alloc = take(grants, charge)
+if not alloc then return reply(INSUFFICIENT_CREDITS, {available = grants.avail, needed = charge}) end
 
 -- Every check passed: charge.
-local alloc = take(live, charge)
-flush_grants(live)
+flush_grants(grants)
 if d then
   d.spent = d.spent + charge
   dept_write(dept, d)
 end
 if charge > 0 then
   redis.call('HINCRBY', KEYS[K_CREDS], cred .. '|spent', charge)
+  bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - charge)
 end
-local bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - charge)
-local res = num(holds_closed > 0 and redis.call('HGET', KEYS[K_ACCT], 'res') or acct[2])
 emit({t = 'use', id = event_id, act = action, u = units, amt = charge, d = dept, k = cred,
       m = metadata, g = alloc, at = NOW})
 local payload = {id = event_id, credits = charge, balance = bal, available = bal - res}
-idem_store(12, fp, payload, idem_ttl_ms)
+idem_store(K_IDEM, fp, payload, idem_ttl_ms)
 return reply(OK, payload)

@@ -1,7 +1,7 @@
 --[[ Consume credits for many actions in one atomic step.
-  KEYS[1..11]  the organization's fixed keys (see lib.lua)
-  KEYS[12]     request idempotency record (used only when ARGV[10] is not empty)
-  KEYS[13..]   item idempotency records, referred to by an item's ki
+  KEYS[1..12]  the organization's fixed keys (see lib.lua)
+  KEYS[13]     request idempotency record (used only when ARGV[10] is not empty)
+  KEYS[14..]   item idempotency records, referred to by an item's ki
   ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
   ARGV[4] credential id          ARGV[5] default rate        ARGV[6] default burst
   ARGV[7..9] current day / week / month start (ms)
@@ -25,26 +25,15 @@
   DEPARTMENT_LIMIT, CAP_EXCEEDED, IDEMPOTENCY_CONFLICT.
   The whole batch appends ONE stream entry carrying every charged event.
 ]]
-local cred = ARGV[4]
-local default_rate, default_burst = tonumber(ARGV[5]), tonumber(ARGV[6])
-local starts = {day = tonumber(ARGV[7]), week = tonumber(ARGV[8]), month = tonumber(ARGV[9])}
-local fp, idem_ttl_ms = ARGV[10], tonumber(ARGV[11])
+local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
 local atomic = ARGV[12] == '1'
 local runs = unpack(ARGV[13])
 
-local acct = redis.call('HMGET', KEYS[K_ACCT], 'loaded', 'res')  -- res changes only if a hold closes
-if acct[1] ~= '1' then return reply(NOT_LOADED, {}) end
-local replay = idem_check(12, fp)
-if replay then return replay end
-
-local c = cred_state(cred)
-if c.revoked then return reply(UNAUTHENTICATED, {}) end
-local wait_ms = rate_take(cred, default_rate, default_burst, c)
-if wait_ms > 0 then return reply(RATE_LIMITED, {retry_after_ms = wait_ms}) end
-
-local holds_closed = sweep_holds(starts)
-local live, expired, usable = scan_grants()
-expire_grants(expired)
+local early, c = preamble(cred, default_rate, default_burst, starts, fp)
+if early then return early end
+sweep_grants()
+local usable, bal, res = usable_now()
+local grants = grants_cursor()
 
 local costs = {}
 local depts = {}
@@ -104,17 +93,21 @@ for _, run in ipairs(runs) do
     elseif c.cap >= 0 and c.spent + charge > c.cap then
       r = {i = index, err = CAP_EXCEEDED, need = charge, have = cred_room(c)}
     else
-      usable = usable - charge
-      total = total + charge
-      c.spent = c.spent + charge
-      if dstate then
-        dstate.spent = dstate.spent + charge
-        dstate.dirty = true
+      local alloc = take(grants, charge)
+      if alloc then
+        usable = usable - charge
+        total = total + charge
+        c.spent = c.spent + charge
+        if dstate then
+          dstate.spent = dstate.spent + charge
+          dstate.dirty = true
+        end
+        local event_id = id_prefix .. index
+        events[#events + 1] = {id = event_id, act = a, u = u, amt = charge, d = d, m = m, g = alloc}
+        if ki > 0 then stores[#stores + 1] = {ki, item_fp, {id = event_id, credits = charge}} end
+      else  -- the grants hold less than bal - res says (see take): refused, not overdrawn
+        r = {i = index, err = INSUFFICIENT_CREDITS, need = charge, have = grants.avail}
       end
-      local event_id = id_prefix .. index
-      events[#events + 1] = {id = event_id, act = a, u = u, amt = charge, d = d, m = m,
-                             g = take(live, charge)}
-      if ki > 0 then stores[#stores + 1] = {ki, item_fp, {id = event_id, credits = charge}} end
     end
     if r then
       if atomic then return reply(ITEM_FAILED, r) end
@@ -124,15 +117,14 @@ for _, run in ipairs(runs) do
 end
 
 -- Every item decided: write once.
-flush_grants(live)
+flush_grants(grants)
 for dept, dstate in pairs(depts) do
   if dstate and dstate.dirty then dept_write(dept, dstate) end
 end
 if total > 0 then
   redis.call('HSET', KEYS[K_CREDS], cred .. '|spent', c.spent)
+  bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - total)
 end
-local bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - total)
-local res = num(holds_closed > 0 and redis.call('HGET', KEYS[K_ACCT], 'res') or acct[2])
 if #events > 0 then
   emit({t = 'use_batch', id = CALL_ID, k = cred, at = NOW, ev = events})
 end
@@ -140,5 +132,5 @@ for _, s in ipairs(stores) do
   redis.call('SET', KEYS[s[1]], s[2] .. '\n' .. pack(s[3]), 'PX', idem_ttl_ms)
 end
 local payload = {b = CALL_ID, c = costs, f = failed, r = replayed, balance = bal, available = bal - res}
-idem_store(12, fp, payload, idem_ttl_ms)
+idem_store(K_IDEM, fp, payload, idem_ttl_ms)
 return reply(OK, payload)

@@ -1,33 +1,43 @@
 --[[ Apply a grant that the Postgres ledger already holds (push from the outbox).
-  Idempotent by grant id: a grant is applied once, whatever the number of pushes.
-  KEYS[1..11]  the organization's fixed keys (see lib.lua)
-  ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
-  ARGV[4] grant id               ARGV[5] amount (millicredits, >= 1)
-  ARGV[6] priority (0..899, lower is spent first)            ARGV[7] expires (ms; 0 = never)
+  Idempotent by grant id: a grant is applied once, whatever the number of pushes. The
+  cache remembers applied grants for APPLIED_KEEP_MS (a cold load marks the recent ones
+  and those in the outbox); a push of an older grant it does not remember cannot be
+  told from a repeat, so it is refused as STALE and the pusher reloads the
+  organization from the ledger instead (accounts/grants.py), which is always right.
   A grant that lands appends a `grant_applied` entry to the usage stream: the ledger
   holds the grant already, so settlement records nothing for it, but the organizations
   of every settled batch are the ones whose alerts and reconciliation are looked at
   (settler/service.py): this is how a grant reaches them.
+  KEYS[1..12]  the organization's fixed keys (see lib.lua)
+  ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
+  ARGV[4] grant id               ARGV[5] amount (millicredits, >= 1)
+  ARGV[6] priority (0..899, lower is spent first)            ARGV[7] expires (ms; 0 = never)
+  ARGV[8] created (ms: when the ledger wrote the grant)
   Returns {status, msgpack payload}:
     OK         {balance, available}
     DUPLICATE  {balance, available}   already applied, nothing changed
+    STALE      {}                     too old to tell: reload the organization
     NOT_LOADED                        the organization is not cached; the next load
                                       reads this grant from the ledger
 ]]
 local gid, amount = ARGV[4], tonumber(ARGV[5])
 local priority, expires_ms = tonumber(ARGV[6]), tonumber(ARGV[7])
-if expires_ms <= 0 then expires_ms = SCORE_SCALE - 1 end
+local created_ms = tonumber(ARGV[8])
+if expires_ms <= 0 then expires_ms = NEVER end
 
 if not loaded() then return reply(NOT_LOADED, {}) end
+redis.call('ZREMRANGEBYSCORE', KEYS[K_GAPPLIED], '-inf', '(' .. (NOW - APPLIED_KEEP_MS))
 local code = OK
-if redis.call('SADD', KEYS[K_GAPPLIED], gid) == 1 then
+if redis.call('ZSCORE', KEYS[K_GAPPLIED], gid) then
+  code = DUPLICATE
+elseif created_ms < NOW - APPLIED_KEEP_MS then
+  return reply(STALE, {})
+else
+  redis.call('ZADD', KEYS[K_GAPPLIED], NOW, gid)
   return_to_grant(gid, amount, priority * SCORE_SCALE + expires_ms)
   redis.call('HINCRBY', KEYS[K_ACCT], 'bal', amount)
   emit({t = 'grant_applied', id = next_event_id(), g = gid, amt = amount, at = NOW})
-else
-  code = DUPLICATE
 end
-local _, expired = scan_grants()
-expire_grants(expired)
-local v = redis.call('HMGET', KEYS[K_ACCT], 'bal', 'res')
-return reply(code, {balance = num(v[1]), available = num(v[1]) - num(v[2])})
+sweep_grants()
+local _, bal, res = usable_now()
+return reply(code, {balance = bal, available = bal - res})

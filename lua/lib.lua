@@ -5,16 +5,22 @@
     KEYS[1]  acct      hash   bal (millicredits, grants remaining + holds), res (held), loaded, gen
     KEYS[2]  grem      hash   grant id -> remaining millicredits (grants not yet spent)
     KEYS[3]  gq        zset   grant id -> burn-down score = priority * 1e13 + expires_ms
-    KEYS[4]  costs     hash   action -> millicredits per unit
-    KEYS[5]  depts     hash   "<dept>|limit" (-1 none), "|period" (day|week|month), "|pstart", "|spent"
-    KEYS[6]  creds     hash   "<cred>|cap" (-1 none), "|spent", "|revoked", "|rate", "|burst", "|tok", "|ts"
-    KEYS[7]  holds     hash   reservation id -> msgpack {a, al, d, ps, k, x, st, u}
-    KEYS[8]  hx        zset   open reservation id -> expires_ms
-    KEYS[9]  hclosed   zset   closed reservation id -> closed_ms (purged after HOLD_KEEP_MS)
-    KEYS[10] gapplied  set    grant ids already applied (a grant push is idempotent)
-    KEYS[11] stream    stream the organization's usage partition (never trimmed here)
-  and the same leading ARGV:
+    KEYS[4]  gx        zset   grant id -> expires_ms, for the grants that expire
+    KEYS[5]  costs     hash   action -> millicredits per unit
+    KEYS[6]  depts     hash   "<dept>|limit" (-1 none), "|period" (day|week|month), "|pstart", "|spent"
+    KEYS[7]  creds     hash   "<cred>|cap" (-1 none), "|spent", "|revoked", "|rate", "|burst", "|tok", "|ts"
+    KEYS[8]  holds     hash   reservation id -> msgpack {a, al, d, ps, k, x, st, u}
+    KEYS[9]  hx        zset   open reservation id -> expires_ms
+    KEYS[10] hclosed   zset   closed reservation id -> closed_ms (purged after HOLD_KEEP_MS)
+    KEYS[11] gapplied  zset   grant id -> applied_ms: a grant push is idempotent (pruned after APPLIED_KEEP_MS)
+    KEYS[12] stream    stream the organization's usage partition (never trimmed here)
+  then, for the scripts that take one, KEYS[13]: the call's idempotency record; and the
+  same leading ARGV:
     ARGV[1] organization id   ARGV[2] now (ms since epoch)   ARGV[3] call id (unique per call)
+
+  Invariant: bal - res == the sum of grem (every credit not held is in exactly one
+  grant), so what is available is known without reading the grants; a charge reads only
+  the grants it spends, in burn-down order, a few at a time (grants_cursor / take).
 
   Scripts return {status, msgpack payload}. No script reads the server clock.
 
@@ -24,22 +30,36 @@
   begin(KEYS, ARGV), which binds the per-call state below; Redis runs one call at a
   time, so no two calls ever share it.
 ]]
+-- Lua's own unpack (a list into values); the name unpack is cmsgpack's below. Bound in
+-- begin(), like cmsgpack: a function library may not read globals while it loads.
+local unpack_list
+local function bind_unpack_list() unpack_list = unpack end  -- `unpack` is still the global here
 -- cmsgpack is bound in begin(): a function library may not read it while loading.
 local pack, unpack
 
-local K_ACCT, K_GREM, K_GQ, K_COSTS, K_DEPTS, K_CREDS = 1, 2, 3, 4, 5, 6
-local K_HOLDS, K_HX, K_HCLOSED, K_GAPPLIED, K_STREAM = 7, 8, 9, 10, 11
-local N_FIXED = 11
+local K_ACCT, K_GREM, K_GQ, K_GX, K_COSTS, K_DEPTS, K_CREDS = 1, 2, 3, 4, 5, 6, 7
+local K_HOLDS, K_HX, K_HCLOSED, K_GAPPLIED, K_STREAM = 8, 9, 10, 11, 12
+local N_FIXED = 12
+local K_IDEM = 13
+
+-- The layout above, as `loaded` records it: a cache written by another layout (an
+-- earlier version) reads as not loaded, and is loaded again from the ledger.
+local CACHE_FORMAT = '2'
 
 local SCORE_SCALE = 10000000000000 -- 1e13 ms, past year 2286
+local NEVER = SCORE_SCALE - 1      -- the expiry of a grant that does not expire
 local HOLD_SWEEP_MAX = 50          -- expired holds closed per call, bounded
 local HOLD_KEEP_MS = 7 * 86400000  -- a closed hold answers reservation_closed this long
 local HOLD_PURGE_MAX = 20
+local GRANT_PAGE = 8               -- grants read at a time, in burn-down order
+local GRANT_SWEEP_PAGE = 200       -- expired grants read at a time (all that are due expire)
+local APPLIED_KEEP_MS = 7 * 86400000  -- how long an applied grant is remembered (ledger.store.APPLIED_KEEP_MS)
 
 local ORG, NOW, CALL_ID
 local event_seq = 0
 
 local function begin(keys, argv)
+  if not unpack_list then bind_unpack_list() end
   pack, unpack = cmsgpack.pack, cmsgpack.unpack
   KEYS, ARGV = keys, argv
   ORG, NOW, CALL_ID = argv[1], tonumber(argv[2]), argv[3]
@@ -55,7 +75,7 @@ local function reply(code, payload)
 end
 
 local function loaded()
-  return redis.call('HGET', KEYS[K_ACCT], 'loaded') == '1'
+  return redis.call('HGET', KEYS[K_ACCT], 'loaded') == CACHE_FORMAT
 end
 
 -- Next event id of this call: deterministic from the call id, unique per call.
@@ -86,63 +106,98 @@ local function idem_store(key_index, fp, payload, ttl_ms)
   redis.call('SET', KEYS[key_index], fp .. '\n' .. pack(payload), 'PX', ttl_ms)
 end
 
--- Grants in burn-down order (priority, then soonest expiry). Returns the live grants
--- as a list of {id, remaining, score}, the expired ones, and the spendable total.
--- Two reads whatever the number of grants (grem holds exactly the queued grants).
-local function scan_grants()
-  local rows = redis.call('ZRANGE', KEYS[K_GQ], 0, -1, 'WITHSCORES')
-  local live, expired, usable = {}, {}, 0
-  if #rows == 0 then return live, expired, usable end
-  local remaining = {}
-  local flat = redis.call('HGETALL', KEYS[K_GREM])
-  for i = 1, #flat, 2 do remaining[flat[i]] = flat[i + 1] end
-  for i = 1, #rows, 2 do
-    local gid = rows[i]
-    local score = tonumber(rows[i + 1])
-    local rem = num(remaining[gid])
-    if score % SCORE_SCALE <= NOW then
-      expired[#expired + 1] = {gid, rem, score}
-    else
-      live[#live + 1] = {gid, rem, score}
-      usable = usable + rem
+-- Every grant whose expiry has come leaves the balance, with an `expiration` event
+-- for what it had left; never spent. All that are due, a page at a time: each grant
+-- expires once, so the work is the grants' own, not the call's.
+local function sweep_grants()
+  local total = 0
+  while true do
+    local due = redis.call('ZRANGEBYSCORE', KEYS[K_GX], '-inf', NOW, 'LIMIT', 0, GRANT_SWEEP_PAGE)
+    if #due == 0 then break end
+    local left = redis.call('HMGET', KEYS[K_GREM], unpack_list(due))
+    for i, gid in ipairs(due) do
+      local rem = num(left[i])
+      redis.call('HDEL', KEYS[K_GREM], gid)
+      redis.call('ZREM', KEYS[K_GQ], gid)
+      redis.call('ZREM', KEYS[K_GX], gid)
+      if rem > 0 then
+        total = total + rem
+        emit({t = 'grant_expired', id = next_event_id(), g = gid, amt = rem, at = NOW})
+      end
     end
+    if #due < GRANT_SWEEP_PAGE then break end
   end
-  return live, expired, usable
+  if total > 0 then redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - total) end
+  return total
 end
 
--- Take `amount` from the live grants in order (in memory); returns the allocation as a
--- flat list {gid, amount, score, ...}. The caller checked that enough is usable.
-local function take(live, amount)
-  local first = live[1]
-  if amount > 0 and first and first[2] >= amount then  -- the usual case: one grant covers it
-    first[2] = first[2] - amount
-    first.dirty = true
-    return {first[1], amount, first[3]}
+-- What is available to spend (after sweep_grants): bal - res, by the invariant.
+local function usable_now()
+  local v = redis.call('HMGET', KEYS[K_ACCT], 'bal', 'res')
+  return num(v[1]) - num(v[2]), num(v[1]), num(v[2])
+end
+
+-- The live grants in burn-down order (priority, then soonest expiry), read a page at a
+-- time as charges need them. items: {gid, remaining, score}; avail: what the items read
+-- so far still hold.
+local function grants_cursor()
+  return {items = {}, next_rank = 0, exhausted = false, pos = 1, avail = 0}
+end
+
+local function read_grants(cur)
+  local rows = redis.call('ZRANGE', KEYS[K_GQ], cur.next_rank, cur.next_rank + GRANT_PAGE - 1, 'WITHSCORES')
+  local ids = {}
+  for i = 1, #rows, 2 do ids[#ids + 1] = rows[i] end
+  cur.next_rank = cur.next_rank + #ids
+  if #ids < GRANT_PAGE then cur.exhausted = true end
+  if #ids == 0 then return end
+  local left = redis.call('HMGET', KEYS[K_GREM], unpack_list(ids))
+  for j, gid in ipairs(ids) do
+    local rem = num(left[j])
+    cur.items[#cur.items + 1] = {gid, rem, tonumber(rows[2 * j])}
+    cur.avail = cur.avail + rem
+  end
+end
+
+-- Take `amount` from the grants in order (in memory); returns the allocation as a flat
+-- list {gid, amount, score, ...}, or nil (and takes nothing) when the grants do not
+-- hold that much: the invariant says they do, so nil means the cache is broken and
+-- the charge is refused rather than overdrawn.
+local function take(cur, amount)
+  while cur.avail < amount and not cur.exhausted do read_grants(cur) end
+  if cur.avail < amount then
+    redis.log(redis.LOG_WARNING, 'credits: grants of ' .. ORG .. ' hold less than bal - res')
+    return nil
   end
   local alloc = {}
-  for _, g in ipairs(live) do
-    if amount <= 0 then break end
+  local i = cur.pos
+  while amount > 0 do
+    local g = cur.items[i]
     local t = math.min(g[2], amount)
     if t > 0 then
       g[2] = g[2] - t
       g.dirty = true
       amount = amount - t
+      cur.avail = cur.avail - t
       alloc[#alloc + 1] = g[1]
       alloc[#alloc + 1] = t
       alloc[#alloc + 1] = g[3]
     end
+    if g[2] <= 0 then i = i + 1 end
   end
+  cur.pos = i
   return alloc
 end
 
--- Write back the grants `take` changed; a grant spent to zero leaves the queue.
-local function flush_grants(live)
-  for _, g in ipairs(live) do
+-- Write back the grants `take` changed; a grant spent to zero leaves the queues.
+local function flush_grants(cur)
+  for _, g in ipairs(cur.items) do
     if g.dirty then
       g.dirty = false
       if g[2] <= 0 then
         redis.call('HDEL', KEYS[K_GREM], g[1])
         redis.call('ZREM', KEYS[K_GQ], g[1])
+        redis.call('ZREM', KEYS[K_GX], g[1])
       else
         redis.call('HSET', KEYS[K_GREM], g[1], g[2])
       end
@@ -150,24 +205,13 @@ local function flush_grants(live)
   end
 end
 
--- Expired grants leave the balance with an `expiration` event. Never spent.
-local function expire_grants(expired)
-  local total = 0
-  for _, g in ipairs(expired) do
-    redis.call('HDEL', KEYS[K_GREM], g[1])
-    redis.call('ZREM', KEYS[K_GQ], g[1])
-    if g[2] > 0 then
-      total = total + g[2]
-      emit({t = 'grant_expired', id = next_event_id(), g = g[1], amt = g[2], at = NOW})
-    end
-  end
-  if total > 0 then redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - total) end
-  return total
-end
-
+-- Credits back to a grant (a hold's unused part, a new grant): into the queues again.
+-- A grant whose expiry passed meanwhile expires at the next sweep, with its own event.
 local function return_to_grant(gid, amount, score)
   redis.call('HINCRBY', KEYS[K_GREM], gid, amount)
   redis.call('ZADD', KEYS[K_GQ], score, gid)
+  local expires = score % SCORE_SCALE
+  if expires < NEVER then redis.call('ZADD', KEYS[K_GX], expires, gid) end
 end
 
 -- Department state for the current period. starts maps period -> current period start
@@ -291,7 +335,26 @@ local function purge_closed_holds()
   end
 end
 
-local function totals(usable)
-  local v = redis.call('HMGET', KEYS[K_ACCT], 'bal', 'res')
-  return num(v[1]), num(v[2]), usable
+-- The arguments every charging script (consume, batch, reserve, release) takes after
+-- the leading three: ARGV[4] credential, [5] default rate, [6] default burst,
+-- [7..9] current day / week / month start (ms), [10] idempotency fingerprint ('' none),
+-- [11] idempotency ttl (ms).
+local function charging_args(argv)
+  return argv[4], tonumber(argv[5]), tonumber(argv[6]),
+    {day = tonumber(argv[7]), week = tonumber(argv[8]), month = tonumber(argv[9])}, argv[10], tonumber(argv[11])
+end
+
+-- What every charging script checks first, in this order: the organization is loaded,
+-- the idempotency key (a replay answers here), the credential is not revoked and has a
+-- request token left; then expired holds return to available. Returns a reply to give
+-- at once, or nil with the credential's state and how many holds closed.
+local function preamble(cred, default_rate, default_burst, starts, fp)
+  if not loaded() then return reply(NOT_LOADED, {}) end
+  local replay = idem_check(K_IDEM, fp)
+  if replay then return replay end
+  local c = cred_state(cred)
+  if c.revoked then return reply(UNAUTHENTICATED, {}) end
+  local wait_ms = rate_take(cred, default_rate, default_burst, c)
+  if wait_ms > 0 then return reply(RATE_LIMITED, {retry_after_ms = wait_ms}) end
+  return nil, c, sweep_holds(starts)
 end

@@ -1,13 +1,14 @@
 --[[ Load an organization's state from the Postgres ledger into an empty cache.
   Only the first load lands: a second (possibly older) snapshot finds the organization
   loaded and changes nothing, so a load never overwrites newer state. Grants pushed
-  later are recognised by id (gapplied) and never counted twice.
-  KEYS[1..11]  the organization's fixed keys (see lib.lua)
+  later are recognised by id (gapplied) and never counted twice. A cache written in
+  another layout (an earlier version, see CACHE_FORMAT) is replaced.
+  KEYS[1..12]  the organization's fixed keys (see lib.lua)
   ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
   ARGV[4] snapshot, msgpack {
     gen,
     grants  = [{id, rem, prio, exp}]           live grants (remaining > 0; exp 0 = never)
-    applied = [grant id, ...]                  every grant the ledger holds
+    applied = [grant id, ...]                  grants a push may still arrive for
     costs   = {action = millicredits per unit}
     depts   = [{id, limit, period, pstart, spent}]
     creds   = [{id, cap, spent, revoked, rate, burst}]  (rate/burst -1 = default)
@@ -16,17 +17,18 @@
 ]]
 if loaded() then return reply(ALREADY_LOADED, {}) end
 local s = unpack(ARGV[4])
-for i = 1, 10 do redis.call('DEL', KEYS[i]) end
+for i = 1, N_FIXED - 1 do redis.call('DEL', KEYS[i]) end
 
 local bal, res = 0, 0
 for _, g in ipairs(s.grants) do
   local exp = g.exp
-  if exp <= 0 then exp = SCORE_SCALE - 1 end
+  if exp <= 0 then exp = NEVER end
   redis.call('HSET', KEYS[K_GREM], g.id, g.rem)
   redis.call('ZADD', KEYS[K_GQ], g.prio * SCORE_SCALE + exp, g.id)
+  if exp < NEVER then redis.call('ZADD', KEYS[K_GX], exp, g.id) end
   bal = bal + g.rem
 end
-for _, gid in ipairs(s.applied) do redis.call('SADD', KEYS[K_GAPPLIED], gid) end
+for _, gid in ipairs(s.applied) do redis.call('ZADD', KEYS[K_GAPPLIED], NOW, gid) end
 for action, cost in pairs(s.costs) do redis.call('HSET', KEYS[K_COSTS], action, cost) end
 for _, d in ipairs(s.depts) do
   redis.call('HSET', KEYS[K_DEPTS], d.id .. '|limit', d.limit, d.id .. '|period', d.period,
@@ -45,5 +47,5 @@ for _, h in ipairs(s.holds) do
   bal = bal + h.a
   res = res + h.a
 end
-redis.call('HSET', KEYS[K_ACCT], 'bal', bal, 'res', res, 'gen', s.gen, 'loaded', '1')
+redis.call('HSET', KEYS[K_ACCT], 'bal', bal, 'res', res, 'gen', s.gen, 'loaded', CACHE_FORMAT)
 return reply(OK, {balance = bal})

@@ -1,5 +1,5 @@
 --[[ Take one request token for a credential (endpoints with no script of their own).
-  KEYS[1..11]  the organization's fixed keys (see lib.lua)
+  KEYS[1..12]  the organization's fixed keys (see lib.lua)
   ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
   ARGV[4] credential id          ARGV[5] default rate        ARGV[6] default burst
   Returns {status, msgpack payload}:

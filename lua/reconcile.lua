@@ -1,5 +1,5 @@
 --[[ Read, in one atomic step, what reconciliation compares with the ledger.
-  KEYS[1..11]  the organization's fixed keys (see lib.lua)
+  KEYS[1..12]  the organization's fixed keys (see lib.lua)
   ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
   ARGV[4] first stream entry the ledger does not hold (its watermark + 1)
   ARGV[5] most entries to scan   ARGV[6] grants in the outbox, msgpack [id, amount, ...]
@@ -39,7 +39,7 @@ for i = 1, math.min(#rows, scan_max) do
 end
 local unpushed = 0
 for i = 1, #outbox, 2 do
-  if redis.call('SISMEMBER', KEYS[K_GAPPLIED], outbox[i]) == 0 then unpushed = unpushed + outbox[i + 1] end
+  if not redis.call('ZSCORE', KEYS[K_GAPPLIED], outbox[i]) then unpushed = unpushed + outbox[i + 1] end
 end
 return reply(OK, {balance = num(redis.call('HGET', KEYS[K_ACCT], 'bal')), in_flight = in_flight,
                   unpushed = unpushed, scanned = scanned, truncated = #rows > scan_max, oldest = oldest})

@@ -177,6 +177,10 @@ def fail(result: Result, *, department_param: str = "$.department_id") -> ApiErr
             f"the reservation is already closed ({p.get('how', 'closed')})",
             "$.reservation_id",
         )
+    if status is Status.NOT_YOURS:
+        return ApiError(
+            403, "forbidden", "this reservation was made by another credential (or needs an admin)", "$.reservation_id"
+        )
     if status is Status.USED_EXCEEDS_HOLD:
         return invalid(f"used is more than the reservation's {credits(int(p['amount']))} credits", "$.used")
     if status is Status.NOT_LOADED:
@@ -427,6 +431,7 @@ async def release(request: web.Request) -> web.Response:
             cred.id,
             reservation_id=body.reservation_id,
             used=used,
+            any_hold=cred.role == "admin",  # an admin may end any hold of the organization
             idempotency_key=key,
             fp=fp,
             assigned=assigned,
@@ -556,22 +561,27 @@ async def create_department(request: web.Request) -> web.Response:
     org = cred.organization_id
     ledger = request.app[LEDGER]
     fp = fingerprint("create_department", body.name)
-    if key is not None:
+    await _request_token(request, cred)
+    if key is None:
+        return await _create_department(request, org, body.name)
+    # Requests with one key take turns: the second finds the first's answer and replays
+    # it, instead of failing on the name the first just took.
+    async with ledger.idempotency_lock(org, key):
         stored = await ledger.stored_response(org, key)
         if stored is not None:
             return _replay(stored, fp, replayed=True)
-    await _request_token(request, cred)
+        response = await _create_department(request, org, body.name)
+        assert isinstance(response.body, bytes)
+        await ledger.store_response(org, key, StoredResponse(fp, response.status, response.body))
+    return response
+
+
+async def _create_department(request: web.Request, org: str, name: str) -> web.Response:
     try:
-        dept = await admin.create_department(ledger, request.app[HOT], org, body.name)
+        dept = await admin.create_department(request.app[LEDGER], request.app[HOT], org, name)
     except Conflict as exc:
         raise ApiError(409, "conflict", str(exc), "$.name") from None
-    response = respond(s.DepartmentView(id=dept.id, name=dept.name), status=201)
-    if key is not None:
-        assert isinstance(response.body, bytes)
-        stored = await ledger.store_response(org, key, StoredResponse(fp, response.status, response.body))
-        # A concurrent request with the same key may have stored its answer first.
-        return _replay(stored, fp, replayed=stored.body != response.body)
-    return response
+    return respond(s.DepartmentView(id=dept.id, name=dept.name), status=201)
 
 
 def _replay(stored: StoredResponse, fp: str, *, replayed: bool) -> web.Response:
@@ -704,6 +714,8 @@ async def usage_summary(request: web.Request) -> web.Response:
 
 async def transactions(request: web.Request) -> web.Response:
     cred = await request.app[AUTH](request)
+    if cred.department_id is not None:  # ledger entries are the organization's, not a department's
+        raise ApiError(403, "forbidden", "a key scoped to a department cannot read the organization's ledger")
     q = query(request, s.TransactionsQuery)
     await _request_token(request, cred)
     rows, more = await LedgerReads(request.app[LEDGER]).transactions(
@@ -795,7 +807,7 @@ OPERATIONS = (
         s.ReleaseRequest,
         s.ReleaseResponse,
         idempotent=True,
-        errors=(400, 401, 404, 409, 413, 429, 503),
+        errors=(400, 401, 403, 404, 409, 413, 429, 503),
     ),
     Operation(
         "GET",
@@ -818,9 +830,10 @@ OPERATIONS = (
         "GET",
         "/api/credits/transactions",
         transactions,
-        "Ledger entries, newest first (cursor pages)",
+        "Ledger entries, newest first (cursor pages); not for department-scoped keys",
         response=s.TransactionList,
         query=("type", "limit", "starting_after"),
+        errors=(400, 401, 403, 429, 503),
     ),
     Operation("GET", "/api/credits/costs", list_costs, "Cost of every action", response=s.CostList),
     Operation(

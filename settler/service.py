@@ -174,6 +174,7 @@ class Settler:
                     amount=int(row["amount"]),
                     priority=int(row["priority"]),
                     expires_at=row["expires_at"],
+                    created_at=row["created_at"],
                 )
                 await self.settlement.outbox_done(row["grant_id"])
                 pushed += 1

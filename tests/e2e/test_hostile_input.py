@@ -205,3 +205,45 @@ async def test_billing_refuses_a_revoked_key_at_its_next_request(
         response = await billing_client.request(method, path, json=body, headers=headers)
         assert response.status == 401, await response.text()
         assert (await response.json())["error"]["code"] == "unauthenticated"
+
+
+async def test_concurrent_creations_with_one_key_make_one_department_and_replay(
+    client: Client, ledger: Ledger, org: Org
+) -> None:
+    headers = {**auth(org), "Idempotency-Key": "dept-once"}
+    answers = await asyncio.gather(
+        *(client.post(f"{M}/departments", data=json.dumps({"name": "ops"}), headers=headers) for _ in range(6))
+    )
+    assert [a.status for a in answers] == [201] * 6
+    bodies = {json.dumps(await a.json(), sort_keys=True) for a in answers}
+    assert len(bodies) == 1  # one department, the same answer for all
+    assert sum(a.headers.get("Idempotent-Replayed") == "true" for a in answers) == 5
+    assert [d.name for d in await ledger.departments(org.id)] == ["ops"]
+
+
+async def test_a_credential_cannot_end_another_credentials_hold(
+    client: Client, ledger: Ledger, hot: HotPath, org: Org
+) -> None:
+    mine = await admin.create_key(ledger, hot, org.id, role="agent")
+    other = await admin.create_key(ledger, hot, org.id, role="agent")
+    held = await client.post(
+        f"{M}/reserve", json={"amount": 5, "ttl_seconds": 60}, headers={"Authorization": f"Bearer {mine.secret}"}
+    )
+    rid = (await held.json())["id"]
+    stolen = await client.post(
+        f"{M}/release", json={"reservation_id": rid, "used": 5}, headers={"Authorization": f"Bearer {other.secret}"}
+    )
+    assert stolen.status == 403 and (await stolen.json())["error"]["param"] == "$.reservation_id"
+    by_admin = await client.post(f"{M}/release", json={"reservation_id": rid, "used": 1}, headers=auth(org))
+    assert by_admin.status == 200 and (await by_admin.json())["used"] == 1
+
+
+async def test_a_department_key_cannot_read_the_organizations_ledger(
+    client: Client, ledger: Ledger, hot: HotPath, org: Org
+) -> None:
+    dept = await admin.create_department(ledger, hot, org.id, "scoped")
+    key = await admin.create_key(ledger, hot, org.id, role="agent", department_id=dept.id)
+    headers = {"Authorization": f"Bearer {key.secret}"}
+    response = await client.get(f"{M}/transactions", headers=headers)
+    assert response.status == 403
+    assert (await client.get(f"{M}/transactions", headers=auth(org))).status == 200

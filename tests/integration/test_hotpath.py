@@ -141,7 +141,9 @@ async def test_grant_push_is_idempotent(hot: HotPath, ledger: Ledger, org: Org) 
     await balance(hot, org)  # cached
     g = await ledger.grant(org.id, amount=5 * CREDIT, source="admin", reference="ref-1", reason="t")
     for _ in range(3):
-        r = await hot.grant(org.id, grant_id=g.grant_id, amount=5 * CREDIT, priority=20, expires_ms=0)
+        r = await hot.grant(
+            org.id, grant_id=g.grant_id, amount=5 * CREDIT, priority=20, expires_ms=0, created_ms=now_ms()
+        )
         assert r.status in (Status.OK, Status.DUPLICATE)
     await push_pending(ledger, hot, org.id)
     again = await ledger.grant(org.id, amount=5 * CREDIT, source="admin", reference="ref-1", reason="t")

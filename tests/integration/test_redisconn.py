@@ -54,10 +54,17 @@ async def test_a_lost_function_library_is_loaded_again(
 async def test_starting_drops_the_libraries_of_earlier_versions(
     config: Config, redis: aioredis.Redis, ledger: Ledger, org: Org
 ) -> None:
-    """A deploy adds a library per version; a new process deletes the older ones, and a
-    process still running an older version loads its own again when it next calls."""
+    """A deploy adds a library per version; a new process deletes the ones no process
+    started with for a day (recent ones stay: a rolling deploy, or other versions sharing
+    the server), and a process still running a deleted version loads its own again."""
     assert config.redis_url is not None
     old = "credits_000000000000"
+    recent = f"credits_{uuid.uuid4().hex[:12]}"
+    await redis.function_load(
+        f"#!lua name={recent}\nredis.register_function('{recent}_f', function() return 1 end)", replace=True
+    )
+    await redis.set(f"credits-function-library:{recent}", 1, ex=60)  # a process started with it a moment ago
+    await redis.delete(f"credits-function-library:{old}")
     await redis.function_load(
         f"#!lua name={old}\nredis.register_function('credits_old_000000000000', function() return 1 end)",
         replace=True,
@@ -75,11 +82,13 @@ async def test_starting_drops_the_libraries_of_earlier_versions(
         await hot.start()
         names = {lib[b"library_name"].decode() for lib in map(_pairs, await redis.function_list())}
         assert old not in names and unrelated in names and hot._library.name in names
+        assert recent in names  # in use: kept
         await redis.function_delete(hot._library.name)  # the library the other one uses goes
         r = await running.consume(org.id, org.admin_key_id, action="generate_content", units=1)
         assert r.status is Status.OK and await running.scripts_loaded()
     finally:
         await redis.function_delete(unrelated)
+        await redis.function_delete(recent)
         await pipe.close()
 
 

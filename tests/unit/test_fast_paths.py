@@ -88,7 +88,7 @@ def test_batch_results_from_the_compact_answer_and_from_an_earlier_version() -> 
 
 
 def test_consume_encoded_by_hand_is_what_the_generic_path_sends() -> None:
-    from hotpath.client import HotPath, pack_command
+    from hotpath.client import N_ORG_KEYS, HotPath, pack_command
     from hotpath.connection import PipelinedRedis
 
     for rate, burst in ((0.0, 0.0), (1000.0, 2000.0), (2.5, 7)):
@@ -108,5 +108,7 @@ def test_consume_encoded_by_hand_is_what_the_generic_path_sends() -> None:
             now = 1_764_000_123_456
             extra, idem = hot._idem(org, key, "fp" if key else "")
             args = (*hot._common(org, cred, now, "c" * 32), *idem, action, units, dept, metadata, "c" * 32)
-            generic = pack_command(("FCALL", hot._names["consume"], 11 + len(extra), *hot.org_keys(org), *extra, *args))
+            generic = pack_command(
+                ("FCALL", hot._names["consume"], N_ORG_KEYS + len(extra), *hot.org_keys(org), *extra, *args)
+            )
             assert hot._consume_command(org, extra, args) == generic

@@ -49,9 +49,17 @@ def test_credits_render_without_exponent_or_trailing_zeros() -> None:
 def test_config_defaults_and_errors_name_the_variable() -> None:
     c = load({})
     assert c.embedded and c.redis_url is None and c.durability is Durability.ASYNC
-    c = load({"REDIS_URL": "redis://h:1/0", "DATABASE_URL": "postgresql://u:p@h:5/db", "DURABILITY": "local"})
+    c = load(
+        {
+            "REDIS_URL": "redis://h:1/0",
+            "DATABASE_URL": "postgresql://u:p@h:5/db",
+            "DURABILITY": "local",
+            "APP_DB_PASSWORD": "app pass/@",
+            "SETTLER_DB_PASSWORD": "settler-pass",
+        }
+    )
     assert not c.embedded and c.durability is Durability.LOCAL
-    assert c.app_dsn() == "postgresql://credits_app:credits_app@h:5/db"
+    assert c.app_dsn() == "postgresql://credits_app:app%20pass%2F%40@h:5/db"
     for env, name in [
         ({"REDIS_URL": "http://x"}, "REDIS_URL"),
         ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
@@ -98,13 +106,20 @@ def test_fingerprint_is_stable_and_sensitive() -> None:
     assert fingerprint("use", "a", 1, "", {"x": 1}) != fingerprint("use", "a", 1, "", {"x": 2})
 
 
+# The upper-case names lib.lua declares itself (`local A, B = ...`): constants, not statuses.
+LIB_CONSTANTS = {
+    name.strip()
+    for declared in re.findall(r"^local ([A-Z][A-Z0-9_, ]*?) *(?:=|$)", lua._read("lib.lua"), flags=re.M)
+    for name in declared.split(",")
+}
+
+
 def test_every_status_a_script_names_is_in_the_enum() -> None:
     names = {s.name for s in lua.Status}
     for script in lua.SCRIPTS:
         body = lua.source(script).split("\n", len(lua.Status))[-1]
         body = re.sub(r"--\[\[.*?\]\]|--[^\n]*|'[^'\n]*'", "", body, flags=re.S)  # comments, strings
-        constants = {"KEYS", "ARGV", "HOLD_SWEEP_MAX", "HOLD_KEEP_MS", "HOLD_PURGE_MAX", "SCORE_SCALE", "N_FIXED"}
-        used = set(re.findall(r"\b([A-Z][A-Z_]{2,})\b", body)) - constants - {"ORG", "NOW", "CALL_ID"}
+        used = set(re.findall(r"\b([A-Z][A-Z_]{2,})\b", body)) - LIB_CONSTANTS - {"KEYS", "ARGV", "LOG_WARNING"}
         used = {u for u in used if not u.startswith("K_")}
         assert used <= names, (script, used - names)
 
@@ -126,3 +141,40 @@ def test_openapi_document_covers_the_contract() -> None:
     props = doc["components"]["schemas"]["UseResponse"]["properties"]
     assert set(props) == {"id", "action", "units", "credits", "balance", "available"}
     assert props["credits"]["type"] == "number"
+
+
+def test_well_known_role_passwords_only_for_a_local_postgres() -> None:
+    remote = {"DATABASE_URL": "postgresql://owner:pw@db.example.com:5432/credits"}
+    with pytest.raises(ConfigError, match="APP_DB_PASSWORD"):
+        load(remote)
+    with pytest.raises(ConfigError, match="SETTLER_DB_PASSWORD"):
+        load({**remote, "APP_DB_PASSWORD": "s3cret-of-our-own"})
+    with pytest.raises(ConfigError, match="development password"):
+        load({**remote, "APP_DB_PASSWORD": "change-me-app", "SETTLER_DB_PASSWORD": "x" * 20})
+    ok = load({**remote, "APP_DB_PASSWORD": "a" * 20, "SETTLER_DB_PASSWORD": "b" * 20})
+    assert ok.app_db_password == "a" * 20
+    # The role's own URL carries its password: nothing to check here.
+    load({**remote, "APP_DATABASE_URL": "postgresql://credits_app:x@db/credits", "SETTLER_DB_PASSWORD": "b" * 20})
+    load({"DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/test"})  # a Postgres on this machine
+    load({})  # the embedded stack
+
+
+def test_role_passwords_reach_postgres_as_scram_verifiers_only() -> None:
+    import base64
+    import hashlib
+    import hmac
+
+    from ledger.migrate import scram_verifier
+
+    verifier = scram_verifier("pässwörd")
+    assert "pässwörd" not in verifier
+    method, rest = verifier.split("$", 1)
+    head, keys = rest.split("$")
+    iterations, salt = head.split(":")
+    stored_key, server_key = (base64.b64decode(k) for k in keys.split(":"))
+    assert method == "SCRAM-SHA-256" and int(iterations) == 4096
+    # RFC 5802, as the server checks a client's proof: the stored key is H(HMAC(Hi(p, s, i), "Client Key")).
+    salted = hashlib.pbkdf2_hmac("sha256", "pässwörd".encode(), base64.b64decode(salt), int(iterations))
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    assert hashlib.sha256(client_key).digest() == stored_key
+    assert hmac.new(salted, b"Server Key", hashlib.sha256).digest() == server_key
