@@ -328,8 +328,10 @@ class Settlement:
             if staged.allocs:
                 await conn.copy_records_to_table("settle_allocs", records=staged.allocs, columns=list(ALLOC_COLUMNS))
             rows = await conn.fetch("SELECT * FROM settle_staged($1)", batch_id)
-            if staged.uses:  # their hours for /usage/summary (migrations/0006)
+            if staged.uses:  # their hours for /usage/summary (migrations/0006, 0010)
                 await conn.execute("SELECT rollup_staged_uses()")
+            if staged.events:  # the captures it settled count as usage too (migrations/0010)
+                await conn.execute("SELECT rollup_staged_captures()")
             await conn.execute(
                 "INSERT INTO settlement_batches (id, partition, first_entry, last_entry, events)"
                 " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",

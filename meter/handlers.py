@@ -635,6 +635,7 @@ async def usage(request: web.Request) -> web.Response:
                     department_id=r.department_id,
                     metadata=msgspec.Raw(r.metadata.encode()),
                     created_at=_iso(r.created_at),
+                    kind="capture" if r.kind == "capture" else "use",
                 )
                 for r in rows
             ],
@@ -757,7 +758,7 @@ OPERATIONS = (
         "GET",
         "/api/credits/usage",
         usage,
-        "Settled usage events, newest first (cursor pages)",
+        "Settled usage events and reservation captures, newest first (cursor pages)",
         response=s.UsageList,
         query=("from", "to", "department_id", "action", "limit", "starting_after"),
         errors=(400, 401, 403, 404, 429, 503),
@@ -766,7 +767,7 @@ OPERATIONS = (
         "GET",
         "/api/credits/usage/summary",
         usage_summary,
-        "Settled usage grouped by action, department or day",
+        "Settled usage and captures grouped by action, department, day, hour or api_key",
         response=s.UsageSummary,
         query=("from", "to", "group_by"),
     ),
