@@ -785,16 +785,24 @@ def usage_summary_query(
     end: dt.datetime | None,
     group_by: str,
     then_by: str | None = None,
+    action: str | None = None,
+    department_id: uuid.UUID | None = None,
 ) -> tuple[str, list[Any]]:
     """The summary of [start, end) (None: unbounded): the hourly rollup for the whole
     hours inside (usage events and captures), the raw rows for the partial hour at each
     edge. Only the parts and bounds in use are in the SQL, so each part walks its index
-    over its range. `then_by`: a second grouping (e.g. day, then action)."""
+    over its range. `then_by`: a second grouping (e.g. day, then action); `action` and
+    `department_id` keep only that action's or department's usage."""
     keys = [_SUMMARY_KEYS[group_by], _SUMMARY_KEYS[then_by] if then_by else ("''",) * 3]
     args: list[Any] = [organization_id]
+    only: list[str] = []
+    for column, value in (("action", action), ("department_id", department_id)):
+        if value is not None:
+            args.append(value)
+            only.append(f"{column} = ${len(args)}")
 
     def within(column: str, lo: dt.datetime | None, hi: dt.datetime | None) -> str:
-        where = ["organization_id = $1"]
+        where = ["organization_id = $1", *only]
         for op, bound in ((">=", lo), ("<", hi)):
             if bound is not None:
                 args.append(bound)
@@ -891,13 +899,21 @@ class LedgerReads:
         end: dt.datetime | None,
         group_by: str,
         then_by: str | None = None,
+        action: str | None = None,
+        department_id: str | None = None,
     ) -> list[SummaryRow]:
         """Usage (events and captures) in [start, end) grouped by action, department,
         API key (credential id), UTC day or UTC hour, and optionally by a second of
         these: the whole hours of the range from the hourly rollup, the partial hours at
         its edges from the rows themselves (one statement, one snapshot)."""
         sql, args = usage_summary_query(
-            uuid.UUID(organization_id), start=start, end=end, group_by=group_by, then_by=then_by
+            uuid.UUID(organization_id),
+            start=start,
+            end=end,
+            group_by=group_by,
+            then_by=then_by,
+            action=action,
+            department_id=uuid.UUID(department_id) if department_id else None,
         )
         async with self.ledger.tenant(organization_id) as conn:
             rows = await conn.fetch(sql, *args)

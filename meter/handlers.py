@@ -647,9 +647,10 @@ async def usage(request: web.Request) -> web.Response:
 async def usage_summary(request: web.Request) -> web.Response:
     cred = await request.app[AUTH](request)
     q = query(request, s.SummaryQuery)
+    dept = department_for(cred, q.department_id) or None
     await _request_token(request, cred)
     rows = await LedgerReads(request.app[LEDGER]).usage_summary(
-        cred.organization_id, start=q.from_, end=q.to, group_by=q.group_by
+        cred.organization_id, start=q.from_, end=q.to, group_by=q.group_by, action=q.action, department_id=dept
     )
     return respond(
         s.UsageSummary(
@@ -769,7 +770,7 @@ OPERATIONS = (
         usage_summary,
         "Settled usage and captures grouped by action, department, day, hour or api_key",
         response=s.UsageSummary,
-        query=("from", "to", "group_by"),
+        query=("from", "to", "group_by", "action", "department_id"),
     ),
     Operation(
         "GET",

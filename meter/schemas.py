@@ -195,6 +195,8 @@ class SummaryQuery(Body):
     from_: Timestamp | None = msgspec.field(name="from", default=None)
     to: Timestamp | None = None
     group_by: Literal["action", "department", "day", "hour", "api_key"] = "action"
+    action: Action | None = None
+    department_id: DepartmentId | None = None
 
 
 class TransactionsQuery(Body):

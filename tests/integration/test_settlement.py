@@ -473,7 +473,7 @@ async def test_captures_count_as_usage_in_pages_and_summaries(
             ttl_ms=10 * minute,
             department_id=dept.id if i % 2 == 0 else "",
             action="generate_content" if i < 3 else "",
-            metadata='{"task": %d}' % i,
+            metadata=f'{{"task": {i}}}',
             now=base + (m + 1) * minute,
         )
         assert hold.status is Status.OK, hold
@@ -542,7 +542,7 @@ async def test_captures_count_as_usage_in_pages_and_summaries(
         for start, end in [(None, None), (t(0), t(60)), (t(30), t(60 * 25)), (t(52), None), (t(4), t(70))]:
             for group_by, key in keys.items():
                 want = await conn.fetch(
-                    f"SELECT {key} AS key, count(*) AS events, sum(units) AS units, sum(credits) AS credits"  # noqa: S608
+                    f"SELECT {key} AS key, count(*) AS events, sum(units) AS units, sum(credits) AS credits"
                     f" FROM ({both}) x WHERE ($1::timestamptz IS NULL OR at >= $1)"
                     " AND ($2::timestamptz IS NULL OR at < $2) GROUP BY 1 ORDER BY 1",
                     start,
