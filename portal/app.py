@@ -92,10 +92,12 @@ async def portal_middleware(request: web.Request, handler: Handler) -> web.Strea
     except RefusedLink as exc:
         response = html_error(request, REFUSAL_STATUS[exc.reason], "This link cannot be used", REFUSALS[exc.reason])
     except Exception as exc:
-        if not isinstance(exc, (Unavailable, StripeUnavailable, *POSTGRES_DOWN)):
-            raise  # a bug: the billing app's error middleware logs it and answers 500
-        log.warning("portal_dependency_unavailable", extra={"error": str(exc), "path": request.path})
-        response = html_error(request, 503, "Unavailable", "A backing service is unreachable; nothing changed.")
+        if isinstance(exc, (Unavailable, StripeUnavailable, *POSTGRES_DOWN)):
+            log.warning("portal_dependency_unavailable", extra={"error": str(exc), "path": request.path})
+            response = html_error(request, 503, "Unavailable", "A backing service is unreachable; nothing changed.")
+        else:  # a bug of ours: logged in full, said plainly
+            log.error("portal_unhandled_error", exc_info=exc, extra={"path": request.path})
+            response = html_error(request, 500, "Something went wrong", "The page failed; it has been logged.")
     secure_headers(request, response)
     return response
 

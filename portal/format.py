@@ -55,6 +55,11 @@ def datetime(value: dt.datetime | None) -> str:
     return "–" if value is None else value.astimezone(dt.UTC).strftime("%-d %b %Y, %H:%M UTC")
 
 
+def isodate(value: str) -> str:
+    """An API timestamp (ISO 8601, UTC) as the pages write dates."""
+    return date(dt.datetime.fromisoformat(value.replace("Z", "+00:00")))
+
+
 def iso(value: dt.datetime | None) -> str:
     return "" if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -66,6 +71,7 @@ FILTERS: dict[str, Callable[..., str]] = {
     "date": date,
     "datetime": datetime,
     "iso": iso,
+    "isodate": isodate,
 }
 
 

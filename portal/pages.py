@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import json
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -156,15 +155,19 @@ async def overview(request: web.Request) -> dict[str, Any]:
     p = Portal.of(request)
     now = dt.datetime.now(dt.UTC)
     bal = await balance_of(p)
-    spent = await p.reads.usage_summary(p.org, start=now - dt.timedelta(days=RECENT_DAYS), end=now, group_by="action")
-    spent_30d = sum(r.credits for r in spent)
-    per_day = spent_30d / RECENT_DAYS
+    daily = await p.reads.usage_summary(p.org, start=now - dt.timedelta(days=RECENT_DAYS), end=now, group_by="day")
+    spent_30d = sum(r.credits for r in daily)
+    # The recent rate: over the days since the first day with usage in the window (an
+    # organization a day old has not been spending for thirty).
+    first = dt.date.fromisoformat(daily[0].key) if daily else now.date()
+    per_day = spent_30d / ((now.date() - first).days + 1)
     sub = await p.store.current_subscription(p.org)
     plan = await p.catalog.plan(sub.plan_id) if sub is not None and sub.plan_id else None
     return {
         **bal,
         "spent_30d": spent_30d,
         "days_left": int(bal["available"] / per_day) if per_day > 0 else None,
+        "per_day": round(per_day),
         "subscription": sub if sub is not None and not sub.terminal else None,
         "plan": plan,
     }
@@ -279,7 +282,7 @@ async def usage(request: web.Request) -> dict[str, Any]:
     return {
         "filters": f,
         "hourly": hourly,
-        "chart": json.dumps(chart(series, buckets(start, end, hourly), hourly)),
+        "chart": chart(series, buckets(start, end, hourly), hourly),
         "total": sum(r.credits for r in by_action),
         "events_count": sum(r.events for r in by_action),
         "by_action": [(r.key or CAPTURE_LABEL, r) for r in by_action],
@@ -408,6 +411,7 @@ async def plans(request: web.Request) -> dict[str, Any]:
         "idempotency_key": new_key(),
         "notice": notice(request),
         "client_secret": None,
+        "rollover": p.billing.plan_credits_rollover,
         "stripe_key": p.billing.stripe_publishable_key,
         "stripe_js_url": p.billing.stripe_js_url,
     }

@@ -7,6 +7,8 @@ const status = document.getElementById('buy-status');
 const button = document.getElementById('buy-button');
 const entry = document.getElementById('card-entry');
 const balanceNow = document.getElementById('balance-now');
+const availableNow = document.getElementById('available-now');
+const summary = document.getElementById('buy-summary');
 const WATCH_TRIES_MAX = 60;  // about 30 s: then the page says where to look
 
 let client = null;
@@ -14,6 +16,11 @@ let card = null;
 
 function usingNewCard() {
   return form.querySelector('input[name="payment_method_id"]:checked')?.hasAttribute('data-new-card') ?? false;
+}
+
+function describe() {  // what the button will do, in words
+  const pkg = form.querySelector('input[name="package_id"]:checked');
+  summary.textContent = pkg ? `You pay once: ${pkg.dataset.label}.` : '';
 }
 
 function showCardEntry() {
@@ -37,6 +44,7 @@ async function watch(paymentId, creditsText, before) {
       const balance = await getJSON('/portal/balance.json');
       if (Number(balance.balance) >= before + Number(payment.credits ?? 0)) {
         balanceNow.textContent = balance.balance_text;
+        availableNow.textContent = balance.available_text;
         say(status, `Payment received: ${creditsText} credits added. Balance: ${balance.balance_text} credits.`, 'ok');
         return;
       }
@@ -48,8 +56,9 @@ async function watch(paymentId, creditsText, before) {
   say(status, 'The payment is still being processed: the credits appear in your balance as soon as it is done.', null);
 }
 
-form.addEventListener('change', showCardEntry);
+form.addEventListener('change', () => { showCardEntry(); describe(); });
 showCardEntry();
+describe();
 
 form.addEventListener('submit', async (event) => {
   event.preventDefault();
@@ -72,6 +81,7 @@ form.addEventListener('submit', async (event) => {
     }
     say(status, 'Payment sent; waiting for the credits…', null);
     await watch(paid.payment_id, pkg.dataset.credits, before);
+    if (card && typeof card.clear === 'function') card.clear();
   } catch (err) {
     say(status, err instanceof PortalError ? `Not paid: ${err.message}.` : `Something went wrong: ${err.message}`, 'error');
   } finally {

@@ -4,6 +4,13 @@
 
 const csrf = document.querySelector('meta[name="csrf-token"]')?.content ?? '';
 
+// A notice (?notice=...) is said once: reloading the page does not say it again.
+if (new URL(window.location.href).searchParams.has('notice')) {
+  const url = new URL(window.location.href);
+  url.searchParams.delete('notice');
+  window.history.replaceState(null, '', url.pathname + url.search + url.hash);
+}
+
 export class PortalError extends Error {}
 
 export async function postJSON(url, body, idempotencyKey) {

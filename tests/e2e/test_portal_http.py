@@ -5,15 +5,21 @@ in test_portal_browser.py."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import json
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
 
 from accounts import admin
 from billing.appkeys import HOT, LEDGER, PORTAL_SESSIONS
+from core.config import Config
 from ledger.store import Ledger
-from tests.conftest import Org
+from tests.conftest import JWT_SECRET, Org
 
 pytest.register_assert_rewrite("tests.e2e.billing_fixtures", "tests.e2e.portal_support")
 
@@ -220,7 +226,7 @@ async def test_a_viewer_sees_but_cannot_change(
             ("/portal/plans/subscribe", {"plan_id": "starter", "idempotency_key": "portal-v2"}),
             ("/portal/api-keys", {"name": "x", "role": "admin"}),
             ("/portal/departments", {"name": "viewer-dept"}),
-            ("/portal/alerts", {"threshold": "5", "url": "https://example.com/h"}),
+            ("/portal/alerts", {"threshold": "5", "url": "http://127.0.0.1:9/h"}),
             (f"/portal/payment-methods/{pm}/remove", {"idempotency_key": "portal-v3"}),
         ):
             status, html, _ = await b.post(path, form)
@@ -321,7 +327,7 @@ async def test_admin_forms_do_what_the_api_does(billing_client: Client, org: Org
         assert status == 400
         status, html, _ = await b.post("/portal/alerts/test", {})
         assert status == 400 and "set an alert URL first" in html
-        status, html, _ = await b.post("/portal/alerts", {"threshold": "25", "url": "https://example.com/hook"})
+        status, html, _ = await b.post("/portal/alerts", {"threshold": "25", "url": "http://127.0.0.1:9/hook"})
         assert status == 200 and "whsec_" in html
         status, _, _ = await b.post("/portal/alerts/test", {})
         assert status == 303
@@ -341,3 +347,34 @@ async def test_bad_filters_get_a_clear_page(billing_client: Client, org: Org, pa
         await b.enter(link["url"])
         status, html, r = await b.get(path)
         assert status in (400, 404) and "<h1>" in html and "Content-Security-Policy" in r.headers, (path, status)
+
+
+def _cli(config: Config, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "REDIS_URL": config.redis_url or "",
+        "DATABASE_URL": config.database_url or "",
+        "JWT_SECRET": JWT_SECRET,
+        "LOG_LEVEL": "WARNING",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "ops.cli", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+async def test_credits_portal_link_prints_a_link_the_billing_service_accepts(
+    billing_client: Client, migrated: Config, org: Org
+) -> None:
+    done = await asyncio.to_thread(_cli, migrated, "portal-link", "--org", org.id, "--role", "viewer")
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["role"] == "viewer" and printed["url"].startswith("http://127.0.0.1:8081/portal/enter/pl1.")
+    token = printed["url"].rsplit("/", 1)[1]
+    async with browser(billing_client) as b:
+        await b.enter(b.url("/portal/enter/" + token))  # signed by another process, with the same secret
+        status, html, _ = await b.get("/portal/overview")
+        assert status == 200 and "Viewer: read only" in html
+    bad = await asyncio.to_thread(_cli, migrated, "portal-link", "--org", str(uuid.uuid4()))
+    assert bad.returncode == 1 and "not found" in bad.stderr
+    bad = await asyncio.to_thread(_cli, migrated, "portal-link", "--org", org.id, "--return-url", "javascript:x")
+    assert bad.returncode == 1 and "--return-url" in bad.stderr
