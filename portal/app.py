@@ -53,10 +53,14 @@ REFUSAL_STATUS = {"malformed": 400, "tampered": 403, "expired": 410, "used": 410
 
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
-    if path.startswith(PUBLIC) or path.startswith(ENTRY_PATH):
+    if path.startswith(PUBLIC):
         return await handler(request)
     cookie = request.cookies.get(COOKIE)
     session = await request.config_dict[PORTAL_SESSIONS].session(cookie) if cookie else None
+    if path.startswith(ENTRY_PATH):  # a link starts its own session; one held already only helps its error page
+        if session is not None:
+            request[SESSION] = session
+        return await handler(request)
     if session is None:
         if request.method in SAFE_METHODS:
             raise web.HTTPSeeOther("/portal/sign-in")
@@ -85,6 +89,10 @@ async def portal_middleware(request: web.Request, handler: Handler) -> web.Strea
     except ApiError as exc:  # the doors' refusals: the API's rules, said on a page
         if "application/json" in request.headers.get("Accept", ""):  # the page's script: the API's shape
             response = error_response(exc.status, exc.code, exc.message, exc.param)
+        elif exc.code == "forbidden" and SESSION in request and request[SESSION].role != "admin":
+            response = html_error(
+                request, 403, "Read only", "You are signed in as a viewer: ask for an admin link to make changes."
+            )
         elif exc.status == 503:
             response = html_error(request, 503, "Unavailable", "A backing service is unreachable; nothing changed.")
         else:
@@ -132,6 +140,7 @@ def mount(app: web.Application) -> None:
     sub.add_routes(pages.routes() + actions.routes())
     sub.router.add_get("/", to_overview)
     app.add_subapp(PREFIX, sub)
+    app.router.add_get(PREFIX, to_overview)  # /portal without the slash
 
 
 async def to_overview(request: web.Request) -> web.StreamResponse:

@@ -121,7 +121,7 @@ async def enter(request: web.Request) -> web.StreamResponse:
 
 @page("sign_in.html", "sign-in", "Open the portal")
 async def sign_in(request: web.Request) -> dict[str, Any]:
-    return {"entry_path": ENTRY_PATH}
+    return {"notice": "You are signed out." if request.query.get("signed_out") else None}
 
 
 # -- overview ------------------------------------------------------------------------

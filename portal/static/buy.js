@@ -1,6 +1,6 @@
 // Buy credits: pay with a saved card or a new one (Stripe Elements), finish 3-D Secure
 // with Stripe.js, then watch the payment and the balance until the credits are there.
-import {PortalError, getJSON, postJSON, saveNewCard, say, sleep, stripe, finishPayment} from './portal.js';
+import {PortalError, getJSON, newKey, postJSON, saveNewCard, say, sleep, stripe, finishPayment} from './portal.js';
 
 const form = document.getElementById('buy-form');
 const status = document.getElementById('buy-status');
@@ -63,18 +63,30 @@ describe();
 form.addEventListener('submit', async (event) => {
   event.preventDefault();
   button.disabled = true;
-  const key = form.querySelector('input[name="idempotency_key"]').value;
+  // The purchase's idempotency key: the same for a retry after a lost answer (so it
+  // charges once), a new one once the server has answered (the next purchase is new).
+  const keyField = form.querySelector('input[name="idempotency_key"]');
+  const key = keyField.value;
   const pkg = form.querySelector('input[name="package_id"]:checked');
   const before = Number((await getJSON('/portal/balance.json')).balance);
   try {
     let paymentMethod = form.querySelector('input[name="payment_method_id"]:checked')?.value;
     if (usingNewCard()) {
       say(status, 'Saving your card with Stripe…', null);
-      paymentMethod = (await saveNewCard(client ?? stripe(), card, {setDefault: false, key})).id;
+      paymentMethod = (await saveNewCard(client ?? stripe(), card, {setDefault: false, key: newKey('portal-card')})).id;
     }
     if (!paymentMethod) throw new PortalError('choose a card');
     say(status, 'Paying…', null);
-    const paid = await postJSON('/portal/buy', {package_id: pkg.value, payment_method_id: paymentMethod}, key);
+    let paid;
+    try {
+      paid = await postJSON('/portal/buy', {package_id: pkg.value, payment_method_id: paymentMethod}, key);
+      keyField.value = newKey('portal');
+    } catch (err) {
+      // A refusal (4xx) charged nothing: the next try is a new purchase. A lost answer or a
+      // 5xx may have charged: a retry keeps the key, and the server answers it once.
+      if (err instanceof PortalError && err.status >= 400 && err.status < 500) keyField.value = newKey('portal');
+      throw err;
+    }
     if (paid.status === 'requires_action' && paid.client_secret) {
       say(status, 'Your bank asks you to confirm the payment…', null);
       await finishPayment(client ?? stripe(), paid.client_secret);

@@ -23,7 +23,7 @@ form.addEventListener('submit', async (event) => {
   say(status, 'Saving your card with Stripe…', null);
   try {
     const setDefault = document.getElementById('set-default').checked;
-    await saveNewCard(client, card, {setDefault, key: form.dataset.idempotencyKey || newKey('portal-card')});
+    await saveNewCard(client, card, {setDefault, key: newKey('portal-card')});  // a new SetupIntent per attempt
     say(status, 'Card saved.', 'ok');
     window.location.assign('/portal/payment-methods?notice=card_added');
   } catch (err) {

@@ -11,7 +11,12 @@ if (new URL(window.location.href).searchParams.has('notice')) {
   window.history.replaceState(null, '', url.pathname + url.search + url.hash);
 }
 
-export class PortalError extends Error {}
+export class PortalError extends Error {
+  constructor(message, status = 0) {
+    super(message);
+    this.status = status;  // the HTTP status that said no (0: not an answer of our server)
+  }
+}
 
 export async function postJSON(url, body, idempotencyKey) {
   const headers = {'Content-Type': 'application/json', 'Accept': 'application/json', 'X-CSRF-Token': csrf};
@@ -29,7 +34,7 @@ async function answer(response) {
   let data = null;
   try { data = await response.json(); } catch { data = null; }
   if (!response.ok) {
-    throw new PortalError(data?.error?.message ?? `the request failed (${response.status})`);
+    throw new PortalError(data?.error?.message ?? `the request failed (${response.status})`, response.status);
   }
   return data;
 }

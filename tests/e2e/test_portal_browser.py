@@ -178,8 +178,8 @@ async def test_an_admin_pays_subscribes_manages_and_sees_usage(
         await expect(page.locator("#balance-now")).to_have_text("200")
         await p.shot("03-buy-small-paid")
 
-        # Medium with a card that needs 3-D Secure: Stripe.js's own flow, twice (saving, paying).
-        await page.reload()
+        # Medium with a card that needs 3-D Secure: Stripe.js's own flow, twice (saving, paying),
+        # on the same page (a second purchase is a new one, not a replay of the first).
         await page.get_by_role("radio", name="Medium").check()
         await page.get_by_role("radio", name="A new card").check()
         await enter_card(p, VISA_3DS)
@@ -413,3 +413,29 @@ async def test_what_the_portal_refuses(
         await nav(p, "API keys")
         await expect(p.page.get_by_role("region", name="API keys")).to_contain_text(their_key.prefix)
     assert shutil.which(str(CHROMIUM)) is not None
+
+
+async def test_a_plan_whose_first_payment_needs_3ds(
+    chromium: Any, billing_client: Client, org: Org, stripe_driver: Any
+) -> None:
+    from playwright.async_api import expect
+
+    from tests.e2e.billing_fixtures import VISA_3DS_2, with_card
+
+    await with_card(billing_client, org, stripe_driver, VISA_3DS_2)
+    link = await portal_link(billing_client, org, role="admin")
+    async with person(chromium, "plan-3ds") as p:
+        page = p.page
+        await page.goto(link["url"])
+        await nav(p, "Plans")
+        await page.get_by_role("button", name="Subscribe to Starter").click()
+        await expect(page.get_by_role("heading", name="Confirm your card")).to_be_visible()
+        await p.shot("01-plans-confirm")
+        await page.get_by_role("button", name="Confirm the payment").click()
+        await page.get_by_role("button", name="Complete authentication").click()
+        await expect(said(page, "Subscribed")).to_be_visible()
+        await wait_for(lambda: _balance_is(p, "600"), what="Starter's 500 credits after 3-D Secure")
+        await nav(p, "Plans")
+        await expect(page.get_by_text("You are on Starter")).to_be_visible()
+        await p.shot("02-plans-active")
+        assert p.problems == []

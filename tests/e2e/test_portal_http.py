@@ -230,7 +230,7 @@ async def test_a_viewer_sees_but_cannot_change(
             (f"/portal/payment-methods/{pm}/remove", {"idempotency_key": "portal-v3"}),
         ):
             status, html, _ = await b.post(path, form)
-            assert status == 403 and "admin credential" in html, path
+            assert status == 403 and "ask for an admin link" in html, path
     status, payments = await call(billing_client, "GET", "/api/billing/payments", org)
     assert payments["data"] == []
     status, methods = await call(billing_client, "GET", "/api/billing/payment-methods", org)
