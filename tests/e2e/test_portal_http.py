@@ -378,3 +378,18 @@ async def test_credits_portal_link_prints_a_link_the_billing_service_accepts(
     assert bad.returncode == 1 and "not found" in bad.stderr
     bad = await asyncio.to_thread(_cli, migrated, "portal-link", "--org", org.id, "--return-url", "javascript:x")
     assert bad.returncode == 1 and "--return-url" in bad.stderr
+
+
+async def test_a_link_opened_at_once_in_several_browsers_starts_one_session(billing_client: Client, org: Org) -> None:
+    link = await portal_link(billing_client, org)
+
+    async def open_it() -> int:
+        async with browser(billing_client) as b:
+            status, _, _ = await b.get(link["url"])
+            return status
+
+    statuses = await asyncio.gather(*(open_it() for _ in range(8)))
+    assert sorted(statuses) == [303] + [410] * 7
+    async with billing_client.app[LEDGER].tenant(org.id) as conn:
+        started = await conn.fetchval("SELECT count(*) FROM portal_sessions WHERE link_id = $1", uuid.UUID(link["id"]))
+    assert started == 1
