@@ -23,6 +23,7 @@ import logging
 import secrets
 import signal
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,9 +37,14 @@ from core.config import Config, ConfigError
 from core.money import PrecisionError, to_credits, to_milli
 from ledger.migrate import migrate
 from ops.runtime import Services, connect, publish_urls, servers, unpublish_urls
-from portal.app import mount as mount_portal
 
-PORTAL = (mount_portal,)  # the customer portal, served by the billing service under /portal
+
+def _portal() -> tuple[Callable[[web.Application], None], ...]:
+    """The customer portal, served by the billing service under /portal."""
+    from portal.app import mount
+
+    return (mount,)
+
 
 log = logging.getLogger("credits")
 DEMO_FILE = "demo.json"
@@ -98,7 +104,7 @@ async def _serve(
     if billing is not None:  # credits dev: the billing service too, on BILLING_PORT
         from billing.runtime import start_billing
 
-        billing_service = await start_billing(config, billing, mounts=PORTAL)
+        billing_service = await start_billing(config, billing, mounts=_portal())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -167,7 +173,7 @@ async def _serve_billing(config: Config, billing: BillingConfig) -> None:
     from billing.runtime import serve_billing
 
     await _migrate_when_reachable(config)
-    await serve_billing(config, billing, mounts=PORTAL)
+    await serve_billing(config, billing, mounts=_portal())
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
@@ -393,6 +399,10 @@ async def _portal_link(
         jwt_secret = (config.data_dir / JWT_SECRET_FILE).read_text().strip()
     if billing.portal_secret is None and jwt_secret is None:
         raise admin.AdminError("set PORTAL_SECRET (or JWT_SECRET) as the billing service has it")
+    try:
+        organization_id = str(uuid.UUID(organization_id))
+    except ValueError:
+        raise admin.AdminError(f"--org: not an organization id: {organization_id!r}") from None
     if return_url is not None and (not return_url.startswith(("https://", "http://")) or len(return_url) > 2048):
         raise admin.AdminError("--return-url must be an http(s) URL of at most 2048 characters")
     ledger = await Ledger.connect(config.app_dsn(), min_size=1, max_size=2)

@@ -376,6 +376,8 @@ async def test_credits_portal_link_prints_a_link_the_billing_service_accepts(
         assert status == 200 and "Viewer: read only" in html
     bad = await asyncio.to_thread(_cli, migrated, "portal-link", "--org", str(uuid.uuid4()))
     assert bad.returncode == 1 and "not found" in bad.stderr
+    bad = await asyncio.to_thread(_cli, migrated, "portal-link", "--org", "acme")
+    assert bad.returncode == 1 and "not an organization id" in bad.stderr
     bad = await asyncio.to_thread(_cli, migrated, "portal-link", "--org", org.id, "--return-url", "javascript:x")
     assert bad.returncode == 1 and "--return-url" in bad.stderr
 
