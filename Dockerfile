@@ -14,6 +14,7 @@ COPY ledger ledger
 COPY lua lua
 COPY meter meter
 COPY ops ops
+COPY portal portal
 COPY settler settler
 COPY webhooks webhooks
 RUN pip install --no-cache-dir . && useradd --system --uid 10001 credits

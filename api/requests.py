@@ -16,6 +16,11 @@ def idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is None:
         return None
+    return checked_idempotency_key(key)
+
+
+def checked_idempotency_key(key: str) -> str:
+    """An idempotency key from anywhere (a header, a form field), or a 400."""
     if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
         raise invalid(f"{IDEMPOTENCY_HEADER} must be 1 to {IDEMPOTENCY_KEY_MAX} characters", IDEMPOTENCY_HEADER)
     if not key.isprintable() or not _encodable(key):

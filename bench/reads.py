@@ -94,14 +94,38 @@ async def _fill(owner: asyncpg.Connection, events: int, big_share: float) -> tup
         " now() - make_interval(secs => (500000 - g) * 15.0) FROM generate_series(1, 500000) g",
         big,
     )
-    # What settlement keeps alongside (rollup_staged_uses, migrations/0006).
+    # Captures (released reservations that charged): one per 50 events of the big
+    # organization, listed and summed with them (migrations/0010).
     await owner.execute(
-        "INSERT INTO usage_hourly (organization_id, hour, action, department_id, events, units, credits)"
-        " SELECT organization_id, date_trunc('hour', created_at, 'UTC'), action, department_id, count(*),"
-        " sum(units), sum(credits) FROM usage_events GROUP BY 1, 2, 3, 4"
+        "INSERT INTO reservations (organization_id, id, amount, used, status, department_id, credential_id,"
+        " action, expires_at, created_at, closed_at)"
+        " SELECT $1, 'rs' || lpad(g::text, 9, '0'), 5000, 1000 + g % 4000, 'released',"
+        " CASE WHEN g % 5 = 0 THEN NULL ELSE ($3::uuid[])[1 + g % 4] END, 'key-1', ($2::text[])[1 + g % 6],"
+        " now(), now() - make_interval(secs => ($4 - g) * $5 * 50 + 30),"
+        " now() - make_interval(secs => ($4 - g) * $5 * 50)"
+        " FROM generate_series(1, $4::bigint) g",
+        big,
+        ACTIONS,
+        depts,
+        big_events // 50,
+        SPACING_S,
+    )
+    # What settlement keeps alongside (rollup_staged_uses and _captures, migrations/0010).
+    await owner.execute(
+        "INSERT INTO usage_hourly (organization_id, hour, action, department_id, credential_id, events, units,"
+        " credits) SELECT organization_id, date_trunc('hour', created_at, 'UTC'), action, department_id,"
+        " credential_id, count(*), sum(units), sum(credits) FROM usage_events GROUP BY 1, 2, 3, 4, 5"
+    )
+    await owner.execute(
+        "INSERT INTO usage_hourly AS h (organization_id, hour, action, department_id, credential_id, events, units,"
+        " credits) SELECT organization_id, date_trunc('hour', closed_at, 'UTC'), action, department_id,"
+        " credential_id, count(*), count(*), sum(used) FROM reservations WHERE used > 0 GROUP BY 1, 2, 3, 4, 5"
+        " ON CONFLICT ON CONSTRAINT usage_hourly_key DO UPDATE SET events = h.events + excluded.events,"
+        " units = h.units + excluded.units, credits = h.credits + excluded.credits"
     )
     await owner.execute("VACUUM ANALYZE usage_events")
     await owner.execute("VACUUM ANALYZE usage_hourly")
+    await owner.execute("VACUUM ANALYZE reservations")
     await owner.execute("VACUUM ANALYZE ledger_entries")
     return big, depts
 
@@ -191,13 +215,17 @@ async def run(args: argparse.Namespace) -> None:
                 f"summary by {g}, last 24 h",
                 lambda g=g: reads.usage_summary(org, start=now - dt.timedelta(days=1), end=now, group_by=g),
             )
-            for g in ("action", "department", "day")
+            for g in ("action", "department", "day", "api_key")
         ] + [
             (
                 "summary by day, last 7 days",
                 lambda: reads.usage_summary(org, start=week[0], end=week[1], group_by="day"),
             ),
             ("summary by day, last 30 days", lambda: reads.usage_summary(org, start=month, end=now, group_by="day")),
+            (
+                "summary by day and action, last 30 days",
+                lambda: reads.usage_summary(org, start=month, end=now, group_by="day", then_by="action"),
+            ),
             ("summary by action, all time", lambda: reads.usage_summary(org, start=None, end=None, group_by="action")),
         ]
         print(f"\n{'query':45} {'p50 ms':>8} {'max ms':>8}   (x{args.repeat}, warm cache)")

@@ -305,3 +305,16 @@ class BillingActions:
             )
             plan = await self.catalog.plan_for(product_id=sub.product, price_id=sub.price)
             return await self.store.save_subscription(org, sub, plan.id if plan else current.plan_id)
+
+    async def resume(self, org: str, *, key: str) -> SubscriptionRow:
+        """Take back a cancellation at period end: the subscription renews again. One
+        not scheduled to end is returned as it is; one already ended is not found."""
+        await self._live_subscription(org)  # 404 before anything else
+        async with self._subscription_lock(org):
+            current = await self._live_subscription(org)
+            if not current.cancel_at_period_end:
+                return current
+            sub = await self.gateway.resume_subscription(current.id, idempotency_key=f"resume:{org}:{key}")
+            plan = await self.catalog.plan_for(product_id=sub.product, price_id=sub.price)
+            log.info("subscription_resumed", extra={"organization_id": org, "subscription": sub.id})
+            return await self.store.save_subscription(org, sub, plan.id if plan else current.plan_id)

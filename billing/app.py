@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import prometheus_client
 import redis.asyncio as aioredis
@@ -25,6 +25,7 @@ from billing.appkeys import (
     GATEWAY,
     HOT,
     LEDGER,
+    PORTAL_SESSIONS,
     RECEIVER,
     REDIS,
     STORE,
@@ -34,6 +35,7 @@ from billing.catalog import Catalog, sync_catalog
 from billing.config import BillingConfig
 from billing.credits import Credits
 from billing.gateway import StripeError, StripeGateway
+from billing.portal_sessions import PortalSessions, signing_key
 from billing.store import BillingStore
 from billing.stripe_client import StripeClientGateway
 from core.config import Config
@@ -106,9 +108,16 @@ async def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=openapi.document(), content_type="application/json")
 
 
-def create_app(config: Config, billing: BillingConfig, *, gateway: StripeGateway | None = None) -> web.Application:
+Mount = Callable[[web.Application], None]
+
+
+def create_app(
+    config: Config, billing: BillingConfig, *, gateway: StripeGateway | None = None, mounts: Sequence[Mount] = ()
+) -> web.Application:
     """The billing service. Needs Redis and Postgres URLs (embedded or real) and Stripe
-    settings (configured, or a localstripe started by billing.runtime)."""
+    settings (configured, or a localstripe started by billing.runtime). `mounts` add
+    pages served with it (the customer portal: `portal.app.mount`, handed in by ops,
+    since no room below ops imports the portal); they use the resources opened here."""
     if not billing.stripe_configured:
         raise RuntimeError("STRIPE_SECRET_KEY is not set and no localstripe was started")
     webhook_secret = billing.stripe_webhook_secret or ""
@@ -174,6 +183,12 @@ def create_app(config: Config, billing: BillingConfig, *, gateway: StripeGateway
                 app[EVENTS] = events
                 app[WORKER] = worker
                 app[RECEIVER] = WebhookReceiver(events, worker, webhook_secret)
+                app[PORTAL_SESSIONS] = PortalSessions(
+                    ledger,
+                    signing_key(billing.portal_secret, config.jwt_secret),
+                    link_ttl_s=billing.portal_link_ttl_s,
+                    session_ttl_s=billing.portal_session_ttl_s,
+                )
                 await worker.start()
                 try:
                     yield
@@ -196,4 +211,6 @@ def create_app(config: Config, billing: BillingConfig, *, gateway: StripeGateway
             web.get("/api/billing/openapi.json", openapi_json),
         ]
     )
+    for mount in mounts:
+        mount(app)
     return app

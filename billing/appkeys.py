@@ -11,6 +11,7 @@ from billing.catalog import Catalog
 from billing.config import BillingConfig
 from billing.credits import Credits
 from billing.gateway import StripeGateway
+from billing.portal_sessions import PortalSessions
 from billing.store import BillingStore
 from core.config import Config
 from hotpath.client import HotPath
@@ -33,3 +34,4 @@ ACTIONS = web.AppKey("actions", BillingActions)
 EVENTS = web.AppKey("events", EventStore)
 WORKER = web.AppKey("worker", EventWorker)
 RECEIVER = web.AppKey("webhook_receiver", WebhookReceiver)
+PORTAL_SESSIONS = web.AppKey("portal_sessions", PortalSessions)

@@ -20,6 +20,9 @@ from core.config import env_float as _float
 from core.config import env_int as _int
 
 STRIPE_API_BASE_DEFAULT = "https://api.stripe.com"
+STRIPE_JS_URL_DEFAULT = "https://js.stripe.com/v3/"
+LOCALSTRIPE_JS_PATH = "/js.stripe.com/v3/"  # localstripe's stand-in for Stripe.js
+PORTAL_LINK_TTL_S_MAX = 3600  # a portal link is valid for at most an hour
 
 
 class StripeFlavor(enum.Enum):
@@ -46,10 +49,26 @@ class BillingConfig:
     webhook_sweep_interval_s: float = 5.0
     webhook_attempts_max: int = 12
     catalog_sync_on_start: bool = True
+    stripe_js_url_override: str | None = None  # STRIPE_JS_URL; default: see stripe_js_url
+    portal_secret: str | None = None  # signs portal links; None: derived from JWT_SECRET
+    portal_link_ttl_s: int = PORTAL_LINK_TTL_S_MAX
+    portal_session_ttl_s: int = 8 * 3600
+    # Who may frame the portal (CSP frame-ancestors): () = nobody; origins, or 'self'.
+    portal_frame_ancestors: tuple[str, ...] = ()
+    portal_cookie_samesite: str = "Lax"  # "None" (TLS only) lets another site embed the portal
 
     @property
     def stripe_configured(self) -> bool:
         return self.stripe_secret_key is not None and self.stripe_webhook_secret is not None
+
+    @property
+    def stripe_js_url(self) -> str:
+        """Where pages load Stripe.js from: Stripe's, or localstripe's stand-in."""
+        if self.stripe_js_url_override is not None:
+            return self.stripe_js_url_override
+        if self.stripe_flavor is StripeFlavor.LOCALSTRIPE and self.stripe_api_base != STRIPE_API_BASE_DEFAULT:
+            return self.stripe_api_base.rstrip("/") + LOCALSTRIPE_JS_PATH
+        return STRIPE_JS_URL_DEFAULT
 
     def with_stripe(
         self, *, api_base: str, secret_key: str, webhook_secret: str, publishable_key: str | None, flavor: StripeFlavor
@@ -80,6 +99,26 @@ def _secret(env: Mapping[str, str], name: str, prefixes: tuple[str, ...]) -> str
         return None
     if not raw.startswith(prefixes) or len(raw) < 8:
         raise ConfigError(f"{name}: expected a key starting with {' or '.join(prefixes)}")
+    return raw
+
+
+def _frame_ancestors(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = env.get("PORTAL_FRAME_ANCESTORS", "").split()
+    for source in raw:
+        if source in ("'self'", "'none'"):
+            continue
+        parts = urllib.parse.urlsplit(source)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query:
+            raise ConfigError(
+                f"PORTAL_FRAME_ANCESTORS: expected origins (https://platform.example) or 'self', got {source!r}"
+            )
+    return tuple(s.rstrip("/") for s in raw if s != "'none'")
+
+
+def _samesite(env: Mapping[str, str]) -> str:
+    raw = env.get("PORTAL_COOKIE_SAMESITE", "Lax")
+    if raw not in ("Lax", "Strict", "None"):
+        raise ConfigError(f"PORTAL_COOKIE_SAMESITE: expected Lax, Strict or None, got {raw!r}")
     return raw
 
 
@@ -120,4 +159,22 @@ def load(env: Mapping[str, str] | None = None) -> BillingConfig:
         webhook_sweep_interval_s=_float(env, "WEBHOOK_SWEEP_INTERVAL_S", 5.0, 0.1, 300.0),
         webhook_attempts_max=_int(env, "WEBHOOK_ATTEMPTS_MAX", 12, 1, 100),
         catalog_sync_on_start=_bool(env, "BILLING_CATALOG_SYNC_ON_START", True),
+        stripe_js_url_override=_js_url(env),
+        portal_secret=_portal_secret(env),
+        portal_link_ttl_s=_int(env, "PORTAL_LINK_TTL_S", PORTAL_LINK_TTL_S_MAX, 30, PORTAL_LINK_TTL_S_MAX),
+        portal_session_ttl_s=_int(env, "PORTAL_SESSION_TTL_S", 8 * 3600, 300, 7 * 86400),
+        portal_frame_ancestors=_frame_ancestors(env),
+        portal_cookie_samesite=_samesite(env),
     )
+
+
+def _js_url(env: Mapping[str, str]) -> str | None:
+    url = _http_url(env, "STRIPE_JS_URL")
+    return None if url is None else url + "/"
+
+
+def _portal_secret(env: Mapping[str, str]) -> str | None:
+    raw = env.get("PORTAL_SECRET") or None
+    if raw is not None and len(raw) < 32:
+        raise ConfigError("PORTAL_SECRET: must be at least 32 characters")
+    return raw

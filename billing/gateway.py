@@ -266,6 +266,10 @@ class StripeGateway(Protocol):
         self, subscription_id: str, *, at_period_end: bool, idempotency_key: str
     ) -> Subscription: ...
 
+    async def resume_subscription(self, subscription_id: str, *, idempotency_key: str) -> Subscription:
+        """Undo a cancellation at period end (the subscription renews again)."""
+        ...
+
     async def retrieve_invoice(self, invoice_id: str) -> Invoice: ...
 
     # refunds

@@ -20,9 +20,10 @@ from aiohttp import web
 
 from api.auth import require_admin
 from api.errors import ApiError, from_validation, invalid
-from api.requests import idempotency_key
+from api.requests import checked_idempotency_key, idempotency_key
 from billing import schemas as s
-from billing.appkeys import ACTIONS, AUTH, CATALOG, LEDGER, RECEIVER, STORE
+from billing.appkeys import ACTIONS, AUTH, BILLING_CONFIG, CATALOG, LEDGER, PORTAL_SESSIONS, RECEIVER, STORE
+from billing.portal_sessions import ENTRY_PATH
 from billing.store import PAGE_LIMIT_MAX, InvalidCursor, PaymentMethodRow, PaymentRow, SubscriptionRow
 from core.errors import OutcomeUnknown, Unavailable
 from core.http import IDEMPOTENCY_HEADER, REPLAYED_HEADER
@@ -74,10 +75,21 @@ async def idempotent(
     unknown (Stripe may have charged): the 503 says so and names the key, with which a
     retry returns the first result and never pays twice (Stripe's idempotency keys and
     our own records are derived from it)."""
-    key = idempotency_key(request)
+    return await idempotent_with_key(request, cred, idempotency_key(request), parts, run)
+
+
+async def idempotent_with_key(
+    request: web.Request,
+    cred: Credential,
+    key: str | None,
+    parts: tuple[object, ...],
+    run: Callable[[str], Awaitable[web.Response]],
+) -> web.Response:
+    """`idempotent` with the key given (the portal's forms carry theirs in a field)."""
     if key is None:
         return await _unknown_outcome_named(run, ASSIGNED_KEY_PREFIX + uuid.uuid4().hex)
-    ledger = request.app[LEDGER]
+    checked_idempotency_key(key)
+    ledger = request.config_dict[LEDGER]  # the portal calls this from its sub-application
     org = cred.organization_id
     record_key = IDEMPOTENCY_NAMESPACE + key
     fp = fingerprint(request.method, request.path, *parts)
@@ -291,6 +303,16 @@ async def delete_subscription(request: web.Request) -> web.Response:
     return await idempotent(request, cred, (at_period_end,), run)
 
 
+async def resume_subscription(request: web.Request) -> web.Response:
+    cred = await admin(request)
+
+    async def run(key: str) -> web.Response:
+        row = await request.app[ACTIONS].resume(cred.organization_id, key=key)
+        return respond(subscription_view(row))
+
+    return await idempotent(request, cred, (), run)
+
+
 # -- credit packages ------------------------------------------------------------------
 async def purchase_credits(request: web.Request) -> web.Response:
     cred = await admin(request)
@@ -418,6 +440,51 @@ async def get_payment(request: web.Request) -> web.Response:
     return respond(payment_view(row))
 
 
+# -- the portal's door and the frontend's settings ------------------------------------------
+async def get_config(request: web.Request) -> web.Response:
+    await request.app[AUTH](request)
+    billing = request.app[BILLING_CONFIG]
+    return respond(
+        s.BillingConfigView(stripe_publishable_key=billing.stripe_publishable_key, stripe_js_url=billing.stripe_js_url)
+    )
+
+
+def public_base(request: web.Request) -> str:
+    """Where people reach this service: BILLING_PUBLIC_URL, else the request's own origin."""
+    configured = request.app[BILLING_CONFIG].billing_public_url
+    return configured or f"{request.scheme}://{request.host}"
+
+
+async def create_portal_session(request: web.Request) -> web.Response:
+    cred = await admin(request)
+    body = await decode(request, s.PortalSessionRequest)
+
+    async def run(key: str) -> web.Response:
+        link = await request.app[PORTAL_SESSIONS].create_link(
+            cred.organization_id, role=body.role, return_url=body.return_url, created_by=cred.id
+        )
+        return respond(
+            s.PortalSessionView(
+                id=link.id,
+                url=public_base(request) + ENTRY_PATH + link.token,
+                expires_at=iso(link.expires_at) or "",
+                role=link.role,
+                return_url=link.return_url,
+            ),
+            status=201,
+        )
+
+    return await idempotent(request, cred, (body.role, body.return_url), run)
+
+
+async def revoke_portal_session(request: web.Request) -> web.Response:
+    cred = await admin(request)
+    link_id = request.match_info["portal_session_id"]
+    if not await request.app[PORTAL_SESSIONS].revoke_link(cred.organization_id, link_id):
+        raise ApiError(404, "not_found", "no such portal session", "portal_session_id")
+    return respond(s.PortalRevokedView(id=link_id, revoked=True))
+
+
 async def stripe_webhook(request: web.Request) -> web.Response:
     return await request.app[RECEIVER](request)
 
@@ -462,6 +529,9 @@ OPERATIONS = (
     Operation("DELETE", f"{B}/subscription", delete_subscription,
               "Cancel now, or at the end of the period (?at_period_end=true)", response=s.SubscriptionView,
               admin=True, idempotent=True, query=("at_period_end",), errors=(400, 401, 403, 404, 409, 503)),
+    Operation("POST", f"{B}/subscription/resume", resume_subscription,
+              "Take back a cancellation at period end: the subscription renews again",
+              response=s.SubscriptionView, admin=True, idempotent=True, errors=(401, 403, 404, 409, 503)),
     Operation("GET", f"{B}/credit-packages", list_packages, "Credit packages", response=s.PackageList),
     Operation("POST", f"{B}/purchase-credits", purchase_credits,
               "Buy a credit package; its credits are granted exactly once when the payment succeeds",
@@ -486,6 +556,15 @@ OPERATIONS = (
     Operation("GET", f"{B}/payments/{{payment_id}}", get_payment,
               "One payment, refreshed from Stripe while not final (grants it if it succeeded)",
               response=s.PaymentView, errors=(401, 404, 503)),
+    Operation("GET", f"{B}/config", get_config, "Stripe.js settings for a frontend (the publishable key)",
+              response=s.BillingConfigView),
+    Operation("POST", f"{B}/portal-sessions", create_portal_session,
+              "A single-use link into the customer portal for this organization (valid at most an hour)",
+              s.PortalSessionRequest, s.PortalSessionView, status=201, admin=True, idempotent=True,
+              errors=MUTATION_ERRORS),
+    Operation("DELETE", f"{B}/portal-sessions/{{portal_session_id}}", revoke_portal_session,
+              "Revoke a portal link and end every browser session it started", response=s.PortalRevokedView,
+              admin=True, errors=(401, 403, 404, 503)),
     Operation("POST", f"{B}/stripe/webhook", stripe_webhook, "Stripe events (signed); answered at once",
               s.StripeEventBody, s.WebhookAck, errors=(400, 413, 503), authenticated=False),
 )  # fmt: skip

@@ -19,12 +19,12 @@ import logging
 import os
 import pathlib
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from billing.app import create_app
+from billing.app import Mount, create_app
 from billing.catalog import Catalog, SyncedItem, sync_catalog
 from billing.config import BillingConfig, StripeFlavor
 from billing.localstripe import LocalStripe, register_webhook
@@ -111,10 +111,11 @@ class RunningBilling:
         await self.runner.cleanup()
 
 
-async def start_billing(config: Config, billing: BillingConfig) -> RunningBilling:
-    """Start the billing service on BILLING_PORT (migrations must have run). Against
-    localstripe, the webhook endpoint is registered with it."""
-    runner = web.AppRunner(create_app(config, billing), access_log=None)
+async def start_billing(config: Config, billing: BillingConfig, *, mounts: Sequence[Mount] = ()) -> RunningBilling:
+    """Start the billing service on BILLING_PORT (migrations must have run), with the
+    pages `mounts` add (the portal). Against localstripe, the webhook endpoint is
+    registered with it."""
+    runner = web.AppRunner(create_app(config, billing, mounts=mounts), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, billing.billing_port)
     await site.start()
@@ -135,10 +136,14 @@ def _bound_port(runner: web.AppRunner) -> int:
 
 
 async def serve_billing(
-    config: Config, billing: BillingConfig, *, announce: Callable[[RunningBilling], Awaitable[None]] | None = None
+    config: Config,
+    billing: BillingConfig,
+    *,
+    announce: Callable[[RunningBilling], Awaitable[None]] | None = None,
+    mounts: Sequence[Mount] = (),
 ) -> None:
     """`credits serve billing`: run until SIGINT or SIGTERM."""
-    running = await start_billing(config, billing)
+    running = await start_billing(config, billing, mounts=mounts)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

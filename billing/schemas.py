@@ -4,7 +4,7 @@ these types (billing/openapi.py generates the OpenAPI document from them)."""
 from __future__ import annotations
 
 import decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from msgspec import Meta
 
@@ -43,6 +43,19 @@ class PurchaseRequest(Body):
 class PaymentMethodRequest(Body):
     payment_method_id: StripeId
     set_default: bool = False
+
+
+ReturnUrl = Annotated[
+    str, Meta(pattern=r"^https?://[^\s]+$", max_length=2048, description="shown as a link back to your product")
+]
+
+
+class PortalSessionRequest(Body):
+    return_url: ReturnUrl | None = None
+    role: Annotated[
+        Literal["admin", "viewer"],
+        Meta(description="viewer sees everything and changes nothing; admin may also pay and manage"),
+    ] = "viewer"
 
 
 # -- responses ---------------------------------------------------------------------
@@ -159,6 +172,24 @@ class PaymentView(Body):
 class PaymentList(Body):
     data: list[PaymentView]
     has_more: bool
+
+
+class PortalSessionView(Body):
+    id: Annotated[str, Meta(description="the link's id: DELETE it to end every session it started")]
+    url: Annotated[str, Meta(description="single use; opening it starts a browser session")]
+    expires_at: Timestamp
+    role: str
+    return_url: str | None
+
+
+class PortalRevokedView(Body):
+    id: str
+    revoked: bool
+
+
+class BillingConfigView(Body):
+    stripe_publishable_key: Annotated[str | None, Meta(description="null: card entry is not configured")]
+    stripe_js_url: Annotated[str, Meta(description="load Stripe.js from here (localstripe's stand-in offline)")]
 
 
 class WebhookAck(Body):

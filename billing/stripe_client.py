@@ -380,6 +380,15 @@ class StripeClientGateway:
             )
         return parse_subscription(obj)
 
+    async def resume_subscription(self, subscription_id: str, *, idempotency_key: str) -> Subscription:
+        obj = await self._call(
+            "update subscription",
+            lambda: self._v1.subscriptions.update_async(
+                subscription_id, {"cancel_at_period_end": False}, {"idempotency_key": idempotency_key}
+            ),
+        )
+        return parse_subscription(obj)
+
     async def retrieve_invoice(self, invoice_id: str) -> Invoice:
         if self._localstripe:  # LOCALSTRIPE GAP: no invoice.payments (it has invoice.payment_intent)
             obj = await self._call("retrieve invoice", lambda: self._v1.invoices.retrieve_async(invoice_id))

@@ -158,6 +158,7 @@ class UsageEvent(Model, frozen=True, kw_only=True):
     department_id: str | None = None
     metadata: dict[str, Any] | None = None
     created_at: dt.datetime | None = None
+    kind: str = "use"  # "capture": a reservation's release that charged (its id is the reservation's)
 
 
 class UsagePage(Model, frozen=True, kw_only=True):

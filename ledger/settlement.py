@@ -524,8 +524,10 @@ class Settlement:
         if staged.allocs:
             await conn.copy_records_to_table("settle_allocs", records=staged.allocs, columns=list(ALLOC_COLUMNS))
         rows = await conn.fetch("SELECT * FROM settle_staged($1)", batch_id)
-        if staged.uses:  # their hours for /usage/summary (migrations/0006)
+        if staged.uses:  # their hours for /usage/summary (migrations/0006, 0010)
             await conn.execute("SELECT rollup_staged_uses()")
+        if staged.events:  # the captures it settled count as usage too (migrations/0010)
+            await conn.execute("SELECT rollup_staged_captures()")
         if staged.uses or staged.events:  # what keys and departments spent (migrations/0008)
             await conn.execute("SELECT rollup_staged_spend()")
         return [OrgBalance(str(r["organization_id"]), int(r["balance"])) for r in rows]

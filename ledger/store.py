@@ -702,6 +702,7 @@ class UsageRow:
     department_id: str | None
     metadata: str  # JSON text
     created_at: dt.datetime
+    kind: str = "use"  # use | capture (a released reservation's charge)
 
 
 @dataclass(frozen=True, slots=True)
@@ -710,6 +711,7 @@ class SummaryRow:
     events: int
     units: int
     credits: int
+    sub_key: str = ""  # the second grouping, when one was asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -748,6 +750,26 @@ def watermark_after(mark: asyncpg.Record | None) -> str:
     return "0-0" if mark is None else f"{mark['last_ms']}-{int(mark['last_seq']) + 1}"
 
 
+# Usage is two kinds of rows read as one: the usage events, and the reservations a
+# release charged (`used > 0`: a capture), each capture one event of one unit at the
+# time it was released. Each kind pages in order along its own index (migrations/0001,
+# 0002 and 0010), and the page merges the two streams.
+_USAGE_SOURCES = (
+    (
+        "SELECT id, action, units, credits, department_id, metadata::text AS metadata, created_at,"
+        " 'use' AS kind FROM usage_events",
+        "created_at",
+        "",
+    ),
+    (
+        "SELECT id, action, 1::bigint AS units, used AS credits, department_id, metadata::text AS metadata,"
+        " closed_at AS created_at, 'capture' AS kind FROM reservations",
+        "closed_at",
+        " AND used > 0",
+    ),
+)
+
+
 def usage_page_query(
     organization_id: uuid.UUID,
     *,
@@ -759,36 +781,58 @@ def usage_page_query(
     limit: int = 20,
 ) -> tuple[str, list[Any]]:
     """The page query with only the filters in use, so each variant gets a plan of its
-    own that walks an index in order (no generic plan full of `$n IS NULL OR ...`)."""
+    own that walks an index in order (no generic plan full of `$n IS NULL OR ...`):
+    usage events and captures, each along its index, merged in order."""
     args: list[Any] = [organization_id]
-    where = ["organization_id = $1"]
 
     def arg(value: Any) -> str:
         args.append(value)
         return f"${len(args)}"
 
-    if start is not None:
-        where.append(f"created_at >= {arg(start)}")
-    if end is not None:
-        where.append(f"created_at < {arg(end)}")
-    if department_id is not None:
-        where.append(f"department_id = {arg(department_id)}")
-    if action is not None:
-        where.append(f"action = {arg(action)}")
-    if cursor is not None:
-        where.append(f"(created_at, id) < ({arg(cursor[0])}, {arg(cursor[1])}::text)")
-    sql = (
-        "SELECT id, action, units, credits, department_id, metadata::text AS metadata, created_at"  # noqa: S608
-        f" FROM usage_events WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT {arg(limit)}"
-    )
+    lo = None if start is None else arg(start)
+    hi = None if end is None else arg(end)
+    dept = None if department_id is None else arg(department_id)
+    act = None if action is None else arg(action)
+    after = None if cursor is None else (arg(cursor[0]), arg(cursor[1]))
+    n = arg(limit)
+    branches = []
+    for select, at, only in _USAGE_SOURCES:
+        where = ["organization_id = $1"]
+        if lo is not None:
+            where.append(f"{at} >= {lo}")
+        if hi is not None:
+            where.append(f"{at} < {hi}")
+        if dept is not None:
+            where.append(f"department_id = {dept}")
+        if act is not None:
+            where.append(f"action = {act}")
+        if after is not None:
+            where.append(f"({at}, id) < ({after[0]}, {after[1]}::text)")
+        branches.append(f"({select} WHERE {' AND '.join(where)}{only} ORDER BY {at} DESC, id DESC LIMIT {n})")
+    # Each branch ordered and limited on its own: the planner merges two short index
+    # scans (Merge Append) instead of sorting everything (it will not push the order
+    # into a plain UNION ALL under row-level security).
+    sql = f"SELECT * FROM ({' UNION ALL '.join(branches)}) u ORDER BY created_at DESC, id DESC LIMIT {n}"  # noqa: S608
     return sql, args
 
 
-_SUMMARY_KEYS = {  # group_by -> (key over usage_hourly, key over usage_events)
-    "action": ("action", "action"),
-    "department": ("coalesce(department_id::text, '')", "coalesce(department_id::text, '')"),
-    "day": ("to_char(hour AT TIME ZONE 'UTC', 'YYYY-MM-DD')", "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"),
+# group_by -> (key over usage_hourly, key over usage_events, key over reservations)
+_SUMMARY_KEYS = {
+    "action": ("action", "action", "action"),
+    "department": ("coalesce(department_id::text, '')",) * 3,
+    "api_key": ("credential_id",) * 3,
+    "day": (
+        "to_char(hour AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        "to_char(closed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    ),
+    "hour": (
+        "to_char(hour AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00:00\"Z\"')",
+        "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00:00\"Z\"')",
+        "to_char(closed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00:00\"Z\"')",
+    ),
 }
+SUMMARY_GROUPS = tuple(_SUMMARY_KEYS)
 _HOUR = dt.timedelta(hours=1)
 
 
@@ -802,44 +846,60 @@ def _hour_ceil(t: dt.datetime) -> dt.datetime:
 
 
 def usage_summary_query(
-    organization_id: uuid.UUID, *, start: dt.datetime | None, end: dt.datetime | None, group_by: str
+    organization_id: uuid.UUID,
+    *,
+    start: dt.datetime | None,
+    end: dt.datetime | None,
+    group_by: str,
+    then_by: str | None = None,
+    action: str | None = None,
+    department_id: uuid.UUID | None = None,
 ) -> tuple[str, list[Any]]:
     """The summary of [start, end) (None: unbounded): the hourly rollup for the whole
-    hours inside, the raw events for the partial hour at each edge. Only the parts and
-    bounds in use are in the SQL, so each part walks its index over its range."""
-    hourly_key, event_key = _SUMMARY_KEYS[group_by]
+    hours inside (usage events and captures), the raw rows for the partial hour at each
+    edge. Only the parts and bounds in use are in the SQL, so each part walks its index
+    over its range. `then_by`: a second grouping (e.g. day, then action); `action` and
+    `department_id` keep only that action's or department's usage."""
+    keys = [_SUMMARY_KEYS[group_by], _SUMMARY_KEYS[then_by] if then_by else ("''",) * 3]
     args: list[Any] = [organization_id]
+    only: list[str] = []
+    for column, value in (("action", action), ("department_id", department_id)):
+        if value is not None:
+            args.append(value)
+            only.append(f"{column} = ${len(args)}")
 
     def within(column: str, lo: dt.datetime | None, hi: dt.datetime | None) -> str:
-        where = ["organization_id = $1"]
+        where = ["organization_id = $1", *only]
         for op, bound in ((">=", lo), ("<", hi)):
             if bound is not None:
                 args.append(bound)
                 where.append(f"{column} {op} ${len(args)}")
         return " AND ".join(where)
 
+    def select(source: int) -> str:
+        return f"SELECT {keys[0][source]} AS key, {keys[1][source]} AS sub_key"
+
     first = None if start is None else _hour_ceil(start)  # whole hours: [first, last)
     last = None if end is None else _hour_floor(end)
     parts: list[str] = []
     raw: list[tuple[dt.datetime | None, dt.datetime | None]] = []
     if first is not None and last is not None and first >= last:
-        raw.append((start, end))  # less than one whole hour: the events alone
+        raw.append((start, end))  # less than one whole hour: the rows alone
     else:
-        parts.append(
-            f"SELECT {hourly_key} AS key, events, units, credits FROM usage_hourly WHERE {within('hour', first, last)}"  # noqa: S608
-        )
+        parts.append(f"{select(0)}, events, units, credits FROM usage_hourly WHERE {within('hour', first, last)}")
         if start is not None and first is not None and start < first:
             raw.append((start, first))
         if end is not None and last is not None and last < end:
             raw.append((last, end))
     for lo, hi in raw:
+        parts.append(f"{select(1)}, 1 AS events, units, credits FROM usage_events WHERE {within('created_at', lo, hi)}")
         parts.append(
-            f"SELECT {event_key} AS key, 1 AS events, units, credits FROM usage_events"  # noqa: S608
-            f" WHERE {within('created_at', lo, hi)}"
+            f"{select(2)}, 1 AS events, 1 AS units, used AS credits FROM reservations"
+            f" WHERE {within('closed_at', lo, hi)} AND used > 0"
         )
     sql = (
-        "SELECT key, sum(events) AS events, sum(units) AS units, sum(credits) AS credits"  # noqa: S608
-        f" FROM ({' UNION ALL '.join(parts)}) x GROUP BY key ORDER BY key"
+        "SELECT key, sub_key, sum(events) AS events, sum(units) AS units, sum(credits) AS credits"  # noqa: S608
+        f" FROM ({' UNION ALL '.join(parts)}) x GROUP BY key, sub_key ORDER BY key, sub_key"
     )
     return sql, args
 
@@ -864,9 +924,12 @@ class LedgerReads:
         org = uuid.UUID(organization_id)
         async with self.ledger.tenant(organization_id) as conn:
             cursor_at: dt.datetime | None = None
-            if starting_after is not None:
+            if starting_after is not None:  # a usage event, or a capture (by primary key)
                 cursor_at = await conn.fetchval(
-                    "SELECT created_at FROM usage_events WHERE organization_id = $1 AND id = $2", org, starting_after
+                    "SELECT created_at FROM usage_events WHERE organization_id = $1 AND id = $2 UNION ALL"
+                    " SELECT closed_at FROM reservations WHERE organization_id = $1 AND id = $2 AND used > 0 LIMIT 1",
+                    org,
+                    starting_after,
                 )
                 if cursor_at is None:
                     raise NotFound(f"no usage event {starting_after}")
@@ -889,21 +952,39 @@ class LedgerReads:
                 department_id=str(r["department_id"]) if r["department_id"] else None,
                 metadata=r["metadata"],
                 created_at=r["created_at"],
+                kind=r["kind"],
             )
             for r in rows[:limit]
         ]
         return page, len(rows) > limit
 
     async def usage_summary(
-        self, organization_id: str, *, start: dt.datetime | None, end: dt.datetime | None, group_by: str
+        self,
+        organization_id: str,
+        *,
+        start: dt.datetime | None,
+        end: dt.datetime | None,
+        group_by: str,
+        then_by: str | None = None,
+        action: str | None = None,
+        department_id: str | None = None,
     ) -> list[SummaryRow]:
-        """Usage in [start, end) grouped by action, department or UTC day: the whole
-        hours of the range from the hourly rollup, the partial hours at its edges from
-        the events themselves (one statement, one snapshot)."""
-        sql, args = usage_summary_query(uuid.UUID(organization_id), start=start, end=end, group_by=group_by)
+        """Usage (events and captures) in [start, end) grouped by action, department,
+        API key (credential id), UTC day or UTC hour, and optionally by a second of
+        these: the whole hours of the range from the hourly rollup, the partial hours at
+        its edges from the rows themselves (one statement, one snapshot)."""
+        sql, args = usage_summary_query(
+            uuid.UUID(organization_id),
+            start=start,
+            end=end,
+            group_by=group_by,
+            then_by=then_by,
+            action=action,
+            department_id=uuid.UUID(department_id) if department_id else None,
+        )
         async with self.ledger.tenant(organization_id) as conn:
             rows = await conn.fetch(sql, *args)
-        return [SummaryRow(r["key"], int(r["events"]), int(r["units"]), int(r["credits"])) for r in rows]
+        return [SummaryRow(r["key"], int(r["events"]), int(r["units"]), int(r["credits"]), r["sub_key"]) for r in rows]
 
     async def transactions(
         self, organization_id: str, *, type_: str | None, limit: int, starting_after: int | None

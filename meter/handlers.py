@@ -689,6 +689,7 @@ async def usage(request: web.Request) -> web.Response:
                     department_id=r.department_id,
                     metadata=msgspec.Raw(r.metadata.encode()),
                     created_at=_iso(r.created_at),
+                    kind="capture" if r.kind == "capture" else "use",
                 )
                 for r in rows
             ],
@@ -700,9 +701,10 @@ async def usage(request: web.Request) -> web.Response:
 async def usage_summary(request: web.Request) -> web.Response:
     cred = await request.app[AUTH](request)
     q = query(request, s.SummaryQuery)
+    dept = department_for(cred, q.department_id) or None
     await _request_token(request, cred)
     rows = await LedgerReads(request.app[LEDGER]).usage_summary(
-        cred.organization_id, start=q.from_, end=q.to, group_by=q.group_by
+        cred.organization_id, start=q.from_, end=q.to, group_by=q.group_by, action=q.action, department_id=dept
     )
     return respond(
         s.UsageSummary(
@@ -813,7 +815,7 @@ OPERATIONS = (
         "GET",
         "/api/credits/usage",
         usage,
-        "Settled usage events, newest first (cursor pages)",
+        "Settled usage events and reservation captures, newest first (cursor pages)",
         response=s.UsageList,
         query=("from", "to", "department_id", "action", "limit", "starting_after"),
         errors=(400, 401, 403, 404, 429, 503),
@@ -822,9 +824,9 @@ OPERATIONS = (
         "GET",
         "/api/credits/usage/summary",
         usage_summary,
-        "Settled usage grouped by action, department or day",
+        "Settled usage and captures grouped by action, department, day, hour or api_key",
         response=s.UsageSummary,
-        query=("from", "to", "group_by"),
+        query=("from", "to", "group_by", "action", "department_id"),
     ),
     Operation(
         "GET",

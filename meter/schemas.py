@@ -203,7 +203,9 @@ class UsageQuery(Body):
 class SummaryQuery(Body):
     from_: Timestamp | None = msgspec.field(name="from", default=None)
     to: Timestamp | None = None
-    group_by: Literal["action", "department", "day"] = "action"
+    group_by: Literal["action", "department", "day", "hour", "api_key"] = "action"
+    action: Action | None = None
+    department_id: DepartmentId | None = None
 
 
 class TransactionsQuery(Body):
@@ -213,6 +215,11 @@ class TransactionsQuery(Body):
 
 
 class UsageEvent(Body):
+    """A settled charge: a usage event, or a reservation's capture (`kind: capture`: a
+    release that charged `used > 0`; its id is the reservation's, units 1, credits the
+    amount captured, created_at when it was released, action and metadata the
+    reservation's)."""
+
     id: str
     action: str
     units: int
@@ -220,6 +227,7 @@ class UsageEvent(Body):
     department_id: str | None
     metadata: msgspec.Raw
     created_at: str
+    kind: Annotated[Literal["use", "capture"], Meta(description="use: /use or /use/batch; capture: /release")] = "use"
 
 
 class UsageList(Body):
@@ -228,6 +236,11 @@ class UsageList(Body):
 
 
 class SummaryItem(Body):
+    """Usage events and reservation captures (each capture one event of one unit)
+    grouped by `group_by`: an action, a department id ('' = none), a UTC day
+    (YYYY-MM-DD), a UTC hour (YYYY-MM-DDTHH:00:00Z) or an API key id ('jwt:<sub>' for
+    a frontend user)."""
+
     key: str
     events: int
     units: int

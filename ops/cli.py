@@ -8,6 +8,7 @@ credits org create --name N      prints {"organization_id": ..., "api_key": ...}
 credits key create|revoke ...    API keys (role agent|admin, department, cap, rate)
 credits grant|adjust ...         credits with a reason
 credits balance --org ID         cache and ledger balance
+credits portal-link --org ID     a single-use link into the customer portal
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import secrets
 import signal
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,6 +37,14 @@ from core.config import Config, ConfigError
 from core.money import PrecisionError, to_credits, to_milli
 from ledger.migrate import migrate
 from ops.runtime import Services, connect, publish_urls, servers, unpublish_urls
+
+
+def _portal() -> tuple[Callable[[web.Application], None], ...]:
+    """The customer portal, served by the billing service under /portal."""
+    from portal.app import mount
+
+    return (mount,)
+
 
 log = logging.getLogger("credits")
 DEMO_FILE = "demo.json"
@@ -94,7 +104,7 @@ async def _serve(
     if billing is not None:  # credits dev: the billing service too, on BILLING_PORT
         from billing.runtime import start_billing
 
-        billing_service = await start_billing(config, billing)
+        billing_service = await start_billing(config, billing, mounts=_portal())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -163,7 +173,7 @@ async def _serve_billing(config: Config, billing: BillingConfig) -> None:
     from billing.runtime import serve_billing
 
     await _migrate_when_reachable(config)
-    await serve_billing(config, billing)
+    await serve_billing(config, billing, mounts=_portal())
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
@@ -246,6 +256,7 @@ def cmd_dev(config: Config, args: argparse.Namespace) -> int:
                     "organization_id": demo["organization_id"],
                     "api_key": demo["api_key"],
                     "jwt": token,
+                    "portal_url": await _portal_link(cfg, billing, demo["organization_id"], "admin", None),
                 }
             )
 
@@ -373,6 +384,52 @@ def cmd_alert_set(config: Config, args: argparse.Namespace) -> int:
         return 0
 
     return _run_with_services(config, run)
+
+
+async def _portal_link(
+    config: Config, billing: BillingConfig, organization_id: str, role: str, return_url: str | None
+) -> str:
+    """A portal link signed as the billing service signs them (PORTAL_SECRET, else the
+    JWT secret: configured, or the one `credits dev` keeps in the data directory)."""
+    from billing.portal_sessions import ENTRY_PATH, PortalSessions, signing_key
+    from ledger.store import Ledger
+
+    jwt_secret = config.jwt_secret
+    if jwt_secret is None and (config.data_dir / JWT_SECRET_FILE).exists():
+        jwt_secret = (config.data_dir / JWT_SECRET_FILE).read_text().strip()
+    if billing.portal_secret is None and jwt_secret is None:
+        raise admin.AdminError("set PORTAL_SECRET (or JWT_SECRET) as the billing service has it")
+    try:
+        organization_id = str(uuid.UUID(organization_id))
+    except ValueError:
+        raise admin.AdminError(f"--org: not an organization id: {organization_id!r}") from None
+    if return_url is not None and (not return_url.startswith(("https://", "http://")) or len(return_url) > 2048):
+        raise admin.AdminError("--return-url must be an http(s) URL of at most 2048 characters")
+    ledger = await Ledger.connect(config.app_dsn(), min_size=1, max_size=2)
+    try:
+        if not await ledger.organization_exists(organization_id):
+            raise admin.AdminError(f"organization {organization_id} not found")
+        sessions = PortalSessions(
+            ledger,
+            signing_key(billing.portal_secret, jwt_secret),
+            link_ttl_s=billing.portal_link_ttl_s,
+            session_ttl_s=billing.portal_session_ttl_s,
+        )
+        link = await sessions.create_link(organization_id, role=role, return_url=return_url, created_by="ops:cli")
+    finally:
+        await ledger.close()
+    base = billing.billing_public_url or f"http://{config.host}:{billing.billing_port}".replace("0.0.0.0", "127.0.0.1")  # noqa: S104
+    return base + ENTRY_PATH + link.token
+
+
+def cmd_portal_link(config: Config, args: argparse.Namespace) -> int:
+    from billing import config as billing_config
+
+    billing = billing_config.load()
+    with servers(config) as cfg:
+        url = asyncio.run(_portal_link(cfg, billing, args.org, args.role, args.return_url))
+    _print({"organization_id": args.org, "role": args.role, "url": url, "valid_for_s": billing.portal_link_ttl_s})
+    return 0
 
 
 def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
@@ -578,6 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
         dlr.add_argument("id", type=int)
         dlr.add_argument("--reason", required=True)
         dlr.set_defaults(fn=cmd_deadletter_resolve)
+
+    pl = sub.add_parser("portal-link", help="print a single-use link into the customer portal")
+    pl.add_argument("--org", required=True)
+    pl.add_argument("--role", choices=["admin", "viewer"], default="admin")
+    pl.add_argument("--return-url", help="shown in the portal as the way back")
+    pl.set_defaults(fn=cmd_portal_link)
 
     b = sub.add_parser("balance", help="show an organization's balance")
     b.add_argument("--org", required=True)

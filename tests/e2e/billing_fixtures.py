@@ -1,5 +1,6 @@
 """Billing test fixtures: a localstripe server the suite starts itself, the billing
-service (create_app) on a local port with its webhook endpoint registered there, and a
+service (create_app, with the customer portal mounted as ops mounts it) on a local
+port with its webhook endpoint registered there, and a
 `StripeDriver` that plays the parts the tests need from outside: the customer's browser
 (Stripe.js: cards, 3-D Secure), Stripe's clock (renewals, period ends) and Stripe's
 dashboard (refunds, disputes), plus a signer for hand-made webhook deliveries.
@@ -31,6 +32,7 @@ from billing.runtime import WEBHOOK_PATH
 from core.config import Config
 from hotpath.client import HotPath
 from ledger.store import Ledger
+from portal.app import mount as mount_portal
 from tests.conftest import JWT_SECRET, Org
 from webhooks.signature import sign
 
@@ -74,7 +76,7 @@ def billing_config(stripe_keys: LocalStripeKeys) -> BillingConfig:
 async def billing_client(
     migrated: Config, billing_config: BillingConfig, localstripe: LocalStripe
 ) -> AsyncIterator[Client]:
-    server = TestServer(create_app(migrated, billing_config))
+    server = TestServer(create_app(migrated, billing_config, mounts=(mount_portal,)))
     async with TestClient(server) as client:
         localstripe.register_webhook(str(server.make_url(WEBHOOK_PATH)))
         yield client

@@ -85,6 +85,10 @@ async def test_openapi_document_covers_the_billing_api(billing_client: Client) -
         "/invoices": {"get"},
         "/payments": {"get"},
         "/stripe/webhook": {"post"},
+        "/subscription/resume": {"post"},
+        "/config": {"get"},
+        "/portal-sessions": {"post"},
+        "/portal-sessions/{portal_session_id}": {"delete"},
     }.items():
         assert methods <= set(paths[B + path]), path
     for path, methods in paths.items():

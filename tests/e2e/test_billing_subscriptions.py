@@ -209,6 +209,37 @@ async def test_cancel_at_period_end_stops_future_grants(
     assert status == 404 and again["error"]["code"] == "not_found"
 
 
+async def test_resume_takes_back_a_cancellation_and_renewals_grant_again(
+    billing_client: Client, stripe_driver: StripeDriver, org: Org, ledger: Ledger
+) -> None:
+    status, body = await call(billing_client, "POST", "/api/billing/subscription/resume", org)
+    assert status == 404 and body["error"]["code"] == "not_found"
+    await with_card(billing_client, org, stripe_driver)
+    sub = await subscribe(billing_client, org, "starter")
+    status, body = await call(billing_client, "POST", "/api/billing/subscription/resume", org, role="agent")
+    assert status == 403
+    status, body = await call(billing_client, "POST", "/api/billing/subscription/resume", org)
+    assert status == 200 and body["cancel_at_period_end"] is False  # nothing to take back: as it is
+    status, body = await call(billing_client, "DELETE", "/api/billing/subscription?at_period_end=true", org)
+    assert status == 200 and body["cancel_at_period_end"] is True
+    status, body = await call(
+        billing_client, "POST", "/api/billing/subscription/resume", org, **{"Idempotency-Key": "resume-1"}
+    )
+    assert status == 200 and body["cancel_at_period_end"] is False and body["status"] == "active"
+    status, again = await call(
+        billing_client, "POST", "/api/billing/subscription/resume", org, **{"Idempotency-Key": "resume-1"}
+    )
+    assert status == 200 and again == body
+    remote = await stripe_driver.request("GET", f"/v1/subscriptions/{sub['id']}")
+    assert remote["cancel_at_period_end"] is False  # Stripe renews it again
+    await stripe_driver.renew(remote["customer"], sub["id"])
+    await wait_for(lambda: _grants_at_least(ledger, org, 2), what="the renewal's grant")
+
+
+async def _grants_at_least(ledger: Ledger, org: Org, n: int) -> bool:
+    return len(await subscription_grants(ledger, org)) >= n
+
+
 def _invoice_after_end(sub: dict[str, Any], customer: str) -> dict[str, Any]:
     """An invoice localstripe never made (so the worker falls back to the event's copy)."""
     start = int(time.time()) + 40 * 86400

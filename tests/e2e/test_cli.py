@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,18 @@ def test_dev_runs_the_whole_stack_on_embedded_servers(tmp_path: Path) -> None:
             req = urllib.request.Request(f"{info['meter_url']}/api/credits/balance", headers=jwt_headers)
             with urllib.request.urlopen(req, timeout=10) as r:
                 assert json.loads(r.read())["organization_id"] == info["organization_id"]
+            # The demo organization's portal link opens a session (once).
+            portal = urllib.parse.urlsplit(info["portal_url"])
+            assert portal.port == int(env["BILLING_PORT"]) and portal.path.startswith("/portal/enter/pl1.")
+            conn = http.client.HTTPConnection(portal.hostname or "", portal.port, timeout=10)
+            try:
+                conn.request("GET", portal.path)
+                entered = conn.getresponse()
+                entered.read()
+                assert entered.status == 303 and entered.getheader("Location") == "/portal/overview"
+                assert "HttpOnly" in (entered.getheader("Set-Cookie") or "")
+            finally:
+                conn.close()
         finally:
             proc.send_signal(signal.SIGINT)
             try:

@@ -130,3 +130,26 @@ async def test_bad_query_parameters_name_the_field(client: Client, org: Org, pat
     body = await r.json()
     assert r.status == 400, body
     assert body["error"]["code"] == "invalid_request" and body["error"]["param"] == param
+
+
+async def test_a_capture_is_usage_over_http(client: Client, settlement: Settlement, org: Org) -> None:
+    r = await client.post("/api/credits/reserve", json={"amount": 10, "ttl_seconds": 600, "action": "analyze_data"},
+                          headers=h(org))  # fmt: skip
+    hold = await r.json()
+    assert r.status == 200, hold
+    r = await client.post("/api/credits/release", json={"reservation_id": hold["id"], "used": 4.5}, headers=h(org))
+    assert r.status == 200
+    r = await client.post("/api/credits/use", json={"action": "web_search"}, headers=h(org))
+    assert r.status == 200
+    await settle(client, settlement, org.id)
+
+    r = await client.get("/api/credits/usage", headers=h(org))
+    events = (await r.json())["data"]
+    assert [(e["kind"], e["action"]) for e in events] == [("use", "web_search"), ("capture", "analyze_data")]
+    assert (events[1]["id"], events[1]["units"], events[1]["credits"]) == (hold["id"], 1, 4.5)
+    r = await client.get("/api/credits/usage/summary?group_by=api_key", headers=h(org))
+    summary = await r.json()
+    assert summary["data"] == [{"key": org.admin_key_id, "events": 2, "units": 2, "credits": 5}]
+    assert summary["total_credits"] == 5
+    r = await client.get("/api/credits/usage/summary?group_by=hour", headers=h(org))
+    assert r.status == 200 and (await r.json())["data"][0]["key"].endswith(":00:00Z")

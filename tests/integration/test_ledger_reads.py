@@ -1,6 +1,6 @@
-"""Pages of usage stay index scans however large the table grows (the plan is the
-guarantee; `python -m bench.reads` times them at 10 million events, figures in the
-README)."""
+"""Pages of usage (events and reservation captures, merged) stay index scans however
+large the tables grow (the plan is the guarantee; `python -m bench.reads` times them
+at 10 million events, figures in the README)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,18 @@ async def test_usage_page_is_an_index_scan_without_sort(
                 " 'k', now() - (g || ' seconds')::interval FROM generate_series(1, 50000) g",
                 uuid.UUID(o),
             )
+            # captures (released reservations that charged) page along their own index
+            await owner.execute(
+                "INSERT INTO reservations (organization_id, id, amount, used, status, credential_id, action,"
+                " expires_at, created_at, closed_at)"
+                " SELECT $1, 'r' || g, 5000, 1 + g % 4000, 'released', 'k',"
+                " CASE WHEN g % 7 = 0 THEN 'web_search' ELSE 'generate_content' END,"
+                " now(), now() - (g * 3 || ' seconds')::interval, now() - (g * 3 - 1 || ' seconds')::interval"
+                " FROM generate_series(1, 20000) g",
+                uuid.UUID(o),
+            )
         await owner.execute("ANALYZE usage_events")
+        await owner.execute("ANALYZE reservations")
     finally:
         await owner.close()
     async with ledger.tenant(org.id) as conn:

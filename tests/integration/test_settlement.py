@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -447,3 +448,114 @@ async def test_the_hourly_rollup_sums_like_the_events_over_any_range(
                     group_by,
                 )
         assert await conn.fetchval("SELECT sum(events) FROM usage_hourly") == len(at)
+
+
+async def test_captures_count_as_usage_in_pages_and_summaries(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
+) -> None:
+    """A release that charged is usage: /usage lists it (kind capture) in time order with
+    the events, and every summary adds it up, from the rollup for whole hours and from
+    the reservations at the edges; an expired hold and a release of nothing are not."""
+    dept = await ledger.create_department(org.id, "captures")
+    other_key = await admin.create_key(ledger, hot, org.id, role="agent")
+    base = (now_ms() // 3_600_000 - 30) * 3_600_000
+    minute = 60_000
+    captured: list[str] = []
+    charged: dict[str, int] = {}
+    for i, m in enumerate([5, 50, 65, 60 * 24 + 30, 60 * 29 + 10]):
+        r = await hot.consume(org.id, org.admin_key_id, action="web_search", units=2, now=base + m * minute)
+        assert r.status is Status.OK, r
+        cred = other_key.id if i % 2 else org.admin_key_id
+        hold = await hot.reserve(
+            org.id,
+            cred,
+            amount=5 * CREDIT,
+            ttl_ms=10 * minute,
+            department_id=dept.id if i % 2 == 0 else "",
+            action="generate_content" if i < 3 else "",
+            metadata=f'{{"task": {i}}}',
+            now=base + (m + 1) * minute,
+        )
+        assert hold.status is Status.OK, hold
+        rid = hold.payload["id"]
+        used = (i + 1) * 500 if i != 2 else 0  # the third releases nothing
+        done = await hot.release(org.id, cred, reservation_id=rid, used=used, now=base + (m + 3) * minute)
+        assert done.status is Status.OK, done
+        if used:
+            captured.append(rid)
+            charged[rid] = used
+    expiring = await hot.reserve(org.id, org.admin_key_id, amount=CREDIT, ttl_ms=minute, now=base + 100 * minute)
+    assert expiring.status is Status.OK
+    await hot.balance(org.id, now=base + 200 * minute)  # the sweep expires it: no capture
+    await drain(settler(redis, settlement, hot, org.id))
+
+    reads = LedgerReads(ledger)
+    rows, more = await reads.usage(
+        org.id, start=None, end=None, department_id=None, action=None, limit=100, starting_after=None
+    )
+    assert not more
+    assert [r.created_at for r in rows] == sorted((r.created_at for r in rows), reverse=True)
+    captures = [r for r in rows if r.kind == "capture"]
+    assert sorted(r.id for r in captures) == sorted(captured)
+    assert {r.id: r.credits for r in captures} == charged
+    first = next(r for r in captures if r.id == captured[0])
+    assert (first.units, first.action, first.department_id, json.loads(first.metadata)) == (
+        1,
+        "generate_content",
+        dept.id,
+        {"task": 0},
+    )
+    # pages walk both kinds with one cursor, and filters apply to captures too
+    seen: list[str] = []
+    after = None
+    while True:
+        page, more = await reads.usage(
+            org.id, start=None, end=None, department_id=None, action=None, limit=2, starting_after=after
+        )
+        seen += [r.id for r in page]
+        if not more:
+            break
+        after = page[-1].id
+    assert seen == [r.id for r in rows]
+    by_dept, _ = await reads.usage(
+        org.id, start=None, end=None, department_id=dept.id, action=None, limit=100, starting_after=None
+    )
+    assert {r.id for r in by_dept} == {captured[0], captured[3]}  # i = 0 and 4 (2 charged nothing)
+    by_action, _ = await reads.usage(
+        org.id, start=None, end=None, department_id=None, action="generate_content", limit=100, starting_after=None
+    )
+    assert {r.id for r in by_action} == {captured[0], captured[1]}
+
+    t = lambda minutes: dt.datetime.fromtimestamp((base + minutes * minute) / 1000, dt.UTC)  # noqa: E731
+    keys = {
+        "action": "action",
+        "department": "coalesce(department_id::text, '')",
+        "day": "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        "hour": "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00:00\"Z\"')",
+        "api_key": "credential_id",
+    }
+    both = (
+        "SELECT action, department_id, credential_id, units, credits, created_at AS at FROM usage_events"
+        " UNION ALL SELECT action, department_id, credential_id, 1, used, closed_at FROM reservations WHERE used > 0"
+    )
+    async with ledger.tenant(org.id) as conn:
+        for start, end in [(None, None), (t(0), t(60)), (t(30), t(60 * 25)), (t(52), None), (t(4), t(70))]:
+            for group_by, key in keys.items():
+                want = await conn.fetch(
+                    f"SELECT {key} AS key, count(*) AS events, sum(units) AS units, sum(credits) AS credits"
+                    f" FROM ({both}) x WHERE ($1::timestamptz IS NULL OR at >= $1)"
+                    " AND ($2::timestamptz IS NULL OR at < $2) GROUP BY 1 ORDER BY 1",
+                    start,
+                    end,
+                )
+                got = await reads.usage_summary(org.id, start=start, end=end, group_by=group_by)
+                assert [(g.key, g.events, g.units, g.credits) for g in got] == [tuple(w) for w in want], (
+                    start,
+                    end,
+                    group_by,
+                )
+        daily = await reads.usage_summary(org.id, start=None, end=None, group_by="day", then_by="action")
+        assert sum(g.credits for g in daily) == sum(r.credits for r in rows)
+        assert {g.sub_key for g in daily} == {"web_search", "generate_content", ""}
+        rolled = await conn.fetchval("SELECT sum(events) FROM usage_hourly")
+    assert rolled == 5 + len(captured)
