@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from accounts.grants import push_pending
+from core.money import to_credits
 from hotpath.client import HotPath
-from ledger.store import Cost, Department, GrantResult, Ledger, NewKey
+from ledger.store import Adjustment, Conflict, Cost, Department, GrantResult, Ledger, NewKey
 from lua import Status
 
 
@@ -145,9 +146,12 @@ async def adjust(
     amount: int,
     reason: str,
     reference: str | None = None,
+    actor: str = "",
 ) -> dict[str, Any]:
-    """Positive: an admin grant. Negative: a debit of available credits (never below
-    zero), recorded as an `adjustment` when it settles. The reference makes a retry safe."""
+    """Positive: an admin grant. Negative: a debit of available credits, never below
+    zero (all or nothing), recorded as an `adjustment` when it settles. The reference
+    makes a retry safe for ever: it is unique in Postgres (credit_adjustments), written
+    before the debit, and a refused adjustment is on record too."""
     if amount == 0:
         raise AdminError("an adjustment must not be zero")
     if not reason.strip():
@@ -156,18 +160,102 @@ async def adjust(
     if amount > 0:
         g = await grant(ledger, hot, organization_id, amount=amount, reason=reason, reference=reference)
         return {"kind": "grant", "grant_id": g.grant_id, "created": g.created, "amount": amount}
+    done = await _debit_once(
+        ledger, hot, organization_id, kind="debit", amount=-amount, reason=reason, reference=reference, actor=actor
+    )
+    return {"kind": "debit", "id": done.event_id, "amount": -int(done.debited or 0), "reference": reference}
+
+
+async def void_grant(
+    ledger: Ledger,
+    hot: HotPath,
+    organization_id: str,
+    grant_id: str,
+    *,
+    reason: str,
+    reference: str | None = None,
+    actor: str = "",
+) -> dict[str, Any]:
+    """Take away what a grant has left (a grant given by mistake): what it has left in
+    the cache now, not what is held or spent; idempotent by reference like adjust."""
+    if not reason.strip():
+        raise AdminError("a reason is required")
+    try:
+        row = await ledger.grant_row(organization_id, grant_id)
+    except (LookupError, ValueError):
+        raise AdminError(f"no grant {grant_id} in organization {organization_id}") from None
+    done = await _debit_once(
+        ledger,
+        hot,
+        organization_id,
+        kind="void",
+        amount=int(row["amount"]),
+        reason=reason,
+        reference=reference or f"void:{grant_id}",
+        actor=actor,
+        grant_id=grant_id,
+    )
+    return {"kind": "void", "grant_id": grant_id, "id": done.event_id, "amount": -int(done.debited or 0)}
+
+
+async def _debit_once(
+    ledger: Ledger,
+    hot: HotPath,
+    organization_id: str,
+    *,
+    kind: str,
+    amount: int,
+    reason: str,
+    reference: str,
+    actor: str,
+    grant_id: str | None = None,
+) -> Adjustment:
+    """The adjustment of `reference`, applied once: claimed in Postgres, then debited by
+    the hot path with an event id of the row's own (its idempotency key keeps a retry
+    within IDEMPOTENCY_TTL_S from debiting twice; after that, the ledger entry of that
+    event id says it happened)."""
     if not await ledger.organization_exists(organization_id):
         raise AdminError(f"organization {organization_id} not found")
+    try:
+        row = await ledger.claim_adjustment(
+            organization_id,
+            reference=reference,
+            kind=kind,
+            amount=amount,
+            reason=reason,
+            actor=actor,
+            grant_id=grant_id,
+        )
+    except Conflict as exc:
+        raise AdminError(str(exc)) from None
+    if row.outcome == "applied":
+        return row
+    settled = await ledger.settled_debit(organization_id, row.event_id)
+    if settled is not None:  # it happened (its answer was lost): record it
+        await ledger.decide_adjustment(organization_id, row.id, outcome="applied", debited=settled)
+        return replace(row, outcome="applied", debited=settled)
     result = await hot.debit(
-        organization_id, amount=-amount, kind="adjustment", reason=reason, idempotency_key=f"adjust:{reference}"
+        organization_id,
+        amount=amount,
+        kind="adjustment",
+        reason=f"void of grant {grant_id}: {reason}" if grant_id else reason,
+        idempotency_key=f"adjust:{row.id}",
+        partial=kind == "void",  # a void takes what the grant has left
+        event_id=row.event_id,
+        grant_id=grant_id or "",
     )
     if result.status is Status.INSUFFICIENT_CREDITS:
-        raise AdminError(f"only {result.payload['available']} millicredits are available; nothing was changed")
-    if result.status is Status.IDEMPOTENCY_CONFLICT:
-        raise AdminError("this reference was used for a different adjustment")
+        await ledger.decide_adjustment(organization_id, row.id, outcome="refused", debited=0)
+        available = to_credits(int(result.payload["available"]))
+        raise AdminError(f"only {available} credits are available; nothing was changed (refused, on record)")
+    if result.status is Status.NOT_FOUND:
+        await ledger.decide_adjustment(organization_id, row.id, outcome="refused", debited=0)
+        raise AdminError(f"grant {grant_id} has nothing left to void (spent, held or expired)")
     if result.status not in (Status.OK, Status.REPLAY):
         raise AdminError(f"adjustment refused: {result.status.name}")
-    return {"kind": "debit", "id": result.payload["id"], "amount": -int(result.payload["debited"])}
+    debited = int(result.payload["debited"])
+    await ledger.decide_adjustment(organization_id, row.id, outcome="applied", debited=debited)
+    return replace(row, outcome="applied", debited=debited)
 
 
 async def balance(ledger: Ledger, hot: HotPath, organization_id: str) -> Balance:

@@ -844,15 +844,33 @@ class HotPath:
         reason: str,
         idempotency_key: str,
         partial: bool = False,
+        event_id: str | None = None,
+        grant_id: str = "",
         now: int | None = None,
     ) -> Result:
-        """Take credits away (adjustment down, refund clawback), exactly once per key."""
+        """Take credits away (adjustment down, refund clawback), exactly once per key;
+        from one grant only with grant_id (a void). event_id: the debit event's id (a
+        caller that records it first passes its own, so the ledger entry is found by it)."""
         if amount <= 0:
             raise ValueError("debit amount must be positive")
         now = now_ms() if now is None else now
-        fp = fingerprint("debit", amount, kind, reason, partial)
-        call_id = new_id()  # also the debit event's id
-        args = (org, now, call_id, fp, amount, "1" if partial else "0", kind, reason, self.idempotency_ttl_ms, call_id)
+        # (grant_id only when given: keys stored before it existed stay valid)
+        fp = fingerprint("debit", amount, kind, reason, partial, *([grant_id] if grant_id else []))
+        call_id = new_id()
+        event = event_id or call_id
+        args = (
+            org,
+            now,
+            call_id,
+            fp,
+            amount,
+            "1" if partial else "0",
+            kind,
+            reason,
+            self.idempotency_ttl_ms,
+            event,
+            grant_id,
+        )
         return await self._call_loaded("debit", org, (self.idempotency_key(org, idempotency_key),), args)
 
     async def configure(self, org: str, what: str, *values: str | int | float) -> Result:

@@ -123,6 +123,23 @@ class AlertConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Adjustment:
+    """An adjustment down or a void (migrations/0011), decided once."""
+
+    id: str
+    reference: str
+    kind: str  # debit | void
+    amount: int  # asked, millicredits
+    grant_id: str | None
+    reason: str
+    actor: str
+    event_id: str
+    outcome: str  # pending | applied | refused
+    debited: int | None
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
 class StoredResponse:
     fingerprint: str
     status: int
@@ -647,6 +664,63 @@ class Ledger:
         assert row is not None
         return Cost(row["action"], int(row["credits"]), row["unit"], row["description"])
 
+    # -- adjustments down ------------------------------------------------------------
+    async def claim_adjustment(
+        self,
+        organization_id: str,
+        *,
+        reference: str,
+        kind: str,
+        amount: int,
+        reason: str,
+        actor: str,
+        grant_id: str | None = None,
+    ) -> Adjustment:
+        """The adjustment of this reference: written now, or the one written before
+        (Conflict when that one asked for something else)."""
+        new_id = uuid.uuid4()
+        async with self.tenant(organization_id) as conn:
+            row = await conn.fetchrow(
+                "INSERT INTO credit_adjustments (id, organization_id, reference, kind, amount, grant_id, reason, actor,"
+                " event_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                " ON CONFLICT (organization_id, reference) DO NOTHING RETURNING *",
+                new_id,
+                uuid.UUID(organization_id),
+                reference,
+                kind,
+                amount,
+                uuid.UUID(grant_id) if grant_id else None,
+                reason,
+                actor,
+                f"adj-{new_id.hex}",
+            )
+            if row is None:
+                row = await conn.fetchrow("SELECT * FROM credit_adjustments WHERE reference = $1", reference)
+        if row is None:
+            raise NotFound(f"organization {organization_id} not found")
+        found = _adjustment(row)
+        if (found.kind, found.amount, found.grant_id, found.reason) != (kind, amount, grant_id, reason):
+            raise Conflict(f"reference {reference!r} was used for a different adjustment")
+        return found
+
+    async def decide_adjustment(self, organization_id: str, adjustment_id: str, *, outcome: str, debited: int) -> None:
+        async with self.tenant(organization_id) as conn:
+            await conn.execute(
+                "UPDATE credit_adjustments SET outcome = $2, debited = $3, decided_at = now()"
+                " WHERE id = $1 AND outcome <> 'applied'",
+                uuid.UUID(adjustment_id),
+                outcome,
+                debited,
+            )
+
+    async def settled_debit(self, organization_id: str, event_id: str) -> int | None:
+        """What an adjustment's event took, once it is in the ledger (None: not yet)."""
+        async with self.tenant(organization_id) as conn:
+            amount = await conn.fetchval(
+                "SELECT amount FROM ledger_entries WHERE type = 'adjustment' AND reference = $1", event_id
+            )
+        return None if amount is None else -int(amount)
+
     # -- idempotency of endpoints outside the hot path -------------------------------
     @asynccontextmanager
     async def idempotency_lock(self, organization_id: str, key: str) -> AsyncIterator[None]:
@@ -722,6 +796,22 @@ class EntryRow:
     balance_after: int
     reference: str
     created_at: dt.datetime
+
+
+def _adjustment(row: asyncpg.Record) -> Adjustment:
+    return Adjustment(
+        id=str(row["id"]),
+        reference=row["reference"],
+        kind=row["kind"],
+        amount=int(row["amount"]),
+        grant_id=str(row["grant_id"]) if row["grant_id"] else None,
+        reason=row["reason"],
+        actor=row["actor"],
+        event_id=row["event_id"],
+        outcome=row["outcome"],
+        debited=None if row["debited"] is None else int(row["debited"]),
+        created_at=row["created_at"],
+    )
 
 
 async def ledger_side(conn: asyncpg.Connection, org: uuid.UUID, balance: int, partition: int) -> LedgerSide:

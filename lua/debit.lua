@@ -9,13 +9,15 @@
   ARGV[6] '1' = take what is available, '0' = all or nothing
   ARGV[7] kind (adjustment | refund)                         ARGV[8] reason
   ARGV[9] idempotency ttl (ms)   ARGV[10] event id
+  ARGV[11] grant id ('' = any, in burn-down order): take only from this grant (a void)
   Returns {status, msgpack payload}:
     OK      {id, debited, balance, available}
     REPLAY | NOT_LOADED | IDEMPOTENCY_CONFLICT
-    INSUFFICIENT_CREDITS {available, needed}
+    INSUFFICIENT_CREDITS {available, needed} | NOT_FOUND (no such live grant)
 ]]
 local fp, amount, partial = ARGV[4], tonumber(ARGV[5]), ARGV[6] == '1'
 local kind, reason, idem_ttl_ms, event_id = ARGV[7], ARGV[8], tonumber(ARGV[9]), ARGV[10]
+local only_grant = ARGV[11] or ''
 
 if not loaded() then return reply(NOT_LOADED, {}) end
 local replay = idem_check(K_IDEM, fp)
@@ -23,6 +25,15 @@ if replay then return replay end
 
 sweep_grants()
 local usable, bal, res = usable_now()
+local grants = grants_cursor()
+if only_grant ~= '' then  -- one grant: what it has left is what can go
+  local rem = tonumber(redis.call('HGET', KEYS[K_GREM], only_grant))
+  local score = tonumber(redis.call('ZSCORE', KEYS[K_GQ], only_grant))
+  if not rem or not score then return reply(NOT_FOUND, {}) end
+  grants.items = {{only_grant, rem, score}}
+  grants.avail, grants.exhausted = rem, true
+  usable = rem
+end
 local debit = amount
 if debit > usable then
   if not partial then
@@ -30,7 +41,6 @@ if debit > usable then
   end
   debit = math.max(0, usable)
 end
-local grants = grants_cursor()
 local alloc = take(grants, debit)
 if not alloc then return reply(INSUFFICIENT_CREDITS, {available = grants.avail, needed = amount}) end
 flush_grants(grants)
