@@ -100,6 +100,10 @@ class PoisonEntry(ValueError):
     """A stream entry that cannot be decoded or staged as it is."""
 
 
+class StaleOwner(RuntimeError):
+    """The partition's fence is past this settler's epoch: another owns it now."""
+
+
 _TEXT_FIELDS = ("act", "why", "k")
 
 
@@ -387,6 +391,20 @@ class DeadLetterRow:
         )
 
 
+async def _fence(conn: asyncpg.Connection, partition: int, epoch: int) -> None:
+    """Move the partition's fence to `epoch` (locking it for this transaction), or
+    raise StaleOwner when it is past it already."""
+    moved = await conn.fetchval(
+        "INSERT INTO settlement_fences AS f (partition, epoch) VALUES ($1, $2)"
+        " ON CONFLICT (partition) DO UPDATE SET epoch = excluded.epoch WHERE f.epoch <= excluded.epoch"
+        " RETURNING epoch",
+        partition,
+        epoch,
+    )
+    if moved is None:
+        raise StaleOwner(f"partition {partition}: another settler owns it now (epoch past {epoch})")
+
+
 async def _advance_watermark(conn: asyncpg.Connection, partition: int, entry_id: str) -> None:
     """The partition's watermark to entry_id, never backwards."""
     ms, _, seq = entry_id.partition("-")
@@ -448,10 +466,13 @@ class Settlement:
         first_entry: str,
         last_entry: str,
         dead_letter: DeadLetter | None = None,
+        epoch: int | None = None,
     ) -> list[OrgBalance]:
         """Settle one batch in one transaction; idempotent (see migrations/0005). With
         `dead_letter`, the quarantine record of the entry this batch settles cleaned is
-        written in the same transaction."""
+        written in the same transaction. With `epoch` (the owner's, from its lease), the
+        transaction first moves the partition's fence to it, and StaleOwner is raised
+        when another owner moved it further (migrations/0012)."""
         if not staged and dead_letter is None:
             return []
         for _ in range(RESTAGE_ROUNDS):
@@ -463,6 +484,7 @@ class Settlement:
                     first_entry=first_entry,
                     last_entry=last_entry,
                     dead_letter=dead_letter,
+                    epoch=epoch,
                 )
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name != "usage_events_pkey":
@@ -491,9 +513,12 @@ class Settlement:
         first_entry: str,
         last_entry: str,
         dead_letter: DeadLetter | None,
+        epoch: int | None,
     ) -> list[OrgBalance]:
         """One transaction: COPY the batch into staging, settle it, record the batch."""
         async with self.pool.acquire() as conn, conn.transaction():
+            if epoch is not None:
+                await _fence(conn, partition, epoch)
             if dead_letter is not None:
                 await _insert_dead_letter(conn, dead_letter)
             balances = await self._settle_in(conn, staged, batch_id=batch_id)
@@ -533,12 +558,14 @@ class Settlement:
         return [OrgBalance(str(r["organization_id"]), int(r["balance"])) for r in rows]
 
     # -- quarantine -------------------------------------------------------------------
-    async def hold_dead_letter(self, dead_letter: DeadLetter) -> bool:
+    async def hold_dead_letter(self, dead_letter: DeadLetter, *, epoch: int | None = None) -> bool:
         """Keep an entry settlement could not take (state `held`); False when this entry
         is in quarantine already (a redelivery). The partition's watermark moves past it:
         "the ledger holds every entry up to here, or quarantine does" (reconciliation and
         cold loads then count it once, from quarantine)."""
         async with self.pool.acquire() as conn, conn.transaction():
+            if epoch is not None:
+                await _fence(conn, dead_letter.partition, epoch)
             inserted = await _insert_dead_letter(conn, dead_letter)
             await _advance_watermark(conn, dead_letter.partition, dead_letter.entry_id)
         return inserted

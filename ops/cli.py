@@ -92,7 +92,7 @@ async def _serve(
     billing: BillingConfig | None = None,
 ) -> None:
     from meter.app import create_app
-    from settler.worker import build_worker
+    from settler import worker
 
     await _migrate_when_reachable(config)
     runner = web.AppRunner(create_app(config), access_log=None)
@@ -109,18 +109,16 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    settler = build_worker(config, handle_signals=False) if with_settler else None
-    settler_task = asyncio.create_task(settler.async_run()) if settler is not None else None
+    settler_task = asyncio.create_task(worker.run(config, stop=stop, handle_signals=False)) if with_settler else None
     try:
         if announce is not None:
             await announce(config)
         await stop.wait()
     finally:
-        if settler is not None and settler_task is not None:
-            settler_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+        stop.set()
+        if settler_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await settler_task
-            await settler.close()
         if billing_service is not None:
             await billing_service.stop()
         await runner.cleanup()
@@ -157,16 +155,12 @@ async def _migrate_when_reachable(config: Config, *, attempts: int = 60) -> None
 
 
 async def _settle(config: Config) -> None:
-    from settler.worker import build_worker
+    from settler import worker
 
     await migrate(
         config.database_url or "", app_password=config.app_db_password, settler_password=config.settler_db_password
     )
-    worker = build_worker(config)
-    try:
-        await worker.async_run()
-    finally:
-        await worker.close()
+    await worker.run(config)
 
 
 async def _serve_billing(config: Config, billing: BillingConfig) -> None:

@@ -1,6 +1,7 @@
-"""The settler process: partition settlers under leases, plus the periodic jobs
-(grant outbox, expiries, lag alerts, reconciliation). settler/worker.py runs it as an
-arq worker; tests drive it directly."""
+"""The settler process: partition settlers under leases, shared evenly with the other
+settlers, plus the periodic jobs (grant outbox, expiries, lag alerts, alerts,
+reconciliation), each run by one settler at a time (schedule). settler/worker.py runs
+it as a process; tests drive it directly."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -33,11 +35,21 @@ log = logging.getLogger(__name__)
 
 
 SUPERVISE_INTERVAL_S = 1.0
+MEMBER_TTL_S = 10.0  # a settler that has not announced itself for this long is gone
+HANDOVER_WAIT_S = 10.0  # how long a stopping settler lets its partitions finish their batch
+JOB_TIMEOUT_S = 60.0
 OUTBOX_BATCH = 500
 EXPIRY_BATCH = 100
 ALERT_CONFIGS_PER_TICK = 500
 RECONCILE_TOUCHED_PER_TICK = 1000
 RECONCILE_SWEEP_PER_TICK = 200
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    interval_s: float
+    run: Callable[[], Awaitable[object]]
 
 
 @dataclass
@@ -49,6 +61,7 @@ class Settler:
     hot: HotPath
     consumer: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     owned: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    _stops: dict[int, asyncio.Event] = field(default_factory=dict)  # per owned partition: hand it over
     lag_alerting: bool = False
     alerts: Alerts | None = None
     ops_alerts: OpsAlerts | None = None
@@ -118,37 +131,93 @@ class Settler:
         return f"{self.config.redis_key_prefix}:settler:{name}"
 
     async def supervise(self, stop: asyncio.Event) -> None:
-        """Own as many partitions as are free; restart a partition task that ended."""
+        """Share the partitions with the other settlers: each owns at most
+        ceil(partitions / settlers) (the settlers alive are those that announced
+        themselves in the last MEMBER_TTL_S), gives up the ones over its share
+        gracefully (after their current batch) and takes free ones up to it; a partition
+        task that ended is restarted."""
         while not stop.is_set():
-            for p in range(self.config.usage_partitions):
-                task = self.owned.get(p)
-                if task is not None and not task.done():
-                    continue
-                ps = self.partition_settler(p)
-                try:
-                    if await ps.acquire():
-                        self.owned[p] = asyncio.create_task(self._run_partition(ps, stop), name=f"settle-{p}")
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # never let one partition stop the supervisor
-                    log.exception("lease_failed", extra={"partition": p})
+            try:
+                await self._share(stop)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis away for a moment: try again next round
+                log.exception("supervise_failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=SUPERVISE_INTERVAL_S)
         await self.stop_partitions()
 
-    async def _run_partition(self, ps: PartitionSettler, stop: asyncio.Event) -> None:
+    async def members(self) -> list[str]:
+        """The settlers alive now (this one included), in a stable order."""
+        key = self._key("members")
+        now = now_ms()
+        await self.redis.zadd(key, {self.consumer: now})
+        await self.redis.zremrangebyscore(key, "-inf", now - MEMBER_TTL_S * 1000)
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in await self.redis.zrange(key, 0, -1))
+
+    async def _share(self, stop: asyncio.Event) -> None:
+        members = await self.members()
+        partitions = self.config.usage_partitions
+        quota = -(-partitions // max(1, len(members)))
+        for p, task in list(self.owned.items()):
+            if task.done():
+                del self.owned[p]
+                self._stops.pop(p, None)
+        if len(self.owned) > quota:  # more settlers now: hand the extra partitions over
+            for p in sorted(self.owned)[quota:]:
+                self._stops[p].set()
+            return
+        # Start looking at a different place than the others, so they do not all race
+        # for the same free partitions.
+        offset = members.index(self.consumer) * quota if self.consumer in members else 0
+        for i in range(partitions):
+            if len(self.owned) >= quota or stop.is_set():
+                return
+            p = (offset + i) % partitions
+            if p in self.owned:
+                continue
+            ps = self.partition_settler(p)
+            if await ps.acquire():
+                own_stop = asyncio.Event()
+                self._stops[p] = own_stop
+                self.owned[p] = asyncio.create_task(self._run_partition(ps, stop, own_stop), name=f"settle-{p}")
+
+    async def _run_partition(self, ps: PartitionSettler, stop: asyncio.Event, own_stop: asyncio.Event) -> None:
+        """Settle one partition until the process stops or hands it over; then release
+        it (after the batch in progress), so that its next owner need not wait out the
+        lease."""
         before = ps.stats.settled_events
+        both = asyncio.Event()
+
+        async def either() -> None:
+            waits = [asyncio.create_task(stop.wait()), asyncio.create_task(own_stop.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            both.set()
+
+        watcher = asyncio.create_task(either())
         try:
-            await ps.run(stop)
+            await ps.run(both)
         except asyncio.CancelledError:
             raise
         except Exception:  # logged; the supervisor restarts the partition next round
             log.exception("partition_failed", extra={"partition": ps.partition})
         finally:
+            watcher.cancel()
             SETTLED.inc(ps.stats.settled_events - before)
+            with contextlib.suppress(Exception):
+                await ps.release()
 
     async def stop_partitions(self) -> None:
+        for own_stop in self._stops.values():
+            own_stop.set()
         tasks = list(self.owned.values())
+        for t in tasks:  # a graceful end first: each finishes its batch and releases
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(t), timeout=HANDOVER_WAIT_S)
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -158,8 +227,46 @@ class Settler:
             with contextlib.suppress(Exception):
                 await self.partition_settler(p).release()
         self.owned.clear()
+        self._stops.clear()
+        with contextlib.suppress(Exception):
+            await self.redis.zrem(self._key("members"), self.consumer)
 
     # -- periodic jobs -----------------------------------------------------------
+    def jobs(self) -> tuple[Job, ...]:
+        return (
+            Job("push_outbox", 2.0, self.push_outbox),
+            Job("expire_due", 5.0, self.expire_due),
+            Job("watch_lag", 1.0, self.watch_lag),
+            Job("alerts", 1.0, self.alerts_tick),
+            Job("reconcile", 30.0, self.reconcile),
+        )
+
+    async def schedule(self, stop: asyncio.Event) -> None:
+        """Run each periodic job once per its interval across all settlers: whoever
+        takes the job's lease (one key: `SET NX PX interval`, so it works on Redis
+        Cluster too, where arq's multi-key transactions do not) runs it. A failing job
+        is logged and runs again at its next turn; none runs longer than JOB_TIMEOUT_S."""
+        jobs = self.jobs()
+        due = {job.name: 0.0 for job in jobs}
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            now = loop.time()
+            for job in jobs:
+                if now < due[job.name]:
+                    continue
+                due[job.name] = now + job.interval_s
+                try:
+                    key = self._key(f"job:{job.name}")
+                    if await self.redis.set(key, self.consumer, nx=True, px=int(job.interval_s * 1000)):
+                        await asyncio.wait_for(job.run(), timeout=JOB_TIMEOUT_S)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the next turn tries again
+                    log.exception("job_failed", extra={"job": job.name})
+            wait_s = max(0.05, min(due.values()) - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=wait_s)
+
     async def push_outbox(self) -> int:
         """Grants the ledger holds and the cache has not confirmed: push them."""
         pushed = 0

@@ -41,6 +41,7 @@ from ledger.settlement import (
     PoisonEntry,
     Settlement,
     Staged,
+    StaleOwner,
     balance_change,
     clean_event,
     is_poison,
@@ -51,7 +52,7 @@ from settler.metrics import QUARANTINED
 log = logging.getLogger(__name__)
 
 GROUP = "settlers"
-LEASE_TTL_MS = 15_000
+LEASE_TTL_MS = 10_000  # renewed every third of it; a successor waits this long after an owner stops
 BLOCK_MS = 200
 BACKOFF_S_MAX = 5.0
 CLAIM_COUNT = 1000
@@ -61,12 +62,17 @@ _decode = msgspec.msgpack.Decoder().decode
 
 Entry = tuple[str, dict[bytes, bytes]]
 
-# Renew the lease only if we still hold it.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+# The lease and its epoch, in one step (both keys in the partition's slot): renew it
+# when we hold it (the same epoch), take it when it is free (a new epoch), else 0.
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(redis.call('GET', KEYS[2]) or '0')
 end
-return 0
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return redis.call('INCR', KEYS[2])
 """
 # Acknowledge a settled batch (ARGV[3..]) and trim the stream below the oldest entry
 # still unsettled: the oldest pending one of any consumer, or ARGV[2] (the entry after
@@ -144,23 +150,31 @@ class PartitionSettler:
         self.stream = hot.stream_key(partition)
         self.lease_key = hot.partition_key(partition, "settler-lease")
         self.stats = PartitionStats()
-        self._renew = redis.register_script(_RENEW)
+        self.epoch_key = hot.partition_key(partition, "settler-epoch")
+        self.epoch = 0  # this owner's epoch (the fence its transactions move), 0: none
+        self._lease = redis.register_script(_LEASE)
         self._release = redis.register_script(_RELEASE)
         self._ack_trim = redis.register_script(_ACK_TRIM)
         self._backoff_s = 0.0
 
     # -- ownership -------------------------------------------------------------
     async def acquire(self) -> bool:
-        """Take the lease if free; on taking it, claim every pending entry."""
-        got = await self.redis.set(self.lease_key, self.consumer, nx=True, px=LEASE_TTL_MS)
-        if not got:
-            return bool(await self._renew(keys=[self.lease_key], args=[self.consumer, LEASE_TTL_MS]))
-        await self._ensure_group()
-        await self._claim_all()
+        """Take the lease if free (with a new epoch, claiming every pending entry), or
+        renew it if ours; False when another settler holds it."""
+        epoch = int(await self._lease(keys=[self.lease_key, self.epoch_key], args=[self.consumer, LEASE_TTL_MS]))
+        if epoch == 0:
+            self.epoch = 0
+            return False
+        if epoch != self.epoch:  # newly ours (or ours again after it ran out)
+            self.epoch = epoch
+            await self._ensure_group()
+            await self._claim_all()
         return True
 
     async def release(self) -> None:
+        """Give the partition up (a graceful handover: call it after the last batch)."""
         await self._release(keys=[self.lease_key], args=[self.consumer])
+        self.epoch = 0
 
     async def _ensure_group(self) -> None:
         try:
@@ -235,7 +249,7 @@ class PartitionSettler:
             await self._settle(entries, staged)
             self._strikes = ("", 0)
         except Exception as exc:
-            if is_transient(exc):
+            if is_transient(exc) or isinstance(exc, StaleOwner):
                 raise
             if not is_poison(exc):
                 first = entries[0][0]
@@ -257,6 +271,7 @@ class PartitionSettler:
             partition=self.partition,
             first_entry=entries[0][0],
             last_entry=entries[-1][0],
+            epoch=self.epoch or None,
         )
         await self._acknowledge(entries, len(staged))
 
@@ -291,10 +306,11 @@ class PartitionSettler:
                     partition=self.partition,
                     first_entry=part[0][0],
                     last_entry=part[-1][0],
+                    epoch=self.epoch or None,
                 )
                 events += len(staged)
             except Exception as exc:
-                if is_transient(exc):
+                if is_transient(exc) or isinstance(exc, StaleOwner):
                     raise
                 if len(part) == 1:
                     await self._quarantine(part[0], exc)
@@ -332,16 +348,17 @@ class PartitionSettler:
                     first_entry=eid,
                     last_entry=eid,
                     dead_letter=dead,
+                    epoch=self.epoch or None,
                 )
                 await self._quarantined(dead)
                 return
             except Exception as second:
-                if is_transient(second):
+                if is_transient(second) or isinstance(second, StaleOwner):
                     raise
                 reason = f"{reason}; cleaned: {type(second).__name__}: {second}"
         amount = balance_change(event) if event is not None else 0
         dead = DeadLetter(self.partition, eid, org, raw, reason, "held", amount)
-        await self.settlement.hold_dead_letter(dead)
+        await self.settlement.hold_dead_letter(dead, epoch=self.epoch or None)
         await self._quarantined(dead)
 
     async def _quarantined(self, dead: DeadLetter) -> None:
@@ -392,6 +409,10 @@ class PartitionSettler:
                     self._backoff_s = 0.0
                 except asyncio.CancelledError:
                     raise
+                except StaleOwner:
+                    log.warning("lease_lost_fenced", extra={"partition": self.partition, "epoch": self.epoch})
+                    self.epoch = 0
+                    return  # another settler owns this partition now; it settles these entries
                 except Exception as exc:  # Postgres or Redis down: retry the same entries later
                     await _drop(ahead)  # what it read stays pending, after these
                     ahead = None
