@@ -35,7 +35,8 @@ STALE_IF_ERROR_S = 24 * 3600.0  # how long a cached key outlives its TTL while P
 LEDGER_RECHECK_S = 5.0
 CACHE_ENTRIES_MAX = 10_000
 JWT_LEEWAY_S = 30
-ROLES = ("agent", "admin")
+# agent: spends; admin: spends and manages; viewer (frontend tokens only): reads, changes nothing.
+ROLES = ("agent", "admin", "viewer")
 _BEARER_API_KEY = "Bearer " + API_KEY_PREFIX  # the usual spelling of an API key header
 _BEARER_LENGTH = len("Bearer ")
 
@@ -178,13 +179,23 @@ class Authenticator:
         )
 
 
-def issue_jwt(secret: str, *, organization_id: str, subject: str, role: str, ttl_s: int = 3600) -> str:
+def issue_jwt(
+    secret: str, *, organization_id: str, subject: str, role: str, ttl_s: int = 3600, department_id: str | None = None
+) -> str:
     """A token for the frontend (and tests): HS256 with the shared secret."""
     now = int(time.time())
-    claims = {"sub": subject, "org": organization_id, "role": role, "iat": now, "exp": now + ttl_s}
+    claims: dict[str, object] = {"sub": subject, "org": organization_id, "role": role, "iat": now, "exp": now + ttl_s}
+    if department_id is not None:
+        claims["department_id"] = department_id
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
 def require_admin(cred: Credential) -> None:
     if cred.role != "admin":
         raise ApiError(403, "forbidden", "this operation needs an admin credential")
+
+
+def refuse_viewer(cred: Credential) -> None:
+    """Spending (use, reserve, release) needs an agent or admin credential."""
+    if cred.role == "viewer":
+        raise ApiError(403, "forbidden", "a viewer token reads only; spending needs an agent or admin credential")

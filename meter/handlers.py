@@ -13,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from accounts import admin
-from api.auth import require_admin
+from api.auth import refuse_viewer, require_admin
 from api.errors import ApiError, from_validation, invalid
 from core.http import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from core.money import PrecisionError, format_credits, to_credits, to_milli
@@ -217,6 +217,8 @@ async def use(request: web.Request) -> web.Response:
     app = request.app
     auth = app[AUTH]
     cred = auth.cached(request) or await auth(request)
+    if cred.role == "viewer":  # inline: the hot path spares itself a call
+        refuse_viewer(cred)
     raw = arrived_body(request)
     if raw is None:
         raw = await request.read()
@@ -252,6 +254,7 @@ async def use_batch(request: web.Request) -> web.Response:
     app = request.app
     auth = app[AUTH]
     cred = auth.cached(request) or await auth(request)
+    refuse_viewer(cred)
     body = await decode(request, s.BatchRequest)
     limit = app[CONFIG].max_batch_items
     if len(body.items) > limit:
@@ -353,6 +356,7 @@ def batch_response(p: dict[str, Any], items: list[BatchItem]) -> s.BatchResponse
 # -- reservations ----------------------------------------------------------------
 async def reserve(request: web.Request) -> web.Response:
     cred = await request.app[AUTH](request)
+    refuse_viewer(cred)
     body = await decode(request, s.ReserveRequest)
     amount = milli(body.amount, "$.amount", minimum=1)
     key = idempotency_key(request)
@@ -382,6 +386,7 @@ async def reserve(request: web.Request) -> web.Response:
 
 async def release(request: web.Request) -> web.Response:
     cred = await request.app[AUTH](request)
+    refuse_viewer(cred)
     body = await decode(request, s.ReleaseRequest)
     used = milli(body.used, "$.used")
     key = idempotency_key(request)

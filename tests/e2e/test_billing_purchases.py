@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from typing import Any
 
 import pytest
 
 from billing.config import BillingConfig
+from core.logs import JsonFormatter, fields
 from hotpath.client import HotPath
 from ledger.store import Ledger
 from tests.conftest import Org
@@ -89,6 +91,29 @@ async def test_each_package_grants_its_credits_once(
     [payment] = payments["data"]
     assert (payment["id"], payment["amount"], payment["currency"]) == (body["payment_id"], cents, "usd")
     assert (payment["status"], payment["credits"]) == ("succeeded", credits)
+
+
+async def test_the_grant_is_logged_with_whom_how_much_and_why(
+    billing_client: Client, stripe_driver: StripeDriver, org: Org, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`credits_granted` prints its fields (core/logs.py), not just its name."""
+    caplog.set_level(logging.INFO, logger="billing.credits")
+    pm = await with_card(billing_client, org, stripe_driver)
+    status, body = await purchase(billing_client, org, "small", pm)
+    assert status == 200, body
+    [record] = [
+        r for r in caplog.records if r.getMessage() == "credits_granted" and fields(r)["organization_id"] == org.id
+    ]
+    assert fields(record) == {
+        "organization_id": org.id,
+        "grant_id": fields(record)["grant_id"],
+        "source": "purchase",
+        "reference": body["payment_id"],
+        "credits": "100",
+        "new_grant": True,
+    }
+    line = json.loads(JsonFormatter().format(record))
+    assert line["event"] == "credits_granted" and line["credits"] == "100" and line["source"] == "purchase"
 
 
 async def _done(ledger: Ledger, org: Org, kind: str) -> bool:
