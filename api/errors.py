@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
+import types
+import typing
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -66,14 +70,58 @@ def invalid(message: str, param: str | None = None) -> ApiError:
 
 
 _PATH = re.compile(r" - at `(\$[^`]*)`$")
+_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 
 
-def from_validation(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiError:
-    """msgspec names the path ("... - at `$.items[3].units`"): carry it into param."""
+def _unwrap(tp: Any) -> list[Any]:
+    """The types a value of `tp` may be: Annotated and Optional taken apart."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [t for arg in typing.get_args(tp) if arg is not type(None) for t in _unwrap(arg)]
+    return [tp]
+
+
+def _step(tp: Any, name: str | None, index: str | None) -> list[Any]:
+    found: list[Any] = []
+    for t in _unwrap(tp):
+        origin = typing.get_origin(t)
+        if name is not None and isinstance(t, type) and issubclass(t, msgspec.Struct):
+            found += [f.type for f in msgspec.structs.fields(t) if f.encode_name == name]
+        elif name is not None and origin is dict:
+            found.append(typing.get_args(t)[1])
+        elif index is not None and origin in (list, tuple, set, frozenset):
+            found.append(typing.get_args(t)[0])
+    return found
+
+
+def enum_values(kind: Any, path: str) -> list[str]:
+    """The values the field at `path` ($.items[3].period) of `kind` accepts, in the
+    order the type declares them; [] when it is no enumeration."""
+    current = [kind]
+    for name, index in _STEP.findall(path.removeprefix("$")):
+        current = [t for tp in current for t in _step(tp, name or None, index or None)]
+    values: list[str] = []
+    for tp in (t for c in current for t in _unwrap(c)):
+        if typing.get_origin(tp) is typing.Literal:
+            values += [str(v) for v in typing.get_args(tp)]
+        elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+            values += [str(m.value) for m in tp]
+    return list(dict.fromkeys(values))
+
+
+def from_validation(exc: msgspec.ValidationError | msgspec.DecodeError, kind: Any = None) -> ApiError:
+    """msgspec names the path ("... - at `$.items[3].units`"): carry it into param. With
+    the decoded `kind`, an invalid enum value's message lists the valid ones."""
     text = str(exc)
     match = _PATH.search(text)
     param = match.group(1) if match else None
     message = _PATH.sub("", text) if match else text
+    if kind is not None and param is not None and message.startswith("Invalid enum value"):
+        valid = enum_values(kind, param)
+        if valid:
+            message += f": expected one of {', '.join(valid)}"
     if isinstance(exc, msgspec.ValidationError) and message.startswith(
         ("Object contains unknown field", "Object missing required field")
     ):

@@ -50,7 +50,7 @@ async def decode(request: web.Request, kind: type[T]) -> T:
     try:
         result: T = decoder.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_validation(exc) from None
+        raise from_validation(exc, kind) from None
     return result
 
 

@@ -91,7 +91,7 @@ async def decode(request: web.Request, kind: type[T]) -> T:
     try:
         return decoder(kind).decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_validation(exc) from None
+        raise from_validation(exc, kind) from None
 
 
 def idempotency_key(request: web.Request) -> str | None:
@@ -225,7 +225,7 @@ async def use(request: web.Request) -> web.Response:
     try:
         body = _decode_use(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_validation(exc) from None
+        raise from_validation(exc, s.UseRequest) from None
     key = idempotency_key(request)
     dept = department_for(cred, body.department_id)
     # The fingerprint tells a retry from a reuse of the key: no key, nothing to tell.
@@ -600,7 +600,7 @@ def query(request: web.Request, kind: type[T]) -> T:
     try:
         return msgspec.convert(dict(request.query), kind, strict=False)
     except msgspec.ValidationError as exc:
-        err = from_validation(exc)
+        err = from_validation(exc, kind)
         if err.param and err.param.startswith("$."):
             err.param = err.param[2:]
         raise err from None

@@ -202,8 +202,8 @@ def announcement(s: DevStack) -> list[Entry]:
     order. This is the one place to add a line."""
     meter, billing = s.url("meter"), s.url("billing")
     entries = [
-        Entry("meter_url", "meter", meter),
-        Entry("billing_url", "billing", billing),
+        Entry("meter_url", "meter", meter, f"API reference {meter}/docs"),
+        Entry("billing_url", "billing", billing, f"API reference {billing}/docs"),
         Entry("settler_url", "settler", s.url("settler"), "/metrics, /api/admin/reconcile"),
     ]
     if s.meter_socket is not None:

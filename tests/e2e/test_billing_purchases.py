@@ -116,6 +116,24 @@ async def test_the_grant_is_logged_with_whom_how_much_and_why(
     assert line["event"] == "credits_granted" and line["credits"] == "100" and line["source"] == "purchase"
 
 
+async def test_without_a_card_named_the_default_card_pays(
+    billing_client: Client, stripe_driver: StripeDriver, org: Org, ledger: Ledger
+) -> None:
+    status, body = await call(billing_client, "POST", "/api/billing/customer", org, {"email": "d@example.test"})
+    assert status == 200, body
+    status, body = await call(billing_client, "POST", "/api/billing/purchase-credits", org, {"package_id": "small"})
+    assert status == 400 and body["error"]["param"] == "$.payment_method_id", body
+    assert "no default payment method" in body["error"]["message"]
+    assert await purchase_grants(ledger, org) == []
+    pm = await with_card(billing_client, org, stripe_driver)
+    status, body = await call(billing_client, "POST", "/api/billing/purchase-credits", org, {"package_id": "small"})
+    assert status == 200 and body["status"] == "succeeded" and body["credits"] == 100, body
+    [grant] = await purchase_grants(ledger, org)
+    assert grant["reference"] == body["payment_id"]
+    payment = await stripe_driver.request("GET", f"/v1/payment_intents/{body['payment_id']}")
+    assert payment["payment_method"] == pm
+
+
 async def _done(ledger: Ledger, org: Org, kind: str) -> bool:
     return any(e["type"] == kind and e["status"] == "done" for e in await events_of(ledger, org))
 
@@ -353,7 +371,7 @@ async def test_purchase_needs_customer_known_package_and_own_card(
     status, body = await purchase(billing_client, org, "small", "pm_doesnotexist")
     assert status == 404 and body["error"]["param"] == "$.payment_method_id"
     status, body = await call(
-        billing_client, "POST", "/api/billing/purchase-credits", org, {"package_id": "small"}, role="admin"
+        billing_client, "POST", "/api/billing/purchase-credits", org, {"package_id": "small", "payment_method_id": 7}
     )
     assert status == 400 and body["error"]["param"] == "$.payment_method_id", json.dumps(body)
     status, body = await purchase(billing_client, org, "small", mine)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import json
 import os
 import signal
@@ -351,3 +352,43 @@ def test_dev_says_which_port_is_busy_and_what_to_change(tmp_path: Path) -> None:
     assert f"port {port}" in proc.stderr and "--meter-port" in proc.stderr and "METER_PORT" in proc.stderr
     assert "No credits dev stack is running" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 4
+
+
+def test_the_sidecar_listens_on_a_unix_socket(migrated: Config, tmp_path: Path) -> None:
+    """METER_SOCKET: the SDK's `unix:/path` reaches the sidecar; a stale socket file is
+    replaced, a live one refused."""
+    from credits_sdk import CreditsClient
+
+    org = json.loads(run(migrated, "org", "create", "--name", "Socket").stdout)
+    path = tmp_path / "meter.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # a file left by a process that died: nobody listens
+    stale.close()
+    env = {
+        **os.environ,
+        "REDIS_URL": migrated.redis_url or "",
+        "DATABASE_URL": migrated.database_url or "",
+        "METER_PORT": str(_free_port()),
+        "METER_SOCKET": str(path),
+        "LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen([*CLI, "serve", "meter"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            try:
+                with CreditsClient(f"unix:{path}", api_key=org["api_key"]) as client:
+                    used = client.consume("tool_call")
+                break
+            except Exception:
+                time.sleep(0.1)
+        assert used.balance == decimal.Decimal("99.9")  # tool_call: 0.1 credit
+        assert (path.stat().st_mode & 0o777) == 0o660
+        second = subprocess.run([*CLI, "serve", "meter"], env={**env, "METER_PORT": str(_free_port())},
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert second.returncode != 0 and "in use" in second.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        if proc.stderr:
+            proc.stderr.close()
+    assert not path.exists()  # removed on the way out
