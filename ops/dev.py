@@ -301,15 +301,19 @@ def service_env(s: DevStack, base: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def serve_argv(service: str) -> list[str]:
+    """How `credits dev` starts a service: `credits serve NAME`, as a deployment does."""
+    return [sys.executable, "-m", "ops.cli", "serve", service]
+
+
 def service_specs(s: DevStack, base: Mapping[str, str]) -> list[ServiceSpec]:
-    """The three services as a deployment runs them: `credits serve NAME`, each ready
-    when it answers. The settler first (it drains last), the front doors after it."""
+    """The three services as a deployment runs them, each ready when it answers. The
+    settler first (it drains last), the front doors after it."""
     env = service_env(s, base)
-    argv = [sys.executable, "-m", "ops.cli", "serve"]
     return [
-        ServiceSpec("settler", [*argv, "settler"], env, s.url("settler") + "/healthz"),
-        ServiceSpec("meter", [*argv, "meter"], env, s.url("meter") + "/readyz"),
-        ServiceSpec("billing", [*argv, "billing"], env, s.url("billing") + "/healthz"),
+        ServiceSpec("settler", serve_argv("settler"), env, s.url("settler") + "/healthz"),
+        ServiceSpec("meter", serve_argv("meter"), env, s.url("meter") + "/readyz"),
+        ServiceSpec("billing", serve_argv("billing"), env, s.url("billing") + "/healthz"),
     ]
 
 
