@@ -76,13 +76,16 @@ class StackRecord:
 
 
 def _alive(pid: int) -> bool:
+    """The pid runs the `credits` command (a pid reused by another program is not it)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        command = " ".join(psutil.Process(pid).cmdline())
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:  # someone else's process: alive, not ours to signal
+    except psutil.Error:  # someone else's process: alive, and we cannot tell what it is
         return True
-    return True
+    return "credits" in command or "ops.cli" in command
 
 
 def state_file(env: Mapping[str, str] | None = None) -> pathlib.Path:

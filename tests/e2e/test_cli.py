@@ -268,6 +268,7 @@ def test_dev_runs_each_service_in_its_own_supervised_process(tmp_path: Path) -> 
         stack = Stack(project, env, *(flags if round_ == 0 else []))  # the second start remembers the ports
         try:
             info = stack.info
+            stack.wait_for("stack_ready")  # logged before the announcement; stderr is read by a thread
             announced.append(info)
             assert info["meter_url"] == f"http://127.0.0.1:{ports['--meter-port']}"
             assert info["next"] == ". .data/dev.env"
