@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except LookupError as exc:
         sys.stderr.write(f"not found: {exc}\n")
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling
+        sys.stderr.write("interrupted\n")
+        return 130
     return result
 
 

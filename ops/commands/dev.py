@@ -53,10 +53,15 @@ def register(sub: Subparsers) -> None:
 
 def cmd_dev(config: Config, args: argparse.Namespace) -> int:
     flags = {spec.name: getattr(args, spec.flag.removeprefix("--").replace("-", "_")) for spec in dev.PORTS}
+    from billing.localstripe import LocalStripeError
+    from ops.supervisor import SupervisorError
+
     try:
         return dev.run(config, flags, as_json=args.json, env=os.environ)
     except dev.DevError as exc:
         raise AdminError(str(exc)) from None
+    except (SupervisorError, LocalStripeError) as exc:
+        raise AdminError(f"credits dev did not start: {exc}") from None
 
 
 def _local_stripe(config: Config) -> tuple[str, str, str]:
