@@ -18,6 +18,7 @@ from ledger.settlement import OperatorReads, Settlement
 from ops.commands.common import (
     Subparsers,
     credits_amount,
+    identifier,
     iso,
     json_flag,
     run_with_services,
@@ -43,43 +44,43 @@ def register(sub: Subparsers) -> None:
     oc.set_defaults(fn=cmd_org_create)
     ol = org.add_parser("list", help="every organization, with its ledger balance")
     ol.add_argument("--limit", type=int, default=100, help=f"at most this many (1-{ORG_PAGE_MAX}, default 100)")
-    ol.add_argument("--after", help="the last id of the previous page")
+    ol.add_argument("--after", type=identifier, help="the last id of the previous page")
     json_flag(ol)
     ol.set_defaults(fn=cmd_org_list)
 
     key = sub.add_parser("key", help="API keys").add_subparsers(dest="key_command", required=True)
     kc = key.add_parser("create", help="create an API key")
-    kc.add_argument("--org", required=True)
+    kc.add_argument("--org", required=True, type=identifier)
     kc.add_argument("--role", choices=["agent", "admin"], default="agent")
     kc.add_argument("--name", default="")
-    kc.add_argument("--department", help="scope the key to a department id")
+    kc.add_argument("--department", type=identifier, help="scope the key to a department id")
     kc.add_argument("--cap", type=credits_amount, help="lifetime spending cap in credits")
     kc.add_argument("--rate", type=float, help="requests per second (0 = unlimited)")
     kc.add_argument("--burst", type=float, help="token bucket size")
     json_flag(kc)
     kc.set_defaults(fn=cmd_key_create)
     kr = key.add_parser("revoke", help="revoke an API key")
-    kr.add_argument("--org", required=True)
-    kr.add_argument("--key", required=True, help="the key id")
+    kr.add_argument("--org", required=True, type=identifier)
+    kr.add_argument("--key", required=True, type=identifier, help="the key id")
     json_flag(kr)
     kr.set_defaults(fn=cmd_key_revoke)
     kl = key.add_parser("list", help="an organization's API keys (never their secrets)")
-    kl.add_argument("--org", required=True)
+    kl.add_argument("--org", required=True, type=identifier)
     kl.add_argument("--active", action="store_true", help="leave out revoked keys")
     json_flag(kl)
     kl.set_defaults(fn=cmd_key_list)
 
     t = sub.add_parser("token", help="a signed JWT for a frontend (Authorization: Bearer ...)")
-    t.add_argument("--org", required=True)
+    t.add_argument("--org", required=True, type=identifier)
     t.add_argument("--role", choices=TOKEN_ROLES, default="admin")
     t.add_argument("--ttl", type=ttl_seconds, default=3600, help="lifetime: 90s, 15m, 1h (default), 7d; at most 30d")
     t.add_argument("--subject", help="the user the token stands for (claim sub; default: a new id)")
-    t.add_argument("--department", help="claim department_id: the token charges that department")
+    t.add_argument("--department", type=identifier, help="claim department_id: the token charges that department")
     json_flag(t)
     t.set_defaults(fn=cmd_token)
 
     g = sub.add_parser("grant", help="grant credits (ledger first, then the cache)")
-    g.add_argument("--org", required=True)
+    g.add_argument("--org", required=True, type=identifier)
     g.add_argument("--amount", type=credits_amount, required=True, help="credits, e.g. 12.5")
     g.add_argument("--reason", required=True)
     g.add_argument("--reference", help="idempotency reference: the same one grants once")
@@ -88,7 +89,7 @@ def register(sub: Subparsers) -> None:
     g.set_defaults(fn=cmd_grant)
 
     a = sub.add_parser("adjust", help="adjust credits up (grant) or down (debit, never below zero)")
-    a.add_argument("--org", required=True)
+    a.add_argument("--org", required=True, type=identifier)
     a.add_argument("--amount", type=credits_amount, required=True, help="signed credits, e.g. -5")
     a.add_argument("--reason", required=True)
     a.add_argument("--reference", help="idempotency reference: the same one adjusts once")
@@ -96,7 +97,7 @@ def register(sub: Subparsers) -> None:
     a.set_defaults(fn=cmd_adjust)
 
     b = sub.add_parser("balance", help="show an organization's balance")
-    b.add_argument("--org", required=True)
+    b.add_argument("--org", required=True, type=identifier)
     json_flag(b)
     b.set_defaults(fn=cmd_balance)
 

@@ -11,6 +11,7 @@ from ledger.store import NotFound
 from ops.commands.common import (
     Subparsers,
     credits_amount,
+    identifier,
     iso,
     json_flag,
     run_with_services,
@@ -25,21 +26,21 @@ from ops.runtime import Services
 def register(sub: Subparsers) -> None:
     al = sub.add_parser("alert", help="low-balance alerts").add_subparsers(dest="alert_command", required=True)
     als = al.add_parser("set", help="alert when available credits fall below a threshold (signed webhook)")
-    als.add_argument("--org", required=True)
+    als.add_argument("--org", required=True, type=identifier)
     als.add_argument("--threshold", type=credits_amount, required=True, help="credits")
     als.add_argument("--url", required=True, help="where the signed webhook is POSTed")
     json_flag(als)
     als.set_defaults(fn=cmd_alert_set)
     all_ = al.add_parser("list", help="the alerts of every organization (or one), with their deliveries")
-    all_.add_argument("--org", help="one organization")
+    all_.add_argument("--org", type=identifier, help="one organization")
     json_flag(all_)
     all_.set_defaults(fn=cmd_alert_list)
     ald = al.add_parser("delete", help="stop alerting an organization (waiting deliveries are dropped)")
-    ald.add_argument("--org", required=True)
+    ald.add_argument("--org", required=True, type=identifier)
     json_flag(ald)
     ald.set_defaults(fn=cmd_alert_delete)
     alt = al.add_parser("test", help="send a signed alert.test event to the organization's alert URL")
-    alt.add_argument("--org", required=True)
+    alt.add_argument("--org", required=True, type=identifier)
     json_flag(alt)
     alt.set_defaults(fn=cmd_alert_test)
 

@@ -10,6 +10,7 @@ import decimal
 import json
 import re
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -53,6 +54,14 @@ def _cell(value: Any) -> str:
 
 def json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def identifier(text: str) -> str:
+    """An organization, key or department id: a uuid (argparse names the option)."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an id (a uuid like 0b9d4c1e-…): {text!r}") from None
 
 
 def credits_amount(text: str) -> int:

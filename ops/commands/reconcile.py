@@ -5,13 +5,21 @@ from __future__ import annotations
 import argparse
 
 from core.config import Config
-from ops.commands.common import Subparsers, json_flag, run_with_services, show_credits, write_json, write_text
+from ops.commands.common import (
+    Subparsers,
+    identifier,
+    json_flag,
+    run_with_services,
+    show_credits,
+    write_json,
+    write_text,
+)
 from ops.runtime import Services
 
 
 def register(sub: Subparsers) -> None:
     rc = sub.add_parser("reconcile", help="compare Redis with the ledger; repair from the ledger on request")
-    rc.add_argument("--org", help="one organization (default: all)")
+    rc.add_argument("--org", type=identifier, help="one organization (default: all)")
     rc.add_argument("--repair", action="store_true", help="rebuild drifting organizations from the ledger")
     json_flag(rc)
     rc.set_defaults(fn=cmd_reconcile)

@@ -113,6 +113,12 @@ def test_bad_input_is_a_clear_error(migrated: Config) -> None:
     assert bad.returncode == 2 and "not an exact credit amount" in bad.stderr
     bad = run(migrated, "adjust", "--org", org, "--amount", "-1000", "--reason", "x", check=False)
     assert bad.returncode == 1 and "nothing was changed" in bad.stderr
+    for args in (["key", "list", "--org", "nope"], ["alert", "list", "--org", "x"], ["org", "list", "--after", "1"],
+                 ["token", "--org", org, "--department", "research"]):  # fmt: skip
+        bad = run(migrated, *args, check=False)
+        assert bad.returncode == 2 and "not an id" in bad.stderr and "Traceback" not in bad.stderr, args
+    missing = run(migrated, "key", "list", "--org", "00000000-0000-4000-8000-000000000000", check=False)
+    assert missing.returncode == 1 and "not found" in missing.stderr
     env = {**os.environ, "USAGE_PARTITIONS": "lots"}
     proc = subprocess.run([*CLI, "migrate"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "USAGE_PARTITIONS" in proc.stderr
