@@ -199,7 +199,9 @@ class DevStack:
 
 def announcement(s: DevStack) -> list[Entry]:
     """What `credits dev` prints once every service is ready, one entry per line, in
-    order. This is the one place to add a line."""
+    order (and the keys of `credits dev --json`). This is the one place to add a line;
+    a value that needs the running stack (a sign-in link, say) is made in run(), where
+    the demo organization is, and carried here on DevStack."""
     meter, billing = s.url("meter"), s.url("billing")
     entries = [
         Entry("meter_url", "meter", meter, f"API reference {meter}/docs"),

@@ -29,10 +29,10 @@ from ops.commands.common import (
     write_json,
     write_text,
 )
+from ops.dev import JWT_SECRET_FILE
 from ops.runtime import Services
 
 TOKEN_ROLES = ("admin", "viewer", "agent")
-JWT_SECRET_FILE = "jwt_secret"  # noqa: S105 - a file name: the dev stack's generated JWT secret
 ORG_PAGE_MAX = 1000
 
 

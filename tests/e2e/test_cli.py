@@ -163,8 +163,8 @@ def test_without_a_stack_commands_say_so_and_create_nothing(tmp_path: Path) -> N
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = _bare_env(tmp_path)
-    for args in (["migrate"], ["org", "create", "--name", "X"], ["org", "list"], ["grant", "--org", "o",
-                 "--amount", "1", "--reason", "r"]):  # fmt: skip
+    for args in (["migrate"], ["org", "create", "--name", "X"], ["org", "list"], ["grant", "--org",
+                 "00000000-0000-4000-8000-000000000000", "--amount", "1", "--reason", "r"]):  # fmt: skip
         proc = subprocess.run([*CLI, *args], env=env, cwd=elsewhere, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 1, (args, proc.stderr)
         assert "no credits stack is running" in proc.stderr and "credits dev" in proc.stderr
