@@ -43,7 +43,8 @@ UNKNOWN_ENTRIES_MAX = 10_000
 # What ledger.Ledger.create_api_key makes: the prefix and 32 random bytes, base64url.
 API_KEY_SHAPE = re.compile(re.escape(API_KEY_PREFIX) + r"[A-Za-z0-9_-]{43}")
 JWT_LEEWAY_S = 30
-ROLES = ("agent", "admin")
+# agent: spends; admin: spends and manages; viewer (frontend tokens only): reads, changes nothing.
+ROLES = ("agent", "admin", "viewer")
 _BEARER_API_KEY = "Bearer " + API_KEY_PREFIX  # the usual spelling of an API key header
 _BEARER_LENGTH = len("Bearer ")
 
@@ -229,10 +230,14 @@ class Authenticator:
         )
 
 
-def issue_jwt(secret: str, *, organization_id: str, subject: str, role: str, ttl_s: int = 3600) -> str:
+def issue_jwt(
+    secret: str, *, organization_id: str, subject: str, role: str, ttl_s: int = 3600, department_id: str | None = None
+) -> str:
     """A token for the frontend (and tests): HS256 with the shared secret."""
     now = int(time.time())
-    claims = {"sub": subject, "org": organization_id, "role": role, "iat": now, "exp": now + ttl_s}
+    claims: dict[str, object] = {"sub": subject, "org": organization_id, "role": role, "iat": now, "exp": now + ttl_s}
+    if department_id is not None:
+        claims["department_id"] = department_id
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
@@ -265,3 +270,9 @@ def hot_path_check(hot: HotPath, ledger: Ledger) -> CredentialCheck:
             raise Unavailable(f"the hot path refused the request token: {result.status.name}")
 
     return check
+
+
+def refuse_viewer(cred: Credential) -> None:
+    """Spending (use, reserve, release) needs an agent or admin credential."""
+    if cred.role == "viewer":
+        raise ApiError(403, "forbidden", "a viewer token reads only; spending needs an agent or admin credential")

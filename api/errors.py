@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
+import types
+import typing
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -71,11 +74,54 @@ _PATH = re.compile(r" - at `(\$[^`]*)`$")
 _KEY_PATH = re.compile(r" - at `key` in `(\$[^`]*)`$")  # a dict's key was wrong
 _NUL_REFUSED = f"Expected `str` matching regex {NO_NUL!r}"
 
+_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 
-def from_validation(exc: msgspec.ValidationError | msgspec.DecodeError, raw: bytes | None = None) -> ApiError:
+
+def _unwrap(tp: Any) -> list[Any]:
+    """The types a value of `tp` may be: Annotated and Optional taken apart."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [t for arg in typing.get_args(tp) if arg is not type(None) for t in _unwrap(arg)]
+    return [tp]
+
+
+def _step(tp: Any, name: str | None, index: str | None) -> list[Any]:
+    found: list[Any] = []
+    for t in _unwrap(tp):
+        origin = typing.get_origin(t)
+        if name is not None and isinstance(t, type) and issubclass(t, msgspec.Struct):
+            found += [f.type for f in msgspec.structs.fields(t) if f.encode_name == name]
+        elif name is not None and origin is dict:
+            found.append(typing.get_args(t)[1])
+        elif index is not None and origin in (list, tuple, set, frozenset):
+            found.append(typing.get_args(t)[0])
+    return found
+
+
+def enum_values(kind: Any, path: str) -> list[str]:
+    """The values the field at `path` ($.items[3].period) of `kind` accepts, in the
+    order the type declares them; [] when it is no enumeration."""
+    current = [kind]
+    for name, index in _STEP.findall(path.removeprefix("$")):
+        current = [t for tp in current for t in _step(tp, name or None, index or None)]
+    values: list[str] = []
+    for tp in (t for c in current for t in _unwrap(c)):
+        if typing.get_origin(tp) is typing.Literal:
+            values += [str(v) for v in typing.get_args(tp)]
+        elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+            values += [str(m.value) for m in tp]
+    return list(dict.fromkeys(values))
+
+
+def from_validation(
+    exc: msgspec.ValidationError | msgspec.DecodeError, raw: bytes | None = None, *, kind: Any = None
+) -> ApiError:
     """msgspec names the path ("... - at `$.items[3].units`"): carry it into param.
     With the raw body, a wrong value inside an object of free keys (metadata, whose
-    path msgspec gives as `$.metadata[...]`) is named by its key: `$.metadata.note`."""
+    path msgspec gives as `$.metadata[...]`) is named by its key: `$.metadata.note`.
+    With the decoded `kind`, an invalid enum value's message lists the valid ones."""
     text = str(exc)
     param: str | None = None
     key_match = _KEY_PATH.search(text)
@@ -84,6 +130,10 @@ def from_validation(exc: msgspec.ValidationError | msgspec.DecodeError, raw: byt
         param = match.group(1)
         text = text[: match.start()]
     message = text
+    if kind is not None and param is not None and message.startswith("Invalid enum value"):
+        valid = enum_values(kind, param)
+        if valid:
+            message += f": expected one of {', '.join(valid)}"
     if isinstance(exc, msgspec.ValidationError) and message.startswith(
         ("Object contains unknown field", "Object missing required field")
     ):

@@ -4,6 +4,11 @@ Postgres design, at the same concurrency, on this machine, in one run.
 Every server runs in its own process (python -m bench.server, uvloop, no access log);
 the load generator (wrk, or a Python aiohttp client when wrk is missing) runs in
 another. Each scenario: start the server, warm up, measure, verify the charges, stop.
+
+`dev-use` and `dev-batch` run the same load against the topology `credits dev` starts:
+`credits serve meter` and `credits serve settler`, each its own process under the same
+supervisor (ops/supervisor.py), the settler draining the usage streams into the ledger
+while the load runs; they are verified by the ledger catching up with the cache.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -34,12 +40,14 @@ from bench import fixtures, loadgen, report
 from bench.loadgen import LoadResult, Request
 from bench.report import ScenarioResult
 from bench.server import NAIVE_ACCOUNT_ID
+from hotpath.client import HotPath
 from ops.runtime import Services, connect
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/8"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
-SCENARIOS = ("bare", "naive", "use", "batch")
+SCENARIOS = ("bare", "naive", "use", "batch", "dev-use", "dev-batch")
+SETTLE_WAIT_S = 300.0  # dev-*: how long the ledger may take to catch up after the load
 NOISE_CPU_PCT = 15.0  # CPU (% of one core) used by processes outside the benchmark: worth a warning
 USE_BODY = json.dumps({"action": fixtures.ACTION, "units": 1}, separators=(",", ":")).encode()
 
@@ -421,6 +429,165 @@ async def scenario_sidecar(
     return _result(name, url, items, m, "redis", ok, detail, facts)
 
 
+@contextlib.asynccontextmanager
+async def dev_topology(s: Services, workdir: pathlib.Path, prefix: str) -> AsyncIterator[tuple[Server, int]]:
+    """The sidecar and a settler as `credits dev` runs them: `credits serve meter` and
+    `credits serve settler` under ops.supervisor, with the bench's Redis and database.
+    `prefix`: their Redis key prefix, so that the settler sees only this scenario's
+    streams (not what other runs left in the same Redis database). Yields the meter (as
+    a Server) and the settler's pid."""
+    from ops.dev import serve_argv
+    from ops.supervisor import ServiceSpec, Supervisor
+
+    assert s.config.redis_url is not None and s.config.database_url is not None
+    meter_port, settler_port = _free_port(), _free_port()
+    env = {
+        **_child_env(),
+        "REDIS_URL": s.config.redis_url,
+        "DATABASE_URL": s.config.database_url,
+        "HOST": "127.0.0.1",
+        "METER_PORT": str(meter_port),
+        "SETTLER_PORT": str(settler_port),
+        "RATE_LIMIT_PER_S": "0",
+        "LOG_LEVEL": "WARNING",
+        "REDIS_KEY_PREFIX": prefix,
+    }
+    env.pop("METER_SOCKET", None)
+    log_path = workdir / "server-dev.log"
+    with log_path.open("w") as output:
+        supervisor = Supervisor(
+            [
+                ServiceSpec("settler", serve_argv("settler"), env, f"http://127.0.0.1:{settler_port}/healthz"),
+                ServiceSpec("meter", serve_argv("meter"), env, f"http://127.0.0.1:{meter_port}/readyz"),
+            ],
+            output=output,
+        )
+        try:
+            await asyncio.to_thread(supervisor.start)
+        except Exception as exc:
+            raise BenchError(f"the credits dev topology did not start ({exc}); its log:\n{_tail(log_path)}") from exc
+        try:
+            pids = supervisor.pids()
+            meter_pid, settler_pid = pids["meter"], pids["settler"]
+            assert meter_pid is not None and settler_pid is not None
+            yield Server(meter_pid, f"http://127.0.0.1:{meter_port}", log_path), settler_pid
+        finally:
+            await asyncio.to_thread(supervisor.stop)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def scenario_dev(
+    settings: Settings,
+    name: str,
+    s: Services,
+    org: fixtures.HotOrg,
+    *,
+    items: int,
+    idempotency_keys: bool,
+) -> ScenarioResult:
+    """`use` or `batch` against the sidecar of the `credits dev` topology (a settler in
+    its own process settles while the load runs)."""
+    route = "/api/credits/use" if items <= 1 else "/api/credits/use/batch"
+    if items > 1:
+        body = json.dumps({"items": [{"action": fixtures.ACTION, "units": 1}] * items}, separators=(",", ":")).encode()
+    else:
+        body = USE_BODY
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {org.api_key}"}
+    prefix = f"bd{secrets.token_hex(3)}"
+    # The organization as the dev topology's cache sees it: loaded from the ledger.
+    hot = HotPath.from_config(s.redis, s.ledger, dataclasses.replace(s.config, redis_key_prefix=prefix))
+    await hot.start()
+    view = Services(dataclasses.replace(s.config, redis_key_prefix=prefix), s.ledger, hot, s.redis)
+    try:
+        return await _scenario_dev(settings, name, view, org, route, body, headers, items, idempotency_keys, prefix)
+    finally:
+        await _drop_prefix(s.redis, prefix)
+
+
+async def _drop_prefix(redis: aioredis.Redis, prefix: str) -> None:
+    batch: list[bytes] = []
+    async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            await redis.unlink(*batch)
+            batch.clear()
+    if batch:
+        await redis.unlink(*batch)
+
+
+async def _scenario_dev(
+    settings: Settings,
+    name: str,
+    s: Services,
+    org: fixtures.HotOrg,
+    route: str,
+    body: bytes,
+    headers: dict[str, str],
+    items: int,
+    idempotency_keys: bool,
+    prefix: str,
+) -> ScenarioResult:
+    bal0 = await fixtures.cache_balance(s, org.id)
+    ledger0, _ = await s.ledger.ledger_balance(org.id)
+    async with dev_topology(s, settings.workdir, prefix) as (srv, settler_pid):
+        url = srv.base_url + route
+        settler_cpu0 = _cpu_s(settler_pid)
+        t0 = time.monotonic()
+        m = await measure(
+            settings, name, srv, Request(url, body, headers, idempotency_keys), backend="redis", redis=s.redis
+        )
+        settler_cpu_pct = 100.0 * (_cpu_s(settler_pid) - settler_cpu0) / max(1e-9, time.monotonic() - t0)
+        served = await settled_2xx(srv.base_url, route)
+        bal1 = await fixtures.cache_balance(s, org.id)
+        # The settler catches up: the ledger reaches the cache's balance.
+        loaded_at = time.monotonic()
+        ledger1 = ledger0
+        log(f"{name}: waiting for the settler to settle what was charged")
+        while time.monotonic() - loaded_at < SETTLE_WAIT_S:
+            ledger1, _ = await s.ledger.ledger_balance(org.id)
+            if ledger1 == bal1:
+                break
+            await asyncio.sleep(0.25)
+        caught_up_s = time.monotonic() - loaded_at
+    charged = bal0 - bal1
+    per_request = items * fixtures.ACTION_COST_MILLI
+    client_ok = _client_ok(m)
+    slack = _slack(settings, 2 if m.warmup else 1)
+    checks = {
+        "balance drop == served 2xx x cost": charged == served * per_request,
+        "ledger balance == cache balance (settled)": ledger1 == bal1,
+        "ledger drop == balance drop": ledger0 - ledger1 == charged,
+        "client 2xx <= served 2xx <= client 2xx + cut-off": client_ok <= served <= client_ok + slack,
+    }
+    ok = all(checks.values())
+    facts = {
+        "topology": "credits dev: credits serve meter + credits serve settler, each its own process",
+        "balance_drop_milli": charged,
+        "ledger_drop_milli": ledger0 - ledger1,
+        "served_2xx": served,
+        "client_2xx": client_ok,
+        "cut_off_allowance": slack,
+        "settler_cpu_pct": round(settler_cpu_pct, 1),
+        "ledger_caught_up_after_s": round(caught_up_s, 1),
+        "checks": checks,
+    }
+    detail = (
+        f"balance down {charged} milli = {served} served x {per_request}; the ledger caught up "
+        f"{caught_up_s:.1f} s after the load (settler {settler_cpu_pct:.0f}% of a core during it)"
+        if ok
+        else f"failed: {_failed(checks)} (drop {charged}, served {served}, ledger {ledger0}->{ledger1}, cache {bal1});"
+        f" the services' log:\n{_tail(srv.log_path)}"
+    )
+    return _result(name, url, items, m, "redis", ok, detail, facts)
+
+
 def print_results(results: dict[str, ScenarioResult]) -> None:
     print(report.table(results))
     print()
@@ -502,7 +669,7 @@ async def run(args: argparse.Namespace) -> int:
             results["naive"] = await scenario_naive(
                 settings, database_url, f"credits_bench_naive_{suffix}", args.naive_pool_size
             )
-        if "use" in selected or "batch" in selected:
+        if {"use", "batch", "dev-use", "dev-batch"} & set(selected):
             await _run_sidecar(settings, args, selected, redis_url, database_url, suffix, results)
     valid = all(r.errors == 0 and r.verified is not False for r in results.values())
     print_results(results)
@@ -535,13 +702,14 @@ async def _run_sidecar(
             await s.hot.start()
             orgs: list[fixtures.HotOrg] = []
             try:
-                for name in ("use", "batch"):
+                for name in ("use", "batch", "dev-use", "dev-batch"):
                     if name not in selected:
                         continue
                     org = await fixtures.funded_org(s, f"bench-{name}-{suffix}")
                     orgs.append(org)
-                    items = 1 if name == "use" else args.batch_items
-                    results[name] = await scenario_sidecar(
+                    items = 1 if name.endswith("use") else args.batch_items
+                    scenario = scenario_dev if name.startswith("dev-") else scenario_sidecar
+                    results[name] = await scenario(
                         settings, name, s, org, items=items, idempotency_keys=args.idempotency_keys
                     )
             finally:
@@ -567,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive(int), default=1, help="wrk threads (1)")
     p.add_argument("--batch-items", type=_positive(int), default=1000, help="items per batch request (1000)")
     p.add_argument("--naive-pool-size", type=_positive(int), default=20, help="asyncpg pool of the naive server (20)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of bare,naive,use,batch")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {','.join(SCENARIOS)}")
     p.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     p.add_argument("--idempotency-keys", action="store_true", help="send a fresh Idempotency-Key per request")
     p.add_argument("--json-out", type=pathlib.Path, help="write the results as JSON here")

@@ -17,8 +17,10 @@ TARGET_BATCH_CONSUMES_PER_S = 100_000.0
 LABELS = {
     "bare": "bare aiohttp JSON (ceiling)",
     "naive": "naive: Postgres proc, 1 hot row",
-    "use": "POST /api/credits/use",
-    "batch": "POST /api/credits/use/batch",
+    "use": "POST /use, sidecar alone",
+    "batch": "POST /use/batch, sidecar alone",
+    "dev-use": "POST /use, credits dev topology",
+    "dev-batch": "POST /use/batch, credits dev topology",
 }
 
 
@@ -98,6 +100,7 @@ class Ratio:
 
 def ratios(results: dict[str, ScenarioResult]) -> list[Ratio]:
     use, bare, naive, batch = (results.get(k) for k in ("use", "bare", "naive", "batch"))
+    dev_use, dev_batch = results.get("dev-use"), results.get("dev-batch")
     return [
         Ratio(
             "use / bare (requests/s)", use.rps / bare.rps if use and bare and bare.rps else None, TARGET_USE_OVER_BARE
@@ -110,6 +113,22 @@ def ratios(results: dict[str, ScenarioResult]) -> list[Ratio]:
         Ratio(
             "batch consumes/s",
             batch.consumes_per_s if batch else None,
+            TARGET_BATCH_CONSUMES_PER_S,
+            unit="/s",
+        ),
+        Ratio(
+            "dev-use / bare (requests/s)",
+            dev_use.rps / bare.rps if dev_use and bare and bare.rps else None,
+            TARGET_USE_OVER_BARE,
+        ),
+        Ratio(
+            "dev-use / naive (requests/s)",
+            dev_use.rps / naive.rps if dev_use and naive and naive.rps else None,
+            TARGET_USE_OVER_NAIVE,
+        ),
+        Ratio(
+            "dev-batch consumes/s",
+            dev_batch.consumes_per_s if dev_batch else None,
             TARGET_BATCH_CONSUMES_PER_S,
             unit="/s",
         ),
@@ -128,7 +147,7 @@ def table(results: dict[str, ScenarioResult]) -> str:
         f" {'srv cpu':>7} {'backend cpu':>15} {'client cpu':>10}  verified"
     )
     lines = [head, "-" * len(head)]
-    for name in ("bare", "naive", "use", "batch"):
+    for name in LABELS:
         r = results.get(name)
         if r is None:
             continue

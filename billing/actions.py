@@ -34,6 +34,16 @@ def not_found(what: str, param: str | None = None) -> ApiError:
     return ApiError(404, "not_found", f"no such {what}", param)
 
 
+def no_default_card() -> ApiError:
+    return ApiError(
+        400,
+        "invalid_request",
+        "the customer has no default payment method: send payment_method_id, or add a card first"
+        " (POST /api/billing/payment-methods)",
+        "$.payment_method_id",
+    )
+
+
 def declined(exc: PaymentDeclined) -> ApiError:
     return ApiError(402, exc.code or "card_declined", f"payment declined: {exc.message}; nothing was charged")
 
@@ -158,11 +168,16 @@ class BillingActions:
         )
 
     # -- credit packages -------------------------------------------------------------------
-    async def purchase(self, org: str, *, package_id: str, payment_method_id: str, key: str) -> Purchase:
+    async def purchase(self, org: str, *, package_id: str, payment_method_id: str | None, key: str) -> Purchase:
+        """Buy a package with the named card, or with the customer's default card."""
         package = await self.catalog.package(package_id)
         if package is None:
             raise not_found("credit package", "$.package_id")
-        _, customer_id = await self._customer_for_payments(org)
+        customer, customer_id = await self._customer_for_payments(org)
+        if payment_method_id is None:
+            payment_method_id = customer.default_payment_method_id
+            if payment_method_id is None:
+                raise no_default_card()
         await self._own_payment_method(org, payment_method_id, "$.payment_method_id")
         metadata = PurchaseMetadata(organization_id=org, package_id=package.id, credits=package.credits)
         try:
@@ -227,9 +242,7 @@ class BillingActions:
             await self._own_payment_method(org, payment_method_id, "$.payment_method_id")
             await self.set_default_payment_method(org, payment_method_id, key=f"subscribe:{key}")
         elif customer.default_payment_method_id is None:
-            raise ApiError(
-                400, "invalid_request", "the customer has no default payment method; send one", "$.payment_method_id"
-            )
+            raise no_default_card()
         async with self._subscription_lock(org):
             current = await self.store.current_subscription(org)
             if current is not None and not current.terminal:

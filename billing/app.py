@@ -10,6 +10,7 @@ import prometheus_client
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from api import cors, reference
 from api.auth import Authenticator, hot_path_check
 from api.errors import Handler, error_middleware
 from billing import handlers, openapi
@@ -122,7 +123,10 @@ def create_app(
         raise RuntimeError("STRIPE_SECRET_KEY is not set and no localstripe was started")
     webhook_secret = billing.stripe_webhook_secret or ""
     # Metrics outside the error middleware, so that error responses are counted too.
-    app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=BODY_BYTES_MAX)
+    app = web.Application(
+        middlewares=[metrics_middleware, *cors.middlewares(config.cors_origins), error_middleware],
+        client_max_size=BODY_BYTES_MAX,
+    )
     app[CONFIG] = config
     app[BILLING_CONFIG] = billing
 
@@ -209,6 +213,10 @@ def create_app(
             web.get("/readyz", readyz),
             web.get("/metrics", metrics),
             web.get("/api/billing/openapi.json", openapi_json),
+            *(
+                web.get(path, handler)
+                for path, handler in reference.routes("Agent credits billing API", "/api/billing/openapi.json")
+            ),
         ]
     )
     for mount in mounts:

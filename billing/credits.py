@@ -117,7 +117,14 @@ class Credits:
             await self.store.grant_applied(org, intent, result.grant_id)
             log.info(
                 "credits_granted",
-                extra={"organization_id": org, "reference": intent.reference, "amount": intent.amount},
+                extra={
+                    "organization_id": org,
+                    "grant_id": result.grant_id,
+                    "source": intent.source,
+                    "reference": intent.reference,
+                    "credits": str(to_credits(intent.amount)),
+                    "new_grant": result.created,
+                },
             )
         try:
             await push_pending(self.ledger, self.hot, org)

@@ -52,7 +52,7 @@ async def decode(request: web.Request, kind: type[T]) -> T:
     try:
         result: T = decoder.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_validation(exc, raw) from None
+        raise from_validation(exc, raw, kind=kind) from None
     return result
 
 

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
+from core import logs
+
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 20.0
@@ -50,6 +52,7 @@ STOP_TIMEOUT_S = 5.0
 PROBE_TIMEOUT_S = 2.0
 PARENT_CHECK_INTERVAL_S = 1.0
 WEBHOOK_ENDPOINT_ID = "credits"
+PORT_BUSY_STATUS = 3  # the child's exit status when its port is taken
 
 
 class LocalStripeError(RuntimeError):
@@ -66,6 +69,16 @@ class LocalStripeKeys:
     webhook_secret: str
 
 
+def new_keys() -> LocalStripeKeys:
+    """Fresh keys (localstripe accepts any sk_/pk_; webhooks are signed with the secret)."""
+    return LocalStripeKeys(
+        api_base="",
+        secret_key="sk_test_localstripe_" + secrets.token_hex(8),
+        publishable_key="pk_test_localstripe_" + secrets.token_hex(8),
+        webhook_secret="whsec_" + secrets.token_hex(24),
+    )
+
+
 class LocalStripe:
     """One localstripe server. Use as a context manager, or start() / stop()."""
 
@@ -75,9 +88,18 @@ class LocalStripe:
         data_file: pathlib.Path | None = None,
         log_file: pathlib.Path | None = None,
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        port: int = 0,
+        keys: LocalStripeKeys | None = None,
     ) -> None:
+        """`port` 0: one the kernel picks. `keys`: the keys to answer to (their api_base
+        is ignored), so that clients configured before a restart keep working; None:
+        new ones."""
+        if not 0 <= port <= 65535:
+            raise LocalStripeError(f"port must be 0 (any) or 1-65535, got {port}")
         self.data_file = data_file
         self.log_file = log_file
+        self.port = port
+        self.wanted_keys = keys
         self.startup_timeout_s = startup_timeout_s
         self.keys: LocalStripeKeys | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -104,17 +126,13 @@ class LocalStripe:
         log_path = self.log_file or workdir / "localstripe.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "billing.localstripe", "--port-file", str(port_file), "--parent", str(os.getpid())]
+        cmd += ["--port", str(self.port)]
         if self.data_file is not None:
             self.data_file.parent.mkdir(parents=True, exist_ok=True)
             cmd += ["--data-file", str(self.data_file)]
         with open(log_path, "ab") as log_out:  # the child keeps its own descriptor
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_out, stderr=subprocess.STDOUT)
-        keys = LocalStripeKeys(
-            api_base="",
-            secret_key="sk_test_localstripe_" + secrets.token_hex(8),
-            publishable_key="pk_test_localstripe_" + secrets.token_hex(8),
-            webhook_secret="whsec_" + secrets.token_hex(24),
-        )
+        keys = self.wanted_keys or new_keys()
         try:
             port = self._wait_for_port(port_file, log_path)
             api_base = f"http://127.0.0.1:{port}"
@@ -123,13 +141,15 @@ class LocalStripe:
             self.stop()
             raise
         self.keys = LocalStripeKeys(api_base, keys.secret_key, keys.publishable_key, keys.webhook_secret)
-        log.info("localstripe listening on %s (log: %s)", api_base, log_path)
+        log.info("localstripe_listening", extra={"url": api_base, "log": str(log_path)})
         return self.keys
 
     def _deadline_passed(self, deadline: float, log_path: pathlib.Path, what: str) -> None:
         if self._proc is None:
             raise LocalStripeError("stopped while starting")
         code = self._proc.poll()
+        if code == PORT_BUSY_STATUS:
+            raise LocalStripeError(f"localstripe cannot listen on 127.0.0.1:{self.port}: the port is in use")
         if code is not None:
             raise LocalStripeError(f"localstripe exited with status {code} {what}; see {log_path}")
         if time.monotonic() > deadline:
@@ -220,7 +240,7 @@ def _point_store_at(data_file: pathlib.Path | None) -> None:
     resources.store.try_load_from_disk()
 
 
-def _serve(port_file: pathlib.Path, data_file: pathlib.Path | None, parent_pid: int) -> None:
+def _serve(port_file: pathlib.Path, data_file: pathlib.Path | None, parent_pid: int, port: int = 0) -> None:
     import asyncio
 
     from aiohttp import web
@@ -229,7 +249,11 @@ def _serve(port_file: pathlib.Path, data_file: pathlib.Path | None, parent_pid: 
     server: Any = importlib.import_module("localstripe.server")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        log.error("localstripe_port_busy", extra={"port": port, "error": str(exc)})
+        raise SystemExit(PORT_BUSY_STATUS) from None
     tmp = port_file.with_suffix(".tmp")
     tmp.write_text(str(sock.getsockname()[1]))
     tmp.replace(port_file)
@@ -241,7 +265,7 @@ def _serve(port_file: pathlib.Path, data_file: pathlib.Path | None, parent_pid: 
                 await asyncio.sleep(PARENT_CHECK_INTERVAL_S)
                 if os.getppid() != parent_pid:
                     break
-            log.warning("parent %d is gone; stopping", parent_pid)
+            log.warning("localstripe_parent_gone", extra={"parent_pid": parent_pid})
             os.kill(os.getpid(), signal.SIGTERM)
 
         task = asyncio.get_running_loop().create_task(watch())
@@ -258,9 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port-file", type=pathlib.Path, required=True)
     parser.add_argument("--data-file", type=pathlib.Path)
     parser.add_argument("--parent", type=int, default=os.getppid())
+    parser.add_argument("--port", type=int, default=0, help="0: one the kernel picks")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    _serve(args.port_file, args.data_file, args.parent)
+    logs.setup(os.environ.get("LOG_LEVEL", "INFO"), os.environ.get("LOG_FORMAT", "text"), service="localstripe")
+    _serve(args.port_file, args.data_file, args.parent, args.port)
 
 
 if __name__ == "__main__":

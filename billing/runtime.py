@@ -27,7 +27,7 @@ from aiohttp import web
 from billing.app import Mount, create_app
 from billing.catalog import Catalog, SyncedItem, sync_catalog
 from billing.config import BillingConfig, StripeFlavor
-from billing.localstripe import LocalStripe, register_webhook
+from billing.localstripe import LocalStripe, LocalStripeKeys, new_keys, register_webhook
 from billing.stripe_client import StripeClientGateway
 from core.config import Config
 from ledger.store import Ledger
@@ -38,6 +38,7 @@ WEBHOOK_PATH = "/api/billing/stripe/webhook"
 LOCALSTRIPE_FILE = "localstripe.json"  # published by the process that owns the dev localstripe
 LOCALSTRIPE_DATA = "localstripe.pickle"
 LOCALSTRIPE_LOG = "localstripe.log"
+LOCALSTRIPE_KEYS = "localstripe_keys.json"  # the keys it answers to, kept across restarts
 
 
 def _published(data_dir: pathlib.Path) -> BillingConfig | None:
@@ -56,12 +57,38 @@ def _published(data_dir: pathlib.Path) -> BillingConfig | None:
         return None
 
 
+def running_localstripe(data_dir: pathlib.Path) -> BillingConfig | None:
+    """The Stripe settings of the localstripe a running `credits dev` owns, if any."""
+    return _published(data_dir)
+
+
+def _stable_keys(data_dir: pathlib.Path) -> LocalStripeKeys:
+    """The keys this data directory's localstripe answers to, the same across restarts
+    (a frontend keeps its publishable key, the webhook endpoint its secret)."""
+    path = data_dir / LOCALSTRIPE_KEYS
+    try:
+        data = json.loads(path.read_text())
+        return LocalStripeKeys("", str(data["secret_key"]), str(data["publishable_key"]), str(data["webhook_secret"]))
+    except (OSError, ValueError, KeyError):
+        keys = new_keys()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        payload = {k: v for k, v in keys.__dict__.items() if k != "api_base"}
+        tmp.write_text(json.dumps(payload))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+        return keys
+
+
 @contextlib.contextmanager
-def stripe_backend(billing: BillingConfig, data_dir: pathlib.Path, *, publish: bool = False) -> Iterator[BillingConfig]:
+def stripe_backend(
+    billing: BillingConfig, data_dir: pathlib.Path, *, publish: bool = False, port: int = 0
+) -> Iterator[BillingConfig]:
     """The billing settings with Stripe resolved: as configured; else the localstripe of
     a running `credits dev` on this data directory; else a localstripe started here
-    (its objects kept under `data_dir`, so they survive restarts like the ledger's
-    references to them), stopped on exit. `publish`: let other commands find it."""
+    (its objects and keys kept under `data_dir`, so they survive restarts like the
+    ledger's references to them), stopped on exit. `publish`: let other commands find
+    it. `port`: where it listens (0: any free port)."""
     if billing.stripe_configured:
         yield billing
         return
@@ -69,7 +96,12 @@ def stripe_backend(billing: BillingConfig, data_dir: pathlib.Path, *, publish: b
     if running is not None:
         yield _merge(billing, running)
         return
-    server = LocalStripe(data_file=data_dir / LOCALSTRIPE_DATA, log_file=data_dir / LOCALSTRIPE_LOG)
+    server = LocalStripe(
+        data_file=data_dir / LOCALSTRIPE_DATA,
+        log_file=data_dir / LOCALSTRIPE_LOG,
+        port=port,
+        keys=_stable_keys(data_dir),
+    )
     keys = server.start()
     published = data_dir / LOCALSTRIPE_FILE
     try:
@@ -124,7 +156,7 @@ async def start_billing(config: Config, billing: BillingConfig, *, mounts: Seque
     if billing.stripe_flavor is StripeFlavor.LOCALSTRIPE and billing.stripe_webhook_secret is not None:
         webhook_url = (billing.billing_public_url or url.replace("0.0.0.0", "127.0.0.1")) + WEBHOOK_PATH  # noqa: S104
         await asyncio.to_thread(register_webhook, billing.stripe_api_base, webhook_url, billing.stripe_webhook_secret)
-    log.info("billing listening on %s", url)
+    log.info("billing_listening", extra={"url": url})
     return RunningBilling(url, runner)
 
 

@@ -28,7 +28,9 @@ class CustomerRequest(Body):
 
 class SubscriptionRequest(Body):
     plan_id: CatalogId
-    payment_method_id: StripeId | None = None
+    payment_method_id: Annotated[
+        StripeId | None, Meta(description="the card to pay with (it becomes the default); without it, the default card")
+    ] = None
 
 
 class ChangePlanRequest(Body):
@@ -37,7 +39,9 @@ class ChangePlanRequest(Body):
 
 class PurchaseRequest(Body):
     package_id: CatalogId
-    payment_method_id: StripeId
+    payment_method_id: Annotated[
+        StripeId | None, Meta(description="the card to charge; without it, the customer's default card")
+    ] = None
 
 
 class PaymentMethodRequest(Body):

@@ -53,6 +53,9 @@ class Config:
     host: str = "127.0.0.1"
     meter_port: int = 8080
     log_level: str = "INFO"
+    log_format: str = "text"  # text (key=value) | json; see core/logs.py
+    meter_socket: pathlib.Path | None = None  # the sidecar also listens on this Unix socket
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the APIs; none by default
     settler_port: int = 8082  # the settler's /metrics and ops endpoints; 0 = off
     ops_token: str | None = None  # bearer token for /api/admin/* on the settler
     ops_alert_url: str | None = None  # where the settler POSTs signed ops alerts (quarantine, lag, drift)
@@ -196,6 +199,35 @@ def _role_password(env: Mapping[str, str], name: str, default: str, url_name: st
     return password
 
 
+def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    """CORS_ORIGINS: a comma-separated list of origins (scheme://host[:port])."""
+    raw = env.get("CORS_ORIGINS", "")
+    origins: list[str] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        parts = urllib.parse.urlsplit(item)
+        if item == "*" or parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ConfigError(
+                f"CORS_ORIGINS: expected origins like https://app.example.com, comma-separated, got {item!r}"
+                " (list each origin; '*' is not accepted)"
+            )
+        if parts.query or parts.fragment or parts.username:
+            raise ConfigError(f"CORS_ORIGINS: an origin has no path, query or credentials, got {item!r}")
+        origins.append(f"{parts.scheme}://{parts.netloc.lower()}")
+    return tuple(dict.fromkeys(origins))
+
+
+def _socket(env: Mapping[str, str]) -> pathlib.Path | None:
+    raw = env.get("METER_SOCKET", "")
+    if not raw:
+        return None
+    path = pathlib.Path(raw.removeprefix("unix:"))
+    if len(str(path).encode()) > 100:  # sockaddr_un holds 108 bytes with its terminator
+        raise ConfigError(f"METER_SOCKET: a Unix socket path must be under 100 bytes, got {len(str(path))}")
+    return path
+
+
 def load(env: Mapping[str, str] | None = None) -> Config:
     """Decode the configuration from `env` (default: os.environ)."""
     env = os.environ if env is None else env
@@ -211,6 +243,9 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     level = env.get("LOG_LEVEL", "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    log_format = env.get("LOG_FORMAT", "text").lower() or "text"
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT: expected text or json, got {log_format!r}")
     return Config(
         redis_url=_url(env, "REDIS_URL", ("redis", "rediss", "unix")),
         database_url=_url(env, "DATABASE_URL", ("postgres", "postgresql")),
@@ -233,6 +268,9 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         host=env.get("HOST", "127.0.0.1"),
         meter_port=_int(env, "METER_PORT", 8080, 0, 65535),
         log_level=level,
+        log_format=log_format,
+        meter_socket=_socket(env),
+        cors_origins=_origins(env),
         settler_port=_int(env, "SETTLER_PORT", 8082, 0, 65535),
         ops_token=_ops_token(env),
         ops_alert_url=_url(env, "OPS_ALERT_URL", ("http", "https")),

@@ -1,7 +1,7 @@
 """A batch job: charge a large input, item by item, without writing a loop of calls.
 
-    credits dev            # in one shell: prints {"meter_url": ..., "api_key": ...}, keeps serving
-    export METER_URL=http://127.0.0.1:8080 API_KEY=ck_...   # in another, the values it printed
+    credits dev            # in one shell: the whole stack, keeps serving
+    . .data/dev.env        # in another: METER_URL, API_KEY, ... of its demo organization
     python examples/batch_job.py
 
 The SDK reads the input lazily, sends bounded batches concurrently, and gives every item
@@ -9,7 +9,7 @@ a stable idempotency key (``{job_id}:{index}``). Kill the job at any point and r
 again with the same ``BATCH_JOB_ID``: items already charged replay instead of charging
 twice, and the checkpoint file lets the rerun skip the finished prefix.
 
-Environment: METER_URL, API_KEY (as `credits dev` prints them); optional BATCH_ITEMS
+Environment: METER_URL, API_KEY (as `. .data/dev.env` sets them); optional BATCH_ITEMS
 (default 10000), BATCH_JOB_ID (default: a new id, printed), BATCH_CHECKPOINT (default:
 a file in the temporary directory named after the job), BATCH_SIZE (default 1000).
 """

@@ -1,8 +1,8 @@
 """A long task paid through a reservation: the budget is held before the work starts,
 and only what the work actually used is charged when it ends.
 
-    credits dev            # in one shell: prints {"meter_url": ..., "api_key": ...}, keeps serving
-    export METER_URL=http://127.0.0.1:8080 API_KEY=ck_...   # in another, the values it printed
+    credits dev            # in one shell: the whole stack, keeps serving
+    . .data/dev.env        # in another: METER_URL, API_KEY, ... of its demo organization
     python examples/long_task.py
 
 Two ways: the reservation context manager (set `hold.used`; released exactly once on

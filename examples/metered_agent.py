@@ -1,7 +1,7 @@
 """A metered agent: every action it takes is charged to its organization's credits.
 
-    credits dev            # in one shell: prints {"meter_url": ..., "api_key": ...}, keeps serving
-    export METER_URL=http://127.0.0.1:8080 API_KEY=ck_...   # in another, the values it printed
+    credits dev            # in one shell: the whole stack, keeps serving
+    . .data/dev.env        # in another: METER_URL, API_KEY, ... of its demo organization
     python examples/metered_agent.py
 
 The agent subclasses MeteredAgent. It pays per action explicitly

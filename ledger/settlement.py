@@ -677,6 +677,79 @@ class Settlement:
         return [str(r["id"]) for r in rows]
 
 
+@dataclass(frozen=True)
+class OrganizationSummary:
+    id: str
+    name: str
+    balance: int  # millicredits, the ledger's
+    created_at: dt.datetime
+    active_keys: int
+
+
+@dataclass(frozen=True)
+class AlertSummary:
+    organization_id: str
+    organization_name: str
+    threshold: int  # millicredits of `available`
+    webhook_url: str
+    state: str  # ok | low
+    updated_at: dt.datetime
+    deliveries_pending: int
+    last_error: str  # of the latest failed delivery attempt; '' when none failed
+
+
+class OperatorReads:
+    """Reads across organizations for operators (`credits org list`, `credits alert
+    list`), through the settler's role: its policy sees every organization, and it
+    never writes here."""
+
+    def __init__(self, settlement: Settlement) -> None:
+        self.pool = settlement.pool
+
+    async def organizations(self, *, after: str | None = None, limit: int = 100) -> list[OrganizationSummary]:
+        """Organizations by id, `limit` after the id `after` (a page)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT o.id, o.name, o.balance, o.created_at,"
+                " (SELECT count(*) FROM api_keys k WHERE k.organization_id = o.id AND k.revoked_at IS NULL) AS keys"
+                " FROM organizations o WHERE ($1::uuid IS NULL OR o.id > $1::uuid) ORDER BY o.id LIMIT $2",
+                uuid.UUID(after) if after else None,
+                limit,
+            )
+        return [
+            OrganizationSummary(str(r["id"]), r["name"], int(r["balance"]), r["created_at"], int(r["keys"]))
+            for r in rows
+        ]
+
+    async def alerts(self, organization_id: str | None = None, *, limit: int = 1000) -> list[AlertSummary]:
+        """Low-balance alerts (all, or one organization's), with their delivery state."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT a.organization_id, o.name, a.threshold, a.webhook_url, a.state, a.updated_at,"
+                " (SELECT count(*) FROM webhook_deliveries d"
+                "   WHERE d.organization_id = a.organization_id AND d.delivered_at IS NULL) AS pending,"
+                " (SELECT d.last_error FROM webhook_deliveries d WHERE d.organization_id = a.organization_id"
+                "   AND d.last_error <> '' ORDER BY d.next_attempt_at DESC LIMIT 1) AS last_error"
+                " FROM balance_alerts a JOIN organizations o ON o.id = a.organization_id"
+                " WHERE $1::uuid IS NULL OR a.organization_id = $1::uuid ORDER BY o.name, a.organization_id LIMIT $2",
+                uuid.UUID(organization_id) if organization_id else None,
+                limit,
+            )
+        return [
+            AlertSummary(
+                str(r["organization_id"]),
+                r["name"],
+                int(r["threshold"]),
+                r["webhook_url"],
+                r["state"],
+                r["updated_at"],
+                int(r["pending"]),
+                r["last_error"] or "",
+            )
+            for r in rows
+        ]
+
+
 class AlertStore:
     """Alert configuration and outgoing deliveries, across organizations (settler)."""
 

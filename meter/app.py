@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from api import cors, reference
 from api.auth import Authenticator, SharedCredentials
 from api.errors import Handler, shape_error
 from core.config import Config
@@ -185,7 +186,7 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 def create_app(config: Config) -> web.Application:
     """The sidecar. Needs config.redis_url and config.database_url (embedded or real)."""
-    app = web.Application(client_max_size=config.max_body_bytes)
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=cors.middlewares(config.cors_origins))
     app[CONFIG] = config
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -231,5 +232,7 @@ def create_app(config: Config) -> web.Application:
         ("/api/openapi.json", openapi_json),
     ):
         app.router.add_get(path, at_the_edge(path, handler))  # HEAD too
+    for path, page in reference.routes("Agent credits API", "/api/openapi.json"):
+        app.router.add_get(path, at_the_edge(path, page))
     app.router.add_route("*", "/{tail:.*}", at_the_edge("unmatched", unmatched))  # last: what no route takes
     return app

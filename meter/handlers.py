@@ -13,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from accounts import admin
-from api.auth import require_admin
+from api.auth import refuse_viewer, require_admin
 from api.errors import ApiError, from_validation, invalid
 from api.requests import idempotency_key
 from core.errors import OutcomeUnknown
@@ -92,7 +92,7 @@ async def decode(request: web.Request, kind: type[T]) -> T:
     try:
         return decoder(kind).decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_validation(exc, raw) from None
+        raise from_validation(exc, raw, kind=kind) from None
 
 
 ASSIGNED_KEY_PREFIX = "auto_"
@@ -244,13 +244,15 @@ async def use(request: web.Request) -> web.Response:
     app = request.app
     auth = app[AUTH]
     cred = auth.cached(request) or await auth(request)
+    if cred.role == "viewer":  # inline: the hot path spares itself a call
+        refuse_viewer(cred)
     raw = arrived_body(request)
     if raw is None:
         raw = await request.read()
     try:
         body = _decode_use(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_validation(exc, raw) from None
+        raise from_validation(exc, raw, kind=s.UseRequest) from None
     key, assigned = key_or_assigned(request)
     dept = department_for(cred, body.department_id)
     # The fingerprint tells a retry from a reuse of the key: no key, nothing to tell.
@@ -284,6 +286,7 @@ async def use_batch(request: web.Request) -> web.Response:
     app = request.app
     auth = app[AUTH]
     cred = auth.cached(request) or await auth(request)
+    refuse_viewer(cred)
     body = await decode(request, s.BatchRequest)
     limit = app[CONFIG].max_batch_items
     if len(body.items) > limit:
@@ -388,6 +391,7 @@ def batch_response(p: dict[str, Any], items: list[BatchItem]) -> s.BatchResponse
 # -- reservations ----------------------------------------------------------------
 async def reserve(request: web.Request) -> web.Response:
     cred = await request.app[AUTH](request)
+    refuse_viewer(cred)
     body = await decode(request, s.ReserveRequest)
     amount = milli(body.amount, "$.amount", minimum=1)
     key, assigned = key_or_assigned(request)
@@ -421,6 +425,7 @@ async def reserve(request: web.Request) -> web.Response:
 
 async def release(request: web.Request) -> web.Response:
     cred = await request.app[AUTH](request)
+    refuse_viewer(cred)
     body = await decode(request, s.ReleaseRequest)
     used = milli(body.used, "$.used")
     key, assigned = key_or_assigned(request)
@@ -649,7 +654,7 @@ def query(request: web.Request, kind: type[T]) -> T:
     try:
         return msgspec.convert(dict(request.query), kind, strict=False)
     except msgspec.ValidationError as exc:
-        err = from_validation(exc)
+        err = from_validation(exc, kind=kind)
         if err.param and err.param.startswith("$."):
             err.param = err.param[2:]
         raise err from None

@@ -152,7 +152,7 @@ class EmbeddedServers:
             if self._urls is not None:
                 if self._healthy():
                     return self._urls
-                logger.warning("embedded servers in %s are not healthy; restarting", self._data_dir)
+                logger.warning("embedded_servers_unhealthy", extra={"data_dir": str(self._data_dir)})
                 self._stop_locked()
 
             began = time.monotonic()
@@ -175,11 +175,13 @@ class EmbeddedServers:
                 atexit.register(self._atexit_stop)
                 self._atexit_registered = True
             logger.info(
-                "embedded servers up in %.2fs: postgres port %d, valkey port %d, data %s",
-                time.monotonic() - began,
-                pg_port,
-                redis_port,
-                self._data_dir,
+                "embedded_servers_up",
+                extra={
+                    "postgres_port": pg_port,
+                    "valkey_port": redis_port,
+                    "data_dir": str(self._data_dir),
+                    "elapsed_s": round(time.monotonic() - began, 2),
+                },
             )
             return self._urls
 
@@ -244,14 +246,14 @@ class EmbeddedServers:
             self._atexit_registered = False
         self._release_dir_lock()
         for problem in problems:
-            logger.warning("while stopping embedded servers in %s: %s", self._data_dir, problem)
-        logger.info("embedded servers in %s stopped", self._data_dir)
+            logger.warning("embedded_servers_stop_problem", extra={"data_dir": str(self._data_dir), "error": problem})
+        logger.info("embedded_servers_stopped", extra={"data_dir": str(self._data_dir)})
 
     def _atexit_stop(self) -> None:
         try:
             self.stop()
         except Exception:
-            logger.exception("failed to stop embedded servers in %s at exit", self._data_dir)
+            logger.exception("embedded_servers_stop_failed", extra={"data_dir": str(self._data_dir)})
 
     def _acquire_dir_lock(self) -> None:
         if self._lock_fd is not None:
@@ -294,7 +296,7 @@ class EmbeddedServers:
         self._remove_stale_postmaster_pid()
         pidfile = self._valkey_dir / _VALKEY_PID_NAME
         if pidfile.exists():
-            logger.info("removing stale %s", pidfile)
+            logger.info("stale_pidfile_removed", extra={"path": str(pidfile)})
             pidfile.unlink(missing_ok=True)
 
     def _remove_stale_postmaster_pid(self) -> None:
@@ -312,7 +314,7 @@ class EmbeddedServers:
             pass  # garbage or dead pid: stale
         except psutil.AccessDenied as exc:
             raise RuntimeError(f"cannot tell whether pid {first_line} from {pidfile} is a live postgres") from exc
-        logger.info("removing stale %s (pid %s)", pidfile, first_line)
+        logger.info("stale_pidfile_removed", extra={"path": str(pidfile), "pid": first_line})
         pidfile.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ postgres
@@ -340,7 +342,7 @@ class EmbeddedServers:
                     self._pg_proc = None
                 log = _tail(self._pg_log, offset)
                 if attempt < attempts and any(s in log for s in _ADDRESS_IN_USE):
-                    logger.info("postgres port %d was taken, retrying with another", port)
+                    logger.info("embedded_port_taken", extra={"server": "postgres", "port": port})
                     continue
                 raise RuntimeError(
                     f"PostgreSQL failed to start on {HOST}:{port} ({self._pg_dir}): {exc}\n"
@@ -362,13 +364,13 @@ class EmbeddedServers:
         # initdb into a temporary sibling and rename, so a killed initdb never leaves a
         # half-initialised PGDATA that later looks valid.
         for leftover in self._data_dir.glob(_INITDB_TMP_PREFIX + "*"):
-            logger.info("removing leftover %s", leftover)
+            logger.info("initdb_leftover_removed", extra={"path": str(leftover)})
             _rmtree(leftover)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=_INITDB_TMP_PREFIX, dir=self._data_dir))
         os.chmod(tmp, 0o700)
         if self._pg_user is not None:
             os.chown(tmp, self._pg_user.uid, self._pg_user.gid)
-        logger.info("initdb %s (first start)", self._pg_dir)
+        logger.info("initdb_started", extra={"data_dir": str(self._pg_dir)})
         began = time.monotonic()
         try:
             self._run_pg(
@@ -392,7 +394,7 @@ class EmbeddedServers:
         except BaseException:
             _rmtree(tmp)
             raise
-        logger.info("initdb finished in %.2fs", time.monotonic() - began)
+        logger.info("initdb_finished", extra={"elapsed_s": round(time.monotonic() - began, 2)})
 
     def _ensure_database(self) -> None:
         assert self._pg_port is not None
@@ -445,7 +447,7 @@ class EmbeddedServers:
             "-c",
             "unix_socket_directories=",
         ]
-        logger.debug("spawning %s", cmd)
+        logger.debug("postmaster_spawned", extra={"command": cmd})
         with open(self._pg_log, "ab") as log:
             if self._pg_user is not None:
                 os.fchown(log.fileno(), self._pg_user.uid, self._pg_user.gid)
@@ -551,7 +553,7 @@ class EmbeddedServers:
                     _detach_valkey_cleanup(server)
                 log = _tail(log_path, offset)
                 if attempt < attempts and any(s in f"{exc}\n{log}" for s in _ADDRESS_IN_USE):
-                    logger.info("valkey port %d was taken, retrying with another", port)
+                    logger.info("embedded_port_taken", extra={"server": "valkey", "port": port})
                     continue
                 raise RuntimeError(
                     f"Valkey failed to start on {HOST}:{port} ({self._valkey_dir}): {exc}\n"
@@ -589,7 +591,7 @@ def _stop_postmaster(proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is not None:
             return
         if sig is not signal.SIGINT:
-            logger.warning("postgres pid %d did not stop; sending %s", proc.pid, sig.name)
+            logger.warning("postgres_not_stopping", extra={"pid": proc.pid, "signal": sig.name})
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -622,13 +624,11 @@ def _postgres_os_user() -> _OsUser | None:
                 timeout=30,
             )
             entry = pwd.getpwnam(PG_OS_USER)
-            logger.info("created system user %s (uid %d)", PG_OS_USER, entry.pw_uid)
+            logger.info("system_user_created", extra={"user": PG_OS_USER, "uid": entry.pw_uid})
         except (OSError, subprocess.SubprocessError, KeyError) as exc:
             logger.warning(
-                "cannot create user %s (%s); running PostgreSQL as %s",
-                PG_OS_USER,
-                exc,
-                PG_FALLBACK_OS_USER,
+                "system_user_not_created",
+                extra={"user": PG_OS_USER, "error": str(exc), "running_as": PG_FALLBACK_OS_USER},
             )
             entry = pwd.getpwnam(PG_FALLBACK_OS_USER)
     return _OsUser(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid)
@@ -645,7 +645,7 @@ def _ensure_traversable(path: pathlib.Path, user: _OsUser) -> None:
         else:
             bit = stat.S_IXOTH
         if not st.st_mode & bit:
-            logger.warning("adding search permission for %s on %s", user.name, directory)
+            logger.warning("search_permission_added", extra={"user": user.name, "path": str(directory)})
             os.chmod(directory, stat.S_IMODE(st.st_mode) | bit)
 
 
@@ -653,7 +653,7 @@ def _chown_tree_if_needed(root: pathlib.Path, user: _OsUser) -> None:
     st = root.stat()
     if (st.st_uid, st.st_gid) == (user.uid, user.gid):
         return
-    logger.warning("chowning %s to %s (was uid %d)", root, user.name, st.st_uid)
+    logger.warning("data_dir_chowned", extra={"path": str(root), "user": user.name, "previous_uid": st.st_uid})
     os.chown(root, user.uid, user.gid)
     for dirpath, dirnames, filenames in os.walk(root):
         for name in (*dirnames, *filenames):
@@ -688,17 +688,15 @@ def _terminate(procs: list[psutil.Process], sig: signal.Signals, what: str) -> N
             if proc.ppid() not in pids:
                 leaders.append(proc)
     logger.warning(
-        "stopping leftover %s process(es) %s with %s",
-        what,
-        sorted(p.pid for p in leaders or procs),
-        sig.name,
+        "leftover_processes_stopping",
+        extra={"server": what, "pids": sorted(p.pid for p in leaders or procs), "signal": sig.name},
     )
     for proc in leaders or procs:
         with contextlib.suppress(psutil.Error):
             proc.send_signal(sig)
     alive = _wait_exited(procs, _ORPHAN_STOP_TIMEOUT)
     for proc in alive:
-        logger.warning("killing %s pid %d (did not exit after %s)", what, proc.pid, sig.name)
+        logger.warning("leftover_process_killed", extra={"server": what, "pid": proc.pid, "after": sig.name})
         with contextlib.suppress(psutil.Error):
             proc.kill()
     if alive:

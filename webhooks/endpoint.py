@@ -67,8 +67,15 @@ class WebhookReceiver:
         elapsed_s = time.perf_counter() - started
         WEBHOOK_SECONDS.observe(elapsed_s)
         RECEIVED.labels(outcome).inc()
-        log.info(
+        # Events of no organization (the catalog's own product.created, ...) only at DEBUG.
+        log.log(
+            logging.DEBUG if outcome == "ignored" else logging.INFO,
             "webhook_received",
-            extra={"event": event.id, "type": event.type, "outcome": outcome, "elapsed_ms": round(elapsed_s * 1000, 2)},
+            extra={
+                "stripe_event": event.id,
+                "type": event.type,
+                "outcome": outcome,
+                "elapsed_ms": round(elapsed_s * 1000, 2),
+            },
         )
         return web.json_response({"received": True})

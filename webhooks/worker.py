@@ -88,7 +88,7 @@ class EventWorker:
         try:
             queue.put_nowait((org, event_id))
         except asyncio.QueueFull:
-            log.warning("event_queue_full", extra={"event": event_id})
+            log.warning("event_queue_full", extra={"stripe_event": event_id})
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -113,7 +113,7 @@ class EventWorker:
             except asyncio.CancelledError:
                 raise
             except Exception:  # a worker task must survive anything; the row stays due
-                log.exception("event_worker_error", extra={"event": event_id})
+                log.exception("event_worker_error", extra={"stripe_event": event_id})
 
     async def _sweep(self) -> None:
         while True:
@@ -144,20 +144,23 @@ class EventWorker:
             return
         except Exception as exc:
             if not isinstance(exc, StripeUnavailable):
-                log.exception("event_failed", extra={"event": claimed.id, "type": claimed.type})
+                log.exception(
+                    "event_failed", extra={"stripe_event": claimed.id, "type": claimed.type, "organization_id": org}
+                )
             delay_s = min(RETRY_DELAY_S_MAX, 2.0**claimed.attempts)
             await self._retry(org, claimed.id, claimed.type, claimed.attempts, f"{type(exc).__name__}: {exc}", delay_s)
             return
         await self.events.finish(org, claimed.id)
         PROCESS_SECONDS.observe(time.perf_counter() - started)
         PROCESSED.labels(claimed.type, "done" if acted else "skipped").inc()
-        log.info("event_processed", extra={"event": claimed.id, "type": claimed.type, "organization_id": org})
+        log.info("event_processed", extra={"stripe_event": claimed.id, "type": claimed.type, "organization_id": org})
 
     async def _retry(self, org: str, event_id: str, kind: str, attempts: int, error: str, delay_s: float) -> None:
         give_up = attempts >= self.attempts_max
         await self.events.retry(org, event_id, error=error, delay_s=delay_s, give_up=give_up)
         PROCESSED.labels(kind, "failed" if give_up else "retry").inc()
+        fields = {"stripe_event": event_id, "type": kind, "organization_id": org, "attempts": attempts, "error": error}
         if give_up:
-            log.error("event_gave_up", extra={"event": event_id, "type": kind, "attempts": attempts, "error": error})
+            log.error("event_gave_up", extra=fields)
         else:
-            log.info("event_retry", extra={"event": event_id, "type": kind, "attempts": attempts, "error": error})
+            log.info("event_retry", extra={**fields, "retry_in_s": round(delay_s, 1)})

@@ -69,6 +69,14 @@ async def test_catalog_is_linked_to_stripe_and_sync_is_idempotent(
     assert (starter["amount"], starter["currency"], starter["interval"]) == (2900, "usd", "month")
 
 
+async def test_the_billing_reference_is_browsable_at_docs(billing_client: Client) -> None:
+    r = await billing_client.get("/docs")
+    assert r.status == 200 and 'data-openapi="/api/billing/openapi.json"' in await r.text()
+    assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+    r = await billing_client.get("/docs/assets/reference.js")
+    assert r.status == 200 and r.content_type == "application/javascript"
+
+
 async def test_openapi_document_covers_the_billing_api(billing_client: Client) -> None:
     response = await billing_client.get(f"{B}/openapi.json")
     assert response.status == 200
@@ -102,7 +110,7 @@ async def test_openapi_document_covers_the_billing_api(billing_client: Client) -
                 assert {"400", "413"} <= listed, (method, path)
     schemas = doc["components"]["schemas"]
     assert schemas["PurchaseResponse"]["properties"]["credits"]["type"] == "number"
-    assert set(schemas["PurchaseRequest"]["required"]) == {"package_id", "payment_method_id"}
+    assert set(schemas["PurchaseRequest"]["required"]) == {"package_id"}  # no card: the default card
 
 
 async def test_customer_is_one_per_organization(billing_client: Client, org: Org) -> None:

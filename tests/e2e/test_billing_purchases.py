@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from typing import Any
 
 import pytest
 
 from billing.config import BillingConfig
+from core.logs import JsonFormatter, fields
 from hotpath.client import HotPath
 from ledger.store import Ledger
 from tests.conftest import Org
@@ -89,6 +91,47 @@ async def test_each_package_grants_its_credits_once(
     [payment] = payments["data"]
     assert (payment["id"], payment["amount"], payment["currency"]) == (body["payment_id"], cents, "usd")
     assert (payment["status"], payment["credits"]) == ("succeeded", credits)
+
+
+async def test_the_grant_is_logged_with_whom_how_much_and_why(
+    billing_client: Client, stripe_driver: StripeDriver, org: Org, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`credits_granted` prints its fields (core/logs.py), not just its name."""
+    caplog.set_level(logging.INFO, logger="billing.credits")
+    pm = await with_card(billing_client, org, stripe_driver)
+    status, body = await purchase(billing_client, org, "small", pm)
+    assert status == 200, body
+    [record] = [
+        r for r in caplog.records if r.getMessage() == "credits_granted" and fields(r)["organization_id"] == org.id
+    ]
+    assert fields(record) == {
+        "organization_id": org.id,
+        "grant_id": fields(record)["grant_id"],
+        "source": "purchase",
+        "reference": body["payment_id"],
+        "credits": "100",
+        "new_grant": True,
+    }
+    line = json.loads(JsonFormatter().format(record))
+    assert line["event"] == "credits_granted" and line["credits"] == "100" and line["source"] == "purchase"
+
+
+async def test_without_a_card_named_the_default_card_pays(
+    billing_client: Client, stripe_driver: StripeDriver, org: Org, ledger: Ledger
+) -> None:
+    status, body = await call(billing_client, "POST", "/api/billing/customer", org, {"email": "d@example.test"})
+    assert status == 200, body
+    status, body = await call(billing_client, "POST", "/api/billing/purchase-credits", org, {"package_id": "small"})
+    assert status == 400 and body["error"]["param"] == "$.payment_method_id", body
+    assert "no default payment method" in body["error"]["message"]
+    assert await purchase_grants(ledger, org) == []
+    pm = await with_card(billing_client, org, stripe_driver)
+    status, body = await call(billing_client, "POST", "/api/billing/purchase-credits", org, {"package_id": "small"})
+    assert status == 200 and body["status"] == "succeeded" and body["credits"] == 100, body
+    [grant] = await purchase_grants(ledger, org)
+    assert grant["reference"] == body["payment_id"]
+    payment = await stripe_driver.request("GET", f"/v1/payment_intents/{body['payment_id']}")
+    assert payment["payment_method"] == pm
 
 
 async def _done(ledger: Ledger, org: Org, kind: str) -> bool:
@@ -328,7 +371,7 @@ async def test_purchase_needs_customer_known_package_and_own_card(
     status, body = await purchase(billing_client, org, "small", "pm_doesnotexist")
     assert status == 404 and body["error"]["param"] == "$.payment_method_id"
     status, body = await call(
-        billing_client, "POST", "/api/billing/purchase-credits", org, {"package_id": "small"}, role="admin"
+        billing_client, "POST", "/api/billing/purchase-credits", org, {"package_id": "small", "payment_method_id": 7}
     )
     assert status == 400 and body["error"]["param"] == "$.payment_method_id", json.dumps(body)
     status, body = await purchase(billing_client, org, "small", mine)

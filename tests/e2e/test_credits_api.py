@@ -394,7 +394,38 @@ async def test_department_limits_over_http(client: Client, ledger: Ledger, hot: 
         json={"limit": 1, "period": "year"},
         headers=auth(org.admin_key),
     )
-    assert_error(r.status, await r.json(), 400, "invalid_request", "$.period")
+    body = await r.json()
+    assert_error(r.status, body, 400, "invalid_request", "$.period")
+    assert body["error"]["message"] == "Invalid enum value 'year': expected one of day, week, month"
+
+
+async def test_enum_errors_list_the_valid_values(client: Client, org: Org) -> None:
+    status, body = await get(client, "/api/credits/usage/summary?group_by=week", org.admin_key)
+    assert_error(status, body, 400, "invalid_request", "group_by")
+    assert body["error"]["message"].endswith("expected one of action, department, day, hour, api_key")
+    status, body = await get(client, "/api/credits/transactions?type=gift", org.admin_key)
+    assert_error(status, body, 400, "invalid_request", "type")
+    assert "grant, usage, reservation_capture, expiration, adjustment, refund" in body["error"]["message"]
+    status, body = await post(client, "/api/credits/use", org.admin_key, {"action": "tool_call", "units": "many"})
+    assert_error(status, body, 400, "invalid_request", "$.units")
+    assert "expected one of" not in body["error"]["message"]  # not an enumeration
+
+
+async def test_a_viewer_token_reads_but_never_spends(client: Client, org: Org) -> None:
+    viewer = issue_jwt(JWT_SECRET, organization_id=org.id, subject="v", role="viewer")
+    status, body = await get(client, "/api/credits/balance", viewer)
+    assert status == 200 and body["available"] == 100
+    for path, payload in (
+        ("/api/credits/use", {"action": "tool_call"}),
+        ("/api/credits/use/batch", {"items": [{"action": "tool_call"}]}),
+        ("/api/credits/reserve", {"amount": 1, "ttl_seconds": 60}),
+        ("/api/credits/release", {"reservation_id": "r-1"}),
+    ):
+        status, body = await post(client, path, viewer, payload)
+        assert_error(status, body, 403, "forbidden")
+    status, body = await post(client, "/api/credits/departments", viewer, {"name": "x"})
+    assert_error(status, body, 403, "forbidden")
+    assert await available(client, org.admin_key) == 100
 
 
 async def test_rate_limited_is_429_with_retry_after(client: Client, ledger: Ledger, hot: HotPath, org: Org) -> None:
@@ -432,3 +463,25 @@ async def test_health_ready_metrics_openapi(client: Client) -> None:
     assert doc["components"]["schemas"]["ReserveRequest"]["properties"]["amount"]["type"] == "number"
     r = await client.get("/api/credits/nothing-here")
     assert_error(r.status, await r.json(), 404, "not_found")
+
+
+async def test_the_api_reference_is_browsable_at_docs(client: Client) -> None:
+    from api.reference import SWAGGER_UI_VERSION
+
+    r = await client.get("/docs")
+    page = await r.text()
+    assert r.status == 200 and r.content_type == "text/html"
+    assert 'data-openapi="/api/openapi.json"' in page
+    assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+    assert "<script>" not in page  # nothing inline: the policy allows none
+    bundle = f"/docs/assets/swagger-ui-{SWAGGER_UI_VERSION}/swagger-ui-bundle.js"
+    assert bundle in page
+    for asset in (bundle, f"/docs/assets/swagger-ui-{SWAGGER_UI_VERSION}/swagger-ui.css", "/docs/assets/reference.js"):
+        r = await client.get(asset)
+        assert r.status == 200, asset
+        assert "immutable" in r.headers["Cache-Control"]
+    assert "validatorUrl: null" in await (await client.get("/docs/assets/reference.js")).text()
+    r = await client.get(f"/docs/assets/swagger-ui-{SWAGGER_UI_VERSION}/LICENSE")
+    assert r.status == 200 and "Apache License" in await r.text()
+    assert (await client.get("/docs/assets/../meter/app.py")).status == 404
+    assert (await client.get("/docs/assets/nothing.js")).status == 404

@@ -377,7 +377,7 @@ async def test_credits_portal_link_prints_a_link_the_billing_service_accepts(
     bad = await asyncio.to_thread(_cli, migrated, "portal-link", "--org", str(uuid.uuid4()))
     assert bad.returncode == 1 and "not found" in bad.stderr
     bad = await asyncio.to_thread(_cli, migrated, "portal-link", "--org", "acme")
-    assert bad.returncode == 1 and "not an organization id" in bad.stderr
+    assert bad.returncode == 2 and "--org: not an id" in bad.stderr  # a usage error, named by argparse
     bad = await asyncio.to_thread(_cli, migrated, "portal-link", "--org", org.id, "--return-url", "javascript:x")
     assert bad.returncode == 1 and "--return-url" in bad.stderr
 

@@ -44,6 +44,16 @@ def test_services_share_one_image_and_valid_environment() -> None:
     assert config.redis_url == "redis://redis:6379/0" and not config.embedded
 
 
+def test_every_secret_must_be_set() -> None:
+    """No password or key of the deployment has a default that could stay in production."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    for secret in ("POSTGRES_PASSWORD", "APP_DB_PASSWORD", "SETTLER_DB_PASSWORD", "JWT_SECRET", "STRIPE_SECRET_KEY",
+                   "STRIPE_WEBHOOK_SECRET"):  # fmt: skip
+        uses = re.findall(r"\$\{" + secret + r"(:[-?])", text)
+        assert uses and set(uses) == {":?"}, secret
+    assert "change-me" not in text
+
+
 def test_image_contains_every_package() -> None:
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"][
         "packages"

@@ -1,0 +1,120 @@
+"""Low-balance alerts: `credits alert set|list|delete|test`."""
+
+from __future__ import annotations
+
+import argparse
+
+from accounts import admin
+from core.config import Config
+from ledger.settlement import OperatorReads, Settlement
+from ledger.store import NotFound
+from ops.commands.common import (
+    Subparsers,
+    credits_amount,
+    identifier,
+    iso,
+    json_flag,
+    run_with_services,
+    show_credits,
+    table,
+    write_json,
+    write_text,
+)
+from ops.runtime import Services
+
+
+def register(sub: Subparsers) -> None:
+    al = sub.add_parser("alert", help="low-balance alerts").add_subparsers(dest="alert_command", required=True)
+    als = al.add_parser("set", help="alert when available credits fall below a threshold (signed webhook)")
+    als.add_argument("--org", required=True, type=identifier)
+    als.add_argument("--threshold", type=credits_amount, required=True, help="credits")
+    als.add_argument("--url", required=True, help="where the signed webhook is POSTed")
+    json_flag(als)
+    als.set_defaults(fn=cmd_alert_set)
+    all_ = al.add_parser("list", help="the alerts of every organization (or one), with their deliveries")
+    all_.add_argument("--org", type=identifier, help="one organization")
+    json_flag(all_)
+    all_.set_defaults(fn=cmd_alert_list)
+    ald = al.add_parser("delete", help="stop alerting an organization (waiting deliveries are dropped)")
+    ald.add_argument("--org", required=True, type=identifier)
+    json_flag(ald)
+    ald.set_defaults(fn=cmd_alert_delete)
+    alt = al.add_parser("test", help="send a signed alert.test event to the organization's alert URL")
+    alt.add_argument("--org", required=True, type=identifier)
+    json_flag(alt)
+    alt.set_defaults(fn=cmd_alert_test)
+
+
+def cmd_alert_set(config: Config, args: argparse.Namespace) -> int:
+    async def run(s: Services) -> int:
+        if not await s.ledger.organization_exists(args.org):
+            raise LookupError(f"organization {args.org}")
+        try:
+            secret = await s.ledger.set_alert(args.org, threshold=args.threshold, webhook_url=args.url)
+        except ValueError as exc:
+            raise admin.AdminError(str(exc)) from None
+        write_json(
+            {"organization_id": args.org, "threshold": show_credits(args.threshold), "url": args.url, "secret": secret}
+        )
+        return 0
+
+    return run_with_services(config, run)
+
+
+def cmd_alert_list(config: Config, args: argparse.Namespace) -> int:
+    async def run(s: Services) -> int:
+        settlement = await Settlement.connect(s.config.settler_dsn(), min_size=1, max_size=1)
+        try:
+            alerts = await OperatorReads(settlement).alerts(args.org)
+        finally:
+            await settlement.close()
+        rows = [
+            {
+                "organization_id": a.organization_id,
+                "organization": a.organization_name,
+                "threshold": show_credits(a.threshold),
+                "url": a.webhook_url,
+                "state": a.state,
+                "deliveries_pending": a.deliveries_pending,
+                "last_error": a.last_error or None,
+                "updated_at": iso(a.updated_at),
+            }
+            for a in alerts
+        ]
+        if args.json:
+            write_json({"data": rows})
+        else:
+            columns = ["organization_id", "organization", "threshold", "state", "url", "deliveries_pending"]
+            write_text(table(rows, [*columns, "last_error"]))
+        return 0
+
+    return run_with_services(config, run)
+
+
+def cmd_alert_delete(config: Config, args: argparse.Namespace) -> int:
+    async def run(s: Services) -> int:
+        deleted = await s.ledger.delete_alert(args.org)
+        if not deleted:
+            raise LookupError(f"organization {args.org} has no alert set")
+        if args.json:
+            write_json({"organization_id": args.org, "deleted": True})
+        else:
+            write_text(f"alert of {args.org} deleted")
+        return 0
+
+    return run_with_services(config, run)
+
+
+def cmd_alert_test(config: Config, args: argparse.Namespace) -> int:
+    async def run(s: Services) -> int:
+        try:
+            event_id = await admin.send_test_alert(s.ledger, args.org)
+        except NotFound:
+            raise LookupError(f"organization {args.org} has no alert set (credits alert set)") from None
+        if args.json:
+            write_json({"organization_id": args.org, "event_id": event_id, "type": "alert.test", "queued": True})
+        else:
+            write_text(f"queued alert.test {event_id}: the settler delivers it, signed, within about a second")
+        return 0
+
+    return run_with_services(config, run)
