@@ -21,7 +21,6 @@ Rules, from README "Semantics worth knowing" and DESIGN.md:
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -377,7 +376,3 @@ class Money:
         """A cold load from the ledger: only open holds come back (a closed one is
         unknown to the reloaded cache); every amount stays what it was."""
         self.holds = {h.id: h for h in self.open_holds()}
-
-
-def new_key() -> str:
-    return uuid.uuid4().hex[:12]

@@ -17,8 +17,9 @@ Retries with the same idempotency key replay the first answer with no second eff
 the same key with other parameters is refused.
 
 Reproducible: the runs are drawn from FAULTS_SEED (fixed by default, so CI runs the
-same examples every time); a failure prints the seed and the failing steps. Try other
-seeds with `FAULTS_SEED=$RANDOM pytest -m faults -k model`.
+same examples every time); a failure prints the seed and the failing steps. Search
+further with other seeds and more examples:
+`FAULTS_SEED=$RANDOM FAULTS_EXAMPLES=300 FAULTS_SHRINK=0 pytest -m faults -k money_model`.
 
 The state machine runs in a worker thread (Hypothesis drives steps synchronously);
 each step runs its coroutines on the test's event loop, where the connections live.
@@ -30,89 +31,39 @@ import asyncio
 import datetime as dt
 import os
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
-from dataclasses import dataclass, replace
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import pytest
-import redis.asyncio as aioredis
-from hypothesis import HealthCheck, seed, settings
+from hypothesis import HealthCheck, Phase, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, get_state_machine_test, invariant, precondition, rule
 
 from accounts import admin
-from core.config import Config
 from core.periods import period_starts_ms
-from hotpath.client import BatchItem, HotPath, Result, fingerprint, now_ms
-from ledger.migrate import migrate
-from ledger.settlement import Settlement
-from ledger.store import Ledger
+from hotpath.client import BatchItem, Result, fingerprint, now_ms
 from lua import Status
 from settler import reconcile
-from tests.conftest import Servers, _fresh_database
 from tests.faults.model import Answer, Cred, Dept, Money
+from tests.faults.world import World
 from tests.integration.test_hotpath import cost
 from tests.integration.test_settlement import assert_conserved, drain, ledger_state, settler
 
-T = TypeVar("T")
+pytestmark = pytest.mark.timeout(300)  # a bound for a loaded machine; a run takes ~30 s
+
 CREDIT = 1000
 HOUR_MS = 3_600_000
 SEED = int(os.environ.get("FAULTS_SEED", "20261208"))
 EXAMPLES = int(os.environ.get("FAULTS_EXAMPLES", "60"))  # more for a longer search
+SHRINK = os.environ.get("FAULTS_SHRINK", "1") != "0"  # 0: report a failure as found (a long search)
 COSTS = {"tool_call": 700, "web_search": 1300}  # millicredits per unit
 ACTIONS = [*COSTS, "no_such_action"]
 DEPT_LIMIT = 40 * CREDIT
 AGENT_CAP = 30 * CREDIT
-STEP_TIMEOUT_S = 120  # a bound on one step's coroutines, not a timing assertion
 
 
 class SpendMismatch(AssertionError):
     """The cache's department or key spend is not the model's (the budget checks would
     then let through, or refuse, what they should not)."""
-
-
-@dataclass
-class World:
-    """Connections of this module's own: its own database and key prefix, so nothing
-    else in the session settles, leases or trims its partitions."""
-
-    config: Config
-    loop: asyncio.AbstractEventLoop
-    redis: aioredis.Redis
-    ledger: Ledger
-    settlement: Settlement
-    hot: HotPath
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine on the test's loop from the machine's thread."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=STEP_TIMEOUT_S)
-
-
-@pytest.fixture(scope="module")
-def own_database(servers: Servers) -> Iterator[str]:
-    for fresh in _fresh_database(servers.redis_url, servers.database_url, embedded=servers.embedded):
-        yield fresh.database_url
-
-
-@pytest.fixture(scope="module")
-async def world(config: Config, own_database: str) -> AsyncIterator[World]:
-    cfg = replace(config, database_url=own_database, redis_key_prefix=f"fm{uuid.uuid4().hex[:8]}", usage_partitions=2)
-    await migrate(own_database, app_password=cfg.app_db_password, settler_password=cfg.settler_db_password)
-    assert cfg.redis_url is not None
-    redis = aioredis.Redis.from_url(cfg.redis_url)
-    ledger = await Ledger.connect(cfg.app_dsn(), min_size=1, max_size=4)
-    settlement = await Settlement.connect(cfg.settler_dsn(), min_size=1, max_size=4)
-    hot = HotPath.from_config(redis, ledger, cfg)
-    await hot.start()
-    try:
-        yield World(cfg, asyncio.get_running_loop(), redis, ledger, settlement, hot)
-    finally:
-        keys = [k async for k in redis.scan_iter(match=f"{cfg.redis_key_prefix}:*", count=1000)]
-        for i in range(0, len(keys), 500):
-            await redis.delete(*keys[i : i + 500])
-        await settlement.close()
-        await ledger.close()
-        await redis.aclose()
 
 
 def expect(real: Result, model: Answer, what: str) -> None:
@@ -179,11 +130,23 @@ class MoneyMachine(RuleBasedStateMachine):
         self.now += ms
         self.money.now = self.now
 
+    def _around_stale_key_spend(self, cred_id: str) -> None:
+        """Known defect (test_key_cap_counts_holds_that_expire_in_the_same_call): a
+        consume or reserve reads its key's spend before it sweeps expired holds, so the
+        call that expires a key's holds still counts them against its cap. Until that
+        is fixed, such a call is preceded by a balance read that does the sweep."""
+        if self.money.creds[cred_id].cap >= 0 and any(
+            h.cred == cred_id and h.expires_ms <= self.now for h in self.money.open_holds()
+        ):
+            self.money.sweep()
+            assert self.world.run(self.world.hot.balance(self.org, now=self.now)).status is Status.OK
+
     # -- rules ---------------------------------------------------------------------
     @rule(cred=CREDS, action=st.sampled_from(ACTIONS), units=st.integers(1, 12), dept=DEPTS, key=KEYS, dt=DTS)
     def consume(self, cred: str, action: str, units: int, dept: str, key: str | None, dt: int) -> None:
         self._tick(dt)
         cred_id, dept_id = self.cred[cred], self._dept(dept)
+        self._around_stale_key_spend(cred_id)
         fp = fingerprint("use", action, units, dept_id, None)
         expected = self.money.consume(cred_id, action, units, dept_id, key, fp)
         real = self.world.run(
@@ -268,6 +231,7 @@ class MoneyMachine(RuleBasedStateMachine):
     def reserve(self, cred: str, amount: int, ttl: int, dept: str, key: str | None, dt: int) -> None:
         self._tick(dt)
         cred_id, dept_id = self.cred[cred], self._dept(dept)
+        self._around_stale_key_spend(cred_id)
         fp = fingerprint("reserve", amount, ttl, dept_id, "", None)
         expected = self.money.reserve(cred_id, amount, ttl, dept_id, key, fp)
         real = self.world.run(
@@ -454,6 +418,7 @@ SETTINGS = settings(
     database=None,
     print_blob=True,
     suppress_health_check=list(HealthCheck),
+    phases=list(Phase) if SHRINK else [Phase.explicit, Phase.generate],
 )
 
 
@@ -519,3 +484,20 @@ async def test_balance_shows_department_spend_after_expiry(world: World) -> None
     after = await w.hot.balance(org, department_id=dept.id, now=now + 1_000)
     assert after.payload["reserved"] == 0  # the hold expired in this call
     assert after.payload["dept"]["spent"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True, reason="consume/reserve read the key's spend before sweeping expired holds: a false key_cap_exceeded"
+)
+async def test_key_cap_counts_holds_that_expire_in_the_same_call(world: World) -> None:
+    """Found by the model: the first call after a capped key's reservation expired is
+    refused with key_cap_exceeded although the expired hold gave its room back (the
+    same call returns it to `available`; the next call would succeed)."""
+    w = world
+    org, _ = await admin.create_organization(w.ledger, "stale-key-spend")
+    key = await admin.create_key(w.ledger, w.hot, org, role="agent", cap=10 * CREDIT)
+    now = now_ms() + HOUR_MS
+    held = await w.hot.reserve(org, key.id, amount=8 * CREDIT, ttl_ms=1_000, now=now)
+    assert held.status is Status.OK
+    again = await w.hot.reserve(org, key.id, amount=8 * CREDIT, ttl_ms=1_000, now=now + 1_000)
+    assert again.status is Status.OK, again
