@@ -53,7 +53,7 @@ pytestmark = pytest.mark.timeout(300)  # a bound for a loaded machine; a run tak
 CREDIT = 1000
 HOUR_MS = 3_600_000
 SEED = int(os.environ.get("FAULTS_SEED", "20261208"))
-EXAMPLES = int(os.environ.get("FAULTS_EXAMPLES", "60"))  # more for a longer search
+EXAMPLES = int(os.environ.get("FAULTS_EXAMPLES", "50"))  # more for a longer search
 SHRINK = os.environ.get("FAULTS_SHRINK", "1") != "0"  # 0: report a failure as found (a long search)
 COSTS = {"tool_call": 700, "web_search": 1300}  # millicredits per unit
 ACTIONS = [*COSTS, "no_such_action"]
