@@ -401,6 +401,10 @@ class HotPath:
     def org_keys(self, organization_id: str) -> list[str]:
         return list(self._org_keys(organization_id))
 
+    def org_key(self, organization_id: str, name: str) -> str:
+        """One of an organization's keys by its name in FIXED_KEYS (acct, creds, ...)."""
+        return self._org_keys(organization_id)[FIXED_KEYS.index(name)]
+
     def idempotency_key(self, organization_id: str, key: str) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()[:40]
         return f"{self.key_prefix}:{self.tag(organization_id)}:o:{organization_id}:idem:{digest}"
@@ -858,6 +862,7 @@ class HotPath:
         fp = fingerprint("debit", amount, kind, reason, partial, *([grant_id] if grant_id else []))
         call_id = new_id()
         event = event_id or call_id
+        day, week, month = self._period_starts(now)
         args = (
             org,
             now,
@@ -870,6 +875,9 @@ class HotPath:
             self.idempotency_ttl_ms,
             event,
             grant_id,
+            day,
+            week,
+            month,
         )
         return await self._call_loaded("debit", org, (self.idempotency_key(org, idempotency_key),), args)
 

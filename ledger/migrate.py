@@ -7,7 +7,9 @@ schema_migrations, and a file whose checksum changed after it was applied is ref
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import importlib.resources
 import logging
@@ -39,6 +41,43 @@ def scram_verifier(password: str) -> str:
     )
     b64 = base64.b64encode
     return f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}${b64(stored_key).decode()}:{b64(server_key).decode()}"
+
+
+def verifier_matches(verifier: str, password: str) -> bool:
+    """Whether a stored SCRAM-SHA-256 verifier is the one of `password` (made again
+    with its own salt and iteration count)."""
+    try:
+        head, keys = verifier.split("$", 1)[1].split("$")
+        iterations, salt = head.split(":")
+        salt_bytes = base64.b64decode(salt)
+        _, stored_key, server_key, _ = scramp.ScramMechanism("SCRAM-SHA-256").make_auth_info(
+            password, iteration_count=int(iterations), salt=salt_bytes
+        )
+    except (ValueError, IndexError):  # not a SCRAM verifier (md5, none)
+        return False
+    b64 = base64.b64encode
+    return keys == f"{b64(stored_key).decode()}:{b64(server_key).decode()}"
+
+
+async def _set_password(conn: asyncpg.Connection, role: str, password: str) -> None:
+    """Give the role its configured password (and LOGIN), unless it has it already.
+    Roles are shared by every database of the server, and the migration lock is per
+    database: migrations of two databases at once (test sessions side by side) would
+    otherwise update the same role row, and one fails with `tuple concurrently
+    updated`; that one tries again."""
+    with contextlib.suppress(asyncpg.InsufficientPrivilegeError):  # pg_authid: superusers only
+        row = await conn.fetchrow("SELECT rolcanlogin, rolpassword FROM pg_authid WHERE rolname = $1", role)
+        if row is not None and row["rolcanlogin"] and verifier_matches(row["rolpassword"] or "", password):
+            return
+    quoted = await conn.fetchval("SELECT quote_literal($1)", scram_verifier(password))
+    for attempt in range(5):
+        try:
+            await conn.execute(f"ALTER ROLE {role} LOGIN PASSWORD {quoted}")
+            return
+        except asyncpg.InternalServerError as exc:
+            if "tuple concurrently updated" not in str(exc) or attempt == 4:
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
 
 
 def migration_files() -> list[tuple[str, str]]:
@@ -75,8 +114,7 @@ async def migrate(dsn: str, *, app_password: str, settler_password: str) -> list
             # Only a SCRAM verifier reaches the server, never the password: a statement
             # log (log_statement = ddl) would keep a plaintext one.
             for role, password in ((APP_ROLE, app_password), (SETTLER_ROLE, settler_password)):
-                quoted = await conn.fetchval("SELECT quote_literal($1)", scram_verifier(password))
-                await conn.execute(f"ALTER ROLE {role} LOGIN PASSWORD {quoted}")
+                await _set_password(conn, role, password)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
     finally:

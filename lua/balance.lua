@@ -20,12 +20,13 @@ if cred ~= '' then
   local wait_ms = rate_take(cred, default_rate, default_burst, c)
   if wait_ms > 0 then return reply(RATE_LIMITED, {retry_after_ms = wait_ms}) end
 end
+-- Expired holds first: their spend leaves the department before it is read.
+sweep_holds(starts)
 local d = nil
 if dept ~= '' then
   d = dept_state(dept, starts)
   if not d then return reply(DEPARTMENT_NOT_FOUND, {}) end
 end
-sweep_holds(starts)
 sweep_grants()
 -- Every live grant (a listing, not the charge path): in burn-down order.
 local rows = redis.call('ZRANGE', KEYS[K_GQ], 0, -1, 'WITHSCORES')

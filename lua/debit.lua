@@ -10,6 +10,7 @@
   ARGV[7] kind (adjustment | refund)                         ARGV[8] reason
   ARGV[9] idempotency ttl (ms)   ARGV[10] event id
   ARGV[11] grant id ('' = any, in burn-down order): take only from this grant (a void)
+  ARGV[12..14] current day / week / month start (ms): expired holds close first
   Returns {status, msgpack payload}:
     OK      {id, debited, balance, available}
     REPLAY | NOT_LOADED | IDEMPOTENCY_CONFLICT
@@ -18,11 +19,13 @@
 local fp, amount, partial = ARGV[4], tonumber(ARGV[5]), ARGV[6] == '1'
 local kind, reason, idem_ttl_ms, event_id = ARGV[7], ARGV[8], tonumber(ARGV[9]), ARGV[10]
 local only_grant = ARGV[11] or ''
+local starts = {day = tonumber(ARGV[12]), week = tonumber(ARGV[13]), month = tonumber(ARGV[14])}
 
 if not loaded() then return reply(NOT_LOADED, {}) end
 local replay = idem_check(K_IDEM, fp)
 if replay then return replay end
 
+sweep_holds(starts)  -- what expired holds kept back is available again
 sweep_grants()
 local usable, bal, res = usable_now()
 local grants = grants_cursor()

@@ -346,8 +346,9 @@ end
 
 -- What every charging script checks first, in this order: the organization is loaded,
 -- the idempotency key (a replay answers here), the credential is not revoked and has a
--- request token left; then expired holds return to available. Returns a reply to give
--- at once, or nil with the credential's state and how many holds closed.
+-- request token left; then expired holds return to available (and their room to the
+-- credential's cap). Returns a reply to give at once, or nil with the credential's
+-- state (spend read after the sweep) and how many holds closed.
 local function preamble(cred, default_rate, default_burst, starts, fp)
   if not loaded() then return reply(NOT_LOADED, {}) end
   local replay = idem_check(K_IDEM, fp)
@@ -356,5 +357,8 @@ local function preamble(cred, default_rate, default_burst, starts, fp)
   if c.revoked then return reply(UNAUTHENTICATED, {}) end
   local wait_ms = rate_take(cred, default_rate, default_burst, c)
   if wait_ms > 0 then return reply(RATE_LIMITED, {retry_after_ms = wait_ms}) end
-  return nil, c, sweep_holds(starts)
+  local closed = sweep_holds(starts)
+  -- A hold of this credential that expired just now gave its room back.
+  if closed > 0 then c.spent = num(redis.call('HGET', KEYS[K_CREDS], cred .. '|spent')) end
+  return nil, c, closed
 end

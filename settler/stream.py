@@ -1,6 +1,7 @@
 """Settling one partition's usage stream into the ledger, exactly once.
 
-One settler owns a partition at a time (a lease in Redis, renewed while it works);
+One settler owns a partition at a time (a lease in Redis, renewed by a heartbeat
+while it works, and an epoch that fences a former owner's transactions in Postgres);
 several settler processes share the partitions. The sequence for each batch:
 
   1. read entries through the consumer group (first what this consumer has pending,
@@ -16,7 +17,9 @@ with Postgres work. Should the transaction fail, the entries read ahead stay pen
 and are read again, after the failed ones.
 
 A crash before 3 leaves the entries pending; whoever owns the partition next claims
-them (XAUTOCLAIM) and settles them first, in stream order. Postgres down: step 2
+them (XAUTOCLAIM) and settles them first, in stream order. So does an owner that finds
+entries pending under another consumer at a renewal (a former owner's read-ahead,
+delivered after the handover). Postgres down: step 2
 fails, nothing is acknowledged, the loop backs off and retries the same entries while
 the hot path keeps appending.
 """
@@ -26,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -156,6 +158,7 @@ class PartitionSettler:
         self._release = redis.register_script(_RELEASE)
         self._ack_trim = redis.register_script(_ACK_TRIM)
         self._backoff_s = 0.0
+        self.claimed_orphans = False  # set by acquire when it claimed another consumer's entries
 
     # -- ownership -------------------------------------------------------------
     async def acquire(self) -> bool:
@@ -169,7 +172,20 @@ class PartitionSettler:
             self.epoch = epoch
             await self._ensure_group()
             await self._claim_all()
+        elif await self._orphans():
+            # Entries delivered to another consumer after we took over (a former
+            # owner's read-ahead, done before it noticed): nobody else will settle them.
+            await self._claim_all()
+            self.claimed_orphans = True
         return True
+
+    async def _orphans(self) -> bool:
+        """Whether a consumer other than this one has entries pending."""
+        try:
+            summary = await self.redis.xpending(self.stream, GROUP)
+        except aioredis.ResponseError:  # no stream or group yet
+            return False
+        return any(_s(c["name"]) != self.consumer for c in summary.get("consumers") or [])
 
     async def release(self) -> None:
         """Give the partition up (a graceful handover: call it after the last batch)."""
@@ -383,17 +399,25 @@ class PartitionSettler:
 
     # -- the loop ----------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        """Settle while holding the lease, backing off on failure, until `stop`."""
-        last_renew = 0.0
+        """Settle while holding the lease, backing off on failure, until `stop`. The
+        lease is renewed every third of its time by a heartbeat of its own, so that a
+        long transaction does not lose it; losing it ends the loop (and the fence in
+        Postgres stops a transaction that was still running)."""
+        if not await self.acquire():
+            log.warning("lease_lost", extra={"partition": self.partition})
+            return
+        lost = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(lost), name=f"lease-{self.partition}")
         ahead: asyncio.Task[tuple[list[Entry], Staged | None]] | None = None  # the next batch, meanwhile
         try:
             while not stop.is_set():
-                now = time.monotonic()
-                if now - last_renew > LEASE_TTL_MS / 3000:
-                    if not await self.acquire():
-                        log.warning("lease_lost", extra={"partition": self.partition})
-                        return  # another settler owns this partition now
-                    last_renew = now
+                if lost.is_set():
+                    log.warning("lease_lost", extra={"partition": self.partition})
+                    return  # another settler owns this partition now
+                if self.claimed_orphans:  # read them, in stream order, before new ones
+                    self.claimed_orphans = False
+                    await _drop(ahead)
+                    ahead = None
                 try:
                     if ahead is not None:
                         (entries, staged), new = await ahead, True
@@ -427,6 +451,26 @@ class PartitionSettler:
                         await asyncio.wait_for(stop.wait(), timeout=self._backoff_s)
         finally:
             await _drop(ahead)
+            await _drop(heartbeat)
+
+    async def _heartbeat(self, lost: asyncio.Event) -> None:
+        """Renew the lease every third of its time until it is lost. A renewal that
+        fails (Redis away) is tried again sooner; the lease may then run out, and
+        whoever takes it next raises the fence."""
+        interval_s = LEASE_TTL_MS / 3000
+        await asyncio.sleep(interval_s)  # (run took it just now)
+        while True:
+            try:
+                if not await self.acquire():
+                    lost.set()
+                    return
+                wait_s = interval_s
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("lease_renew_failed", extra={"partition": self.partition, "error": str(exc)})
+                wait_s = min(1.0, interval_s)
+            await asyncio.sleep(wait_s)
 
     async def _read_ahead(self) -> tuple[list[Entry], Staged | None]:
         """Read and decode the next batch while Postgres settles the current one."""

@@ -117,7 +117,7 @@ class Figures:
     stale_commits: int | None = None  # batches committed by a settler that had lost its lease
     paused_s: float | None = None  # how long the settler was paused
     settler_exits: list[str] = field(default_factory=list)  # settlers that died (restarted, as a supervisor would)
-    acknowledged_without_fsync: int = 0  # DURABILITY=local: answered 200 after its WAITAOF failed or came back short
+    not_durable: int = 0  # DURABILITY=local: charges whose WAITAOF failed or came back short (each answered 503)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -149,8 +149,9 @@ def table(results: dict[str, Figures]) -> list[str]:
 
 
 class DurabilityLog(logging.Handler):
-    """Counts the sidecar's durability_wait_failed / _short events: each is a charge the
-    hot path answered OK without the fsync DURABILITY=local waits for."""
+    """Counts the sidecar's durability_wait_failed / _short events: each is a charge
+    applied in memory without the fsync DURABILITY=local waits for, answered 503
+    outcome_unknown (NotDurable), never 200."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -475,10 +476,10 @@ class Experiment:
                 if earlier and all(a.status == 503 and NOT_CHARGED in a.message for a in earlier):
                     f.said_not_charged_but_charged += 1
         f.acknowledged = len(acked)
-        f.acknowledged_without_fsync = self.durability_log.count
+        f.not_durable = self.durability_log.count
         if self.durability != "async":
             f.notes.append(
-                f"charges answered 200 whose WAITAOF failed or came back short: {f.acknowledged_without_fsync}"
+                f"charges whose WAITAOF failed or came back short (answered 503 outcome_unknown): {f.not_durable}"
             )
         by_key = {c.key: c for c in charging}
         orgs = [org for org, _ in self.orgs]

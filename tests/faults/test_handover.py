@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from accounts import admin
 from lua import Status
 from settler.stream import GROUP, PartitionSettler
@@ -21,10 +19,6 @@ from tests.integration.test_settlement import drain
 CREDIT = 1000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a settler that loses its lease leaves its read-ahead batch pending under its name; nobody claims it again",
-)
 async def test_a_settler_that_lost_its_lease_leaves_nothing_pending(world: World) -> None:
     """Every acknowledged charge reaches the ledger after the handover, and nothing
     stays pending (a pending entry also stops the stream from being trimmed)."""

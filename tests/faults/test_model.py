@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import pytest
 from hypothesis import HealthCheck, Phase, seed, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, get_state_machine_test, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, get_state_machine_test, invariant, rule
 
 from accounts import admin
 from core.periods import period_starts_ms
@@ -87,10 +87,6 @@ class MoneyMachine(RuleBasedStateMachine):
     with a monthly limit, an admin key (no cap) and an agent key with a cap."""
 
     world: ClassVar[World]
-    # Issue 8 #7 (test_cold_load_counts_captured_spend): a reload after a reservation
-    # captured credits loses that spend. Until it is fixed the model reloads only before
-    # the first capture; then set this to True.
-    reload_after_capture: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -274,6 +270,7 @@ class MoneyMachine(RuleBasedStateMachine):
                 self.cred["admin"],
                 reservation_id=hold_id,
                 used=used_milli,
+                any_hold=True,  # an admin key closes any of the organization's holds
                 idempotency_key=key,
                 fp=fp,
                 now=self.now,
@@ -322,7 +319,6 @@ class MoneyMachine(RuleBasedStateMachine):
         else:
             assert answer is None and "available" in refused, answer
 
-    @precondition(lambda self: self.reload_after_capture or self.money.captured == 0)
     @rule(lazily=st.booleans())
     def reload(self, lazily: bool) -> None:
         """The cache loses the organization and loads it from the ledger (plus its
@@ -389,12 +385,12 @@ class MoneyMachine(RuleBasedStateMachine):
         ], "grants (in burn-down order)"
         # Spend as the budget checks read it (the balance answer's department view is
         # read before that call's sweep: see test_balance_shows_department_spend_after_expiry).
-        keys = w.hot.org_keys(self.org)
+        creds_key, depts_key = w.hot.org_key(self.org, "creds"), w.hot.org_key(self.org, "depts")
         spent = {
-            name: int(await w.redis.hget(keys[5], f"{cred_id}|spent") or 0)  # type: ignore[misc]
+            name: int(await w.redis.hget(creds_key, f"{cred_id}|spent") or 0)  # type: ignore[misc]
             for name, cred_id in self.cred.items()
         }
-        pstart, raw = await w.redis.hmget(keys[4], [f"{self.dept_id}|pstart", f"{self.dept_id}|spent"])  # type: ignore[misc]
+        pstart, raw = await w.redis.hmget(depts_key, [f"{self.dept_id}|pstart", f"{self.dept_id}|spent"])  # type: ignore[misc]
         current = period_starts_ms(self.now)[2]  # the department's period is the month
         dept_spent = int(raw or 0) if int(pstart or 0) >= current else 0
         assert spent["agent"] <= AGENT_CAP, "a key spent past its cap"
@@ -438,13 +434,8 @@ async def test_money_model(world: World) -> None:
     await asyncio.get_running_loop().run_in_executor(None, run_machine, MoneyMachine, world, SETTINGS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 8 #7: a cold load ignores the captured part of closed reservations (key/department spend)",
-)
 async def test_cold_load_counts_captured_spend(world: World) -> None:
-    """Found by the model (which therefore reloads only before any capture, see
-    MoneyMachine.reload_after_capture): a reservation that captured credits, once
+    """Found by the model (issue 8 #7, fixed): a reservation that captured credits, once
     settled, no longer counts toward its key's cap or its department's limit after the
     organization is loaded again, so both budgets open up by the captured amount."""
     w = world
@@ -456,20 +447,16 @@ async def test_cold_load_counts_captured_spend(world: World) -> None:
     assert held.status is Status.OK
     released = await w.hot.release(org, key.id, reservation_id=held.payload["id"], used=3 * CREDIT, now=now)
     assert released.status is Status.OK
-    keys = w.hot.org_keys(org)
-    before = (await w.redis.hget(keys[5], f"{key.id}|spent"), await w.redis.hget(keys[4], f"{dept.id}|spent"))
+    creds_key, depts_key = w.hot.org_key(org, "creds"), w.hot.org_key(org, "depts")
+    before = (await w.redis.hget(creds_key, f"{key.id}|spent"), await w.redis.hget(depts_key, f"{dept.id}|spent"))
     assert before == (b"3000", b"3000")
     await drain(settler(w.redis, w.settlement, w.hot, org, consumer="model"))
     await w.hot.evict(org)
     assert (await w.hot.load(org)).status is Status.OK
-    after = (await w.redis.hget(keys[5], f"{key.id}|spent"), await w.redis.hget(keys[4], f"{dept.id}|spent"))
+    after = (await w.redis.hget(creds_key, f"{key.id}|spent"), await w.redis.hget(depts_key, f"{dept.id}|spent"))
     assert after == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="balance.lua reads the department before it sweeps expired holds: the next read still counts their spend",
-)
 async def test_balance_shows_department_spend_after_expiry(world: World) -> None:
     """Found by the model: GET /balance?department_id=... right after a hold expired
     still counts the hold in the department's spend (and so understates `remaining`),
@@ -486,9 +473,6 @@ async def test_balance_shows_department_spend_after_expiry(world: World) -> None
     assert after.payload["dept"]["spent"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True, reason="consume/reserve read the key's spend before sweeping expired holds: a false key_cap_exceeded"
-)
 async def test_key_cap_counts_holds_that_expire_in_the_same_call(world: World) -> None:
     """Found by the model: the first call after a capped key's reservation expired is
     refused with key_cap_exceeded although the expired hold gave its room back (the

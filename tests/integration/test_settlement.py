@@ -252,6 +252,48 @@ async def test_a_failed_commit_settles_the_read_ahead_in_order_after_it(
     assert_conserved(state, await cache_balance(hot, org.id))
 
 
+async def test_a_transaction_longer_than_the_lease_keeps_it(
+    hot: HotPath,
+    ledger: Ledger,
+    settlement: Settlement,
+    redis: aioredis.Redis,
+    org: Org,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The heartbeat renews the lease while a slow transaction runs: no other settler
+    can take the partition meanwhile, and the batch commits (no fence raised)."""
+    import settler.stream as stream
+
+    monkeypatch.setattr(stream, "LEASE_TTL_MS", 600)
+    for _ in range(3):
+        await hot.consume(org.id, org.admin_key_id, action="generate_content", units=1)
+    ps = settler(redis, settlement, hot, org.id, consumer="slow")
+    ps.on_settled = None
+    other = settler(redis, settlement, hot, org.id, consumer="other")
+    real = settlement.settle
+    refused: list[bool] = []
+
+    async def slow(staged: Staged, **kw: Any) -> Any:
+        for _ in range(6):  # 1.8 s: three leases' worth
+            await asyncio.sleep(0.3)
+            refused.append(not await other.acquire())
+        return await real(staged, **kw)
+
+    ps.settlement = type("Slow", (), {"settle": staticmethod(slow)})()  # type: ignore[assignment]
+    stop = asyncio.Event()
+    task = asyncio.create_task(ps.run(stop))
+    for _ in range(400):  # (the partition may hold other organizations' events too)
+        await asyncio.sleep(0.05)
+        if (await ledger_state(ledger, org.id))["usage"] == 3 * CREDIT:
+            break
+    stop.set()
+    await task
+    await ps.release()
+    assert refused and all(refused), refused
+    assert ps.stats.failures == 0 and ps.stats.batches >= 1
+    assert (await ledger_state(ledger, org.id))["usage"] == 3 * CREDIT
+
+
 async def test_crash_after_commit_before_ack_is_claimed_and_not_recounted(
     hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
 ) -> None:

@@ -178,3 +178,15 @@ def test_role_passwords_reach_postgres_as_scram_verifiers_only() -> None:
     client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
     assert hashlib.sha256(client_key).digest() == stored_key
     assert hmac.new(salted, b"Server Key", hashlib.sha256).digest() == server_key
+
+
+def test_a_stored_verifier_is_recognised_for_its_password_only() -> None:
+    """migrate leaves a role alone when it has its password already (roles are shared by
+    the server's databases: two migrations at once would update the same row)."""
+    from ledger.migrate import scram_verifier, verifier_matches
+
+    verifier = scram_verifier("pässwörd")
+    assert verifier_matches(verifier, "pässwörd")
+    assert not verifier_matches(verifier, "password")
+    assert not verifier_matches("md5" + "0" * 32, "pässwörd")
+    assert not verifier_matches("", "pässwörd")
