@@ -40,7 +40,9 @@ from billing.portal_sessions import PortalSessions, signing_key
 from billing.store import BillingStore
 from billing.stripe_client import StripeClientGateway
 from core.config import Config
-from hotpath.client import HotPath, check_eviction_policy
+from core.errors import Unavailable
+from hotpath.client import HotPath
+from hotpath.servers import open_redis
 from ledger.store import Ledger
 from webhooks.endpoint import WebhookReceiver
 from webhooks.handlers import EventHandlers
@@ -82,9 +84,9 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     checks: dict[str, str] = {}
     try:
-        await request.app[REDIS].ping()
+        await request.app[HOT].ping()  # every primary, on a cluster
         checks["redis"] = "ok"
-    except (aioredis.RedisError, OSError) as exc:
+    except (aioredis.RedisError, OSError, Unavailable) as exc:
         checks["redis"] = f"unreachable: {exc}"
     try:
         await request.app[LEDGER].ping()
@@ -133,19 +135,20 @@ def create_app(
     async def resources(app: web.Application) -> AsyncIterator[None]:
         if config.redis_url is None:
             raise RuntimeError("REDIS_URL is not set and no embedded server was started")
-        redis = aioredis.Redis.from_url(
+        connections = await open_redis(
             config.redis_url,
             max_connections=REDIS_POOL_CONNECTIONS_MAX,
             socket_timeout=5,
             socket_connect_timeout=5,
             health_check_interval=30,
         )
+        redis = connections.redis
         stripe_gateway = gateway or StripeClientGateway(billing)
         try:
-            await check_eviction_policy(redis)
             ledger = await Ledger.connect(config.app_dsn(), min_size=2, max_size=10)
             try:
-                hot = HotPath.from_config(redis, ledger, config)
+                hot = HotPath.using(connections, ledger, config)
+                await hot.check_servers()
                 await hot.start()
                 catalog = Catalog(ledger.pool)
                 if billing.catalog_sync_on_start:
@@ -203,7 +206,7 @@ def create_app(
         finally:
             if gateway is None:
                 await stripe_gateway.close()
-            await redis.aclose()
+            await connections.close()
 
     app.cleanup_ctx.append(resources)
     app.add_routes(handlers.routes())

@@ -31,8 +31,10 @@ import lua
 from core.config import Config, Durability
 from core.errors import OutcomeUnknown, Unavailable
 from core.periods import period_bounds, period_starts_ms
+from hotpath.cluster import Cluster, Node, plain_call, slot_of
 from hotpath.connection import NotSent, PipelinedRedis, ReplyLost, pack_command
 from hotpath.replay import entry_after, replay
+from hotpath.servers import RedisConnections
 from hotpath.snapshot import (
     CredSnapshot,
     DeptSnapshot,
@@ -92,12 +94,12 @@ class EvictionPolicyError(RuntimeError):
     """Redis would evict keys under memory pressure: credits would vanish."""
 
 
-async def check_eviction_policy(redis: aioredis.Redis) -> None:
+async def check_eviction_policy(redis: aioredis.Redis, *, where: str = "Redis") -> None:
     """Refuse a Redis that may evict keys (an evicted balance or usage entry is lost money)."""
     policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy")
     if policy != "noeviction":
         raise EvictionPolicyError(
-            f"Redis runs with maxmemory-policy={policy}; the credits cache needs noeviction "
+            f"{where} runs with maxmemory-policy={policy}; the credits cache needs noeviction "
             "(an evicted balance or usage entry is lost money). Set it and restart."
         )
 
@@ -330,12 +332,19 @@ class HotPath:
         durability: Durability = Durability.ASYNC,
         key_prefix: str = "cr",
         pipe: PipelinedRedis | None = None,
+        cluster: Cluster | None = None,
         mode: Mode = Mode.FUNCTIONS,
     ) -> None:
         self.redis = redis
         # DURABILITY local/replica: each call is followed by WAITAOF on its own
         # connection (_send_durably), which the shared pipe cannot do.
-        self.pipe = pipe if durability is Durability.ASYNC else None
+        self.pipe = pipe if durability is Durability.ASYNC and cluster is None else None
+        # On a cluster: script calls go to the primary of their slot (hotpath/cluster.py),
+        # over its pipe when the cluster has them.
+        self.cluster = cluster
+        self._pipelined = self.pipe is not None or (
+            cluster is not None and cluster.pipelined and durability is Durability.ASYNC
+        )
         self.key_prefix = key_prefix
         self.source = source
         self.partitions = partitions
@@ -353,13 +362,20 @@ class HotPath:
         self._org_keys = functools.lru_cache(maxsize=ORG_KEYS_CACHE_MAX)(self._build_org_keys)
         self._command_head = functools.lru_cache(maxsize=4 * ORG_KEYS_CACHE_MAX)(self._pack_command_head)
         self._org_word = functools.lru_cache(maxsize=ORG_KEYS_CACHE_MAX)(lambda org: _words((org,)))
+        self._slots = [slot_of(f"{{cr{p}}}") for p in range(partitions)]
         self._credential_words = functools.lru_cache(maxsize=ORG_KEYS_CACHE_MAX)(self._pack_credential_words)
         self._ttl_words = {ttl: _words((ttl,)) for ttl in (self.idempotency_ttl_ms, self.assigned_idempotency_ttl_ms)}
         self._set_mode(mode)
 
     @classmethod
     def from_config(
-        cls, redis: aioredis.Redis, source: SnapshotSource, config: Config, *, pipe: PipelinedRedis | None = None
+        cls,
+        redis: aioredis.Redis,
+        source: SnapshotSource,
+        config: Config,
+        *,
+        pipe: PipelinedRedis | None = None,
+        cluster: Cluster | None = None,
     ) -> HotPath:
         return cls(
             redis,
@@ -372,7 +388,13 @@ class HotPath:
             durability=config.durability,
             key_prefix=config.redis_key_prefix,
             pipe=pipe,
+            cluster=cluster,
         )
+
+    @classmethod
+    def using(cls, connections: RedisConnections, source: SnapshotSource, config: Config) -> HotPath:
+        """The hot path over what open_redis opened (one server or a cluster)."""
+        return cls.from_config(connections.redis, source, config, pipe=connections.pipe, cluster=connections.cluster)
 
     # -- keys ---------------------------------------------------------------------
     def partition(self, organization_id: str) -> int:
@@ -427,23 +449,62 @@ class HotPath:
             self._command_head.cache_clear()  # encoded with the other verb
 
     def _execute(self, *args: Any) -> Awaitable[Any]:
+        """A command for the one server (not a cluster: see _on_each)."""
         if self.pipe is not None:
             return self.pipe.execute(*args)
         return self.redis.execute_command(*args)  # type: ignore[no-untyped-call]
 
+    def _primaries(self) -> list[tuple[str, aioredis.Redis | None]]:
+        """(name, client) of every primary; one entry (None: _execute) off a cluster."""
+        if self.cluster is None:
+            return [("Redis", None)]
+        return [(f"Redis {n.address}", n.redis) for n in self.cluster.primaries]
+
+    def _servers(self) -> list[tuple[str, aioredis.Redis]]:
+        """(name, client) of every server whose settings matter: on a cluster, the
+        replicas too (one of them is a primary after a failover)."""
+        if self.cluster is None:
+            return [("Redis", self.redis)]
+        return [(f"Redis {n.address}", n.redis) for n in self.cluster.servers]
+
+    async def _on(self, client: aioredis.Redis | None, *args: Any) -> Any:
+        if client is None:
+            return await self._execute(*args)
+        return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+    async def check_servers(self) -> None:
+        """Refuse servers that would lose money: a policy that evicts keys, anywhere;
+        with DURABILITY local or replica, a server without an append-only file (every
+        charge would wait for an fsync that never comes). On a cluster: every server."""
+        try:
+            for where, client in self._servers():
+                await check_eviction_policy(client, where=where)
+                if self.durability is not Durability.ASYNC:
+                    appendonly = (await client.config_get("appendonly")).get("appendonly")
+                    if appendonly != "yes":
+                        raise DurabilityError(
+                            f"DURABILITY={self.durability.value} needs Redis with appendonly yes ({where} runs with"
+                            f" appendonly {appendonly}): every charge waits for its own fsync (WAITAOF)"
+                        )
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+            raise Unavailable(f"redis: {exc}") from exc
+
+    async def ping(self) -> None:
+        """Every primary answers (readiness); Unavailable naming the first that does not."""
+        for where, client in self._primaries():
+            try:
+                await self._on(client, "PING")
+            except (aioredis.RedisError, OSError) as exc:
+                raise Unavailable(f"{where}: {exc}") from exc
+
     async def start(self) -> None:
-        """Install the scripts once (calls then never send the code again), and drop
-        the function libraries earlier versions left behind. With DURABILITY local or
-        replica, Redis must keep an append-only file: every charge would wait for an
-        fsync that never comes."""
+        """Install the scripts once on every primary (calls then never send the code
+        again), and drop the function libraries earlier versions left behind. With
+        DURABILITY local or replica, Redis must keep an append-only file (see
+        check_servers, which start runs first when durability asks for it)."""
         try:
             if self.durability is not Durability.ASYNC:
-                appendonly = (await self.redis.config_get("appendonly")).get("appendonly")
-                if appendonly != "yes":
-                    raise DurabilityError(
-                        f"DURABILITY={self.durability.value} needs Redis with appendonly yes (it runs with"
-                        f" appendonly {appendonly}): every charge waits for its own fsync (WAITAOF)"
-                    )
+                await self.check_servers()
             await self._install()
             if self.mode is Mode.FUNCTIONS:
                 await self._prune_libraries()
@@ -457,23 +518,33 @@ class HotPath:
         running it would load it again on its next call, see _call_again, so deleting is
         safe; waiting spares a rolling deploy, and the other versions sharing a server,
         from taking each other's libraries away every time one of them starts.)"""
-        await self._execute("SET", _library_mark(self._library.name), now_ms(), "EX", LIBRARY_IN_USE_S)
-        try:
-            listed = await self._execute("FUNCTION", "LIST", "LIBRARYNAME", "credits_*")
-        except ResponseError as exc:
-            log.warning("function_list_failed", extra={"error": str(exc)})
-            return
-        for entry in listed:
-            fields = dict(zip(entry[::2], entry[1::2], strict=True))
-            raw = fields.get(b"library_name", fields.get("library_name", b""))
-            name = raw.decode() if isinstance(raw, bytes) else str(raw)
-            if not _LIBRARY_NAME.fullmatch(name) or name == self._library.name:
+        mark = _library_mark(self._library.name)
+        if self.cluster is None:
+            await self._execute("SET", mark, now_ms(), "EX", LIBRARY_IN_USE_S)
+        else:
+            await self.redis.set(mark, now_ms(), ex=LIBRARY_IN_USE_S)
+        for where, client in self._primaries():  # each primary has its own libraries
+            try:
+                listed = await self._on(client, "FUNCTION", "LIST", "LIBRARYNAME", "credits_*")
+            except ResponseError as exc:
+                log.warning("function_list_failed", extra={"error": str(exc), "server": where})
                 continue
-            if await self._execute("EXISTS", _library_mark(name)):
-                continue  # started with recently: still in use
-            with contextlib.suppress(ResponseError):  # another process deleted it first
-                await self._execute("FUNCTION", "DELETE", name)
-            log.info("function_library_pruned", extra={"library": name})
+            for entry in listed:
+                fields = dict(zip(entry[::2], entry[1::2], strict=True))
+                raw = fields.get(b"library_name", fields.get("library_name", b""))
+                name = raw.decode() if isinstance(raw, bytes) else str(raw)
+                if not _LIBRARY_NAME.fullmatch(name) or name == self._library.name:
+                    continue
+                in_use = (
+                    await self._execute("EXISTS", _library_mark(name))
+                    if self.cluster is None
+                    else await self.redis.exists(_library_mark(name))
+                )
+                if in_use:
+                    continue  # started with recently: still in use
+                with contextlib.suppress(ResponseError):  # another process deleted it first
+                    await self._on(client, "FUNCTION", "DELETE", name)
+                log.info("function_library_pruned", extra={"library": name, "server": where})
 
     async def _install(self) -> None:
         """Load the function library (or the scripts); concurrent callers share one load."""
@@ -488,32 +559,44 @@ class HotPath:
             future.exception()  # seen here; every waiter gets it through the shield
 
     async def _install_now(self) -> None:
+        """On every primary (a cluster's replicas get the library by replication)."""
+        if self.cluster is not None:
+            await self.cluster.refresh()  # a primary added since: it needs the code too
+        primaries = self._primaries()
         if self.mode is Mode.FUNCTIONS:
             try:
-                await self._execute("FUNCTION", "LOAD", self._library.code)
+                for _, client in primaries:
+                    try:
+                        await self._on(client, "FUNCTION", "LOAD", self._library.code)
+                    except ResponseError as exc:
+                        if "already exists" not in str(exc):
+                            raise
                 return
             except ResponseError as exc:
-                if "already exists" in str(exc):
-                    return
                 if not _no_functions(exc):
                     raise
             log.warning("redis_without_functions: falling back to EVALSHA")
             self._set_mode(Mode.EVALSHA)
-        for code in self._sources.values():
-            await self._execute("SCRIPT", "LOAD", code)
+        for _, client in primaries:
+            for code in self._sources.values():
+                await self._on(client, "SCRIPT", "LOAD", code)
 
     async def scripts_loaded(self) -> bool:
-        """Whether Redis holds this version's scripts (readiness)."""
+        """Whether Redis (every primary of a cluster) holds this version's scripts (readiness)."""
         try:
-            if self.mode is Mode.FUNCTIONS:
-                libraries = await self._execute("FUNCTION", "LIST", "LIBRARYNAME", self._library.name)
-                return bool(libraries)
-            exists = await self._execute("SCRIPT", "EXISTS", *self._shas.values())
-            return all(int(x) for x in exists)
+            for _, client in self._primaries():
+                if self.mode is Mode.FUNCTIONS:
+                    if not await self._on(client, "FUNCTION", "LIST", "LIBRARYNAME", self._library.name):
+                        return False
+                elif not all(int(x) for x in await self._on(client, "SCRIPT", "EXISTS", *self._shas.values())):
+                    return False
+            return True
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
             raise Unavailable(f"redis: {exc}") from exc
 
     def _send(self, name: str, org: str, extra_keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
+        if self.cluster is not None:
+            return self._send_to_slot(name, org, extra_keys, args)
         if self.pipe is not None:
             # Only the per-call words are encoded here; the rest is cached bytes.
             tail = pack_command((*extra_keys, *args))
@@ -552,7 +635,32 @@ class HotPath:
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as error:
             raise _unreachable(error, name) from error
 
-    async def _send_durably(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def _send_to_slot(self, name: str, org: str, extra_keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
+        """A script call on a cluster: to the primary of the organization's slot."""
+        assert self.cluster is not None
+        slot = self._slots[self.partition(org)]
+        if self._pipelined:
+            tail = pack_command((*extra_keys, *args))
+            command = self._command_head(name, org, len(extra_keys), len(args)) + tail[tail.index(b"\r\n") + 2 :]
+            return self._route_packed(slot, command)
+        keys = (*self._org_keys(org), *extra_keys)
+        if self.durability is not Durability.ASYNC:
+            return self.cluster.route(slot, lambda node, asking: self._send_durably(name, keys, args, node, asking))
+        words = (self._verb, self._names[name], len(keys), *keys, *args)
+        return self.cluster.route(slot, lambda node, asking: plain_call(node.redis, asking, *words))
+
+    def _route_packed(self, slot: int, command: bytes) -> Awaitable[Any]:
+        assert self.cluster is not None
+
+        def send(node: Node, asking: bool) -> Awaitable[Any]:
+            assert node.pipe is not None
+            return node.pipe.execute_packed(command, asking=asking)
+
+        return self.cluster.route(slot, send)
+
+    async def _send_durably(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], node: Node | None = None, asking: bool = False
+    ) -> Any:
         """The call, then (when it changed balances) WAITAOF on the same connection:
         WAITAOF waits for the writes of its own connection only. Not over the pipe:
         WAITAOF blocks its connection until the fsync, and every command queued behind
@@ -560,8 +668,11 @@ class HotPath:
         (NotDurable: it is applied in memory and could still be lost); a REPLAY first
         writes once on this connection, so that its wait covers the original's writes
         (the AOF is one file: an fsync of a later write is an fsync of every earlier one)."""
-        async with self.redis.client() as connection:
+        redis = self.redis if node is None else node.redis  # on a cluster, the node of the slot
+        async with redis.client() as connection:
             call = connection.execute_command  # (untyped in redis-py)
+            if asking:
+                await call("ASKING")  # type: ignore[no-untyped-call]
             raw = await call(self._verb, self._names[name], len(keys), *keys, *args)  # type: ignore[no-untyped-call]
             if name not in DURABLE_OPERATIONS or raw[0] not in (Status.OK, Status.REPLAY):
                 return raw
@@ -591,6 +702,8 @@ class HotPath:
         try:
             if command is not None and self.pipe is not None:
                 raw = await self.pipe.execute_packed(command)
+            elif command is not None and self.cluster is not None:
+                raw = await self._route_packed(self._slots[self.partition(org)], command)
             else:
                 raw = await self._send(name, org, extra_keys, args)
         except (ResponseError, aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
@@ -663,7 +776,7 @@ class HotPath:
         idem_keys, idem_args = self._idem(org, idempotency_key, fp, assigned)
         args = (*self._common(org, cred, now, call_id), *idem_args, action, units, department_id, metadata, call_id)
         command = None
-        if self.pipe is not None:  # the busiest call: encoded by hand, mostly from cached bytes
+        if self._pipelined:  # the busiest call: encoded by hand, mostly from cached bytes
             command = self._consume_command(org, idem_keys, args)
         return await self._call_loaded("consume", org, idem_keys, args, command)
 

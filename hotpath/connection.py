@@ -98,6 +98,15 @@ def pack_command(args: tuple[Any, ...]) -> bytes:
     return packed
 
 
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
+
+
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    """Mark a reply nobody waits for (ASKING's) as seen."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _fail(futures: Iterable[asyncio.Future[Any]], exc: Exception) -> None:
     """Each waiting caller gets its own exception object (tracebacks stay apart)."""
     for future in futures:
@@ -186,8 +195,10 @@ class PipelinedRedis:
         TimeoutError, ResponseError). Not a coroutine: no frame per call."""
         return self.execute_packed(pack_command(args))
 
-    def execute_packed(self, command: bytes) -> asyncio.Future[Any]:
-        """Queue one command already encoded in RESP (see `pack_command`)."""
+    def execute_packed(self, command: bytes, *, asking: bool = False) -> asyncio.Future[Any]:
+        """Queue one command already encoded in RESP (see `pack_command`). asking: right
+        after ASKING, with nothing between them (a cluster's ASK redirect); the future
+        is the command's."""
         loop = self._loop
         if loop is None or (self._transport is None and self._connecting is None):
             # Bound while a connection is open or opening (Python 3.11 asks the OS for
@@ -200,6 +211,11 @@ class PipelinedRedis:
         if len(self._pending) + len(self._outbox) >= self.pending_max:
             future.set_exception(NotSent(f"more than {self.pending_max} Redis commands waiting"))
             return future
+        if asking:  # queued together, written together: nothing comes between them
+            seen: asyncio.Future[Any] = loop.create_future()
+            seen.add_done_callback(_consume_outcome)
+            self._outbox.append(_ASKING)
+            self._outbox_futures.append(seen)
         self._outbox.append(command)
         self._outbox_futures.append(future)
         if not self._flush_scheduled:

@@ -19,8 +19,8 @@ from api import cors, reference
 from api.auth import Authenticator, SharedCredentials
 from api.errors import Handler, shape_error
 from core.config import Config
-from hotpath.client import HotPath, Unavailable, check_eviction_policy
-from hotpath.connection import PipelinedRedis
+from hotpath.client import HotPath, Unavailable
+from hotpath.servers import open_redis
 from ledger.store import POSTGRES_DOWN, Ledger
 from meter import handlers, openapi
 from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, REDIS, SOURCES
@@ -144,9 +144,9 @@ async def readyz(request: web.Request) -> web.Response:
     ledger outage would stop every agent."""
     checks: dict[str, str] = {}
     try:
-        await request.app[REDIS].ping()
+        await request.app[HOT].ping()  # every primary, on a cluster
         checks["redis"] = "ok"
-    except (aioredis.RedisError, OSError) as exc:
+    except (aioredis.RedisError, OSError, Unavailable) as exc:
         checks["redis"] = f"unreachable: {exc}"
     try:
         await request.app[LEDGER].ping()
@@ -192,20 +192,23 @@ def create_app(config: Config) -> web.Application:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         if config.redis_url is None:
             raise RuntimeError("REDIS_URL is not set and no embedded server was started")
-        redis = aioredis.Redis.from_url(
+        # Script calls share one auto-pipelined connection (per primary on a cluster);
+        # the rest uses the pool.
+        connections = await open_redis(
             config.redis_url,
+            pipelined=True,
+            timeout_s=config.redis_timeout_s,
             max_connections=REDIS_POOL_CONNECTIONS_MAX,
             socket_timeout=5,
             socket_connect_timeout=5,
             health_check_interval=30,
         )
-        # Script calls share one auto-pipelined connection; the rest uses the pool.
-        pipe = PipelinedRedis.from_url(config.redis_url, timeout_s=config.redis_timeout_s)
+        redis = connections.redis
         try:
-            await check_eviction_policy(redis)
             ledger = await _ledger(config)
             try:
-                hot = HotPath.from_config(redis, ledger, config, pipe=pipe)
+                hot = HotPath.using(connections, ledger, config)
+                await hot.check_servers()
                 await hot.start()
                 app[REDIS] = redis
                 app[LEDGER] = ledger
@@ -219,8 +222,7 @@ def create_app(config: Config) -> web.Application:
             finally:
                 await ledger.close()
         finally:
-            await pipe.close()
-            await redis.aclose()
+            await connections.close()
 
     app.cleanup_ctx.append(resources)
     for op in handlers.OPERATIONS:

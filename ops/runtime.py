@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from core.config import Config
+from core.errors import Unavailable
 from hotpath.client import HotPath
+from hotpath.servers import RedisConnections, open_redis
 from ledger.migrate import migrate
 from ledger.store import Ledger
 from ops.stack import servers
@@ -35,10 +37,13 @@ async def connect(config: Config, *, run_migrations: bool = True) -> AsyncIterat
             config.database_url, app_password=config.app_db_password, settler_password=config.settler_db_password
         )
     ledger = await Ledger.connect(config.app_dsn(), min_size=1, max_size=4)
-    redis = aioredis.Redis.from_url(config.redis_url)
     try:
-        hot = HotPath.from_config(redis, ledger, config)
-        yield Services(config, ledger, hot, redis)
+        connections = await open_redis(config.redis_url)
+    except Unavailable:  # commands that need only the ledger still run; the others say so
+        connections = RedisConnections(aioredis.Redis.from_url(config.redis_url))
+    try:
+        hot = HotPath.using(connections, ledger, config)
+        yield Services(config, ledger, hot, connections.redis)
     finally:
-        await redis.aclose()
+        await connections.close()
         await ledger.close()

@@ -14,6 +14,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -22,6 +23,7 @@ from accounts.grants import push_one
 from core.config import Config
 from core.money import to_credits
 from hotpath.client import HotPath, Unavailable, now_ms
+from hotpath.servers import RedisConnections, open_redis
 from ledger.settlement import AlertStore, DeadLetter, Settlement
 from ledger.store import Ledger
 from settler import reconcile
@@ -66,24 +68,31 @@ class Settler:
     alerts: Alerts | None = None
     ops_alerts: OpsAlerts | None = None
     http: aiohttp.ClientSession | None = None
+    connections: RedisConnections | None = None  # what open() opened (closed with it)
 
     @classmethod
-    async def open(cls, config: Config) -> Settler:
-        assert config.redis_url is not None
-        redis = aioredis.Redis.from_url(config.redis_url, max_connections=config.usage_partitions * 2 + 16)
+    async def open(cls, config: Config, connections: RedisConnections | None = None) -> Settler:
+        """Connect (to Redis through `connections` when given: the worker waits for Redis with open_redis_waiting)."""
+        if connections is None:
+            assert config.redis_url is not None
+            connections = await open_redis(config.redis_url, **cls.redis_options(config))
         # min_size=0: no connection is opened here, so the settler starts (and keeps
         # the hot path's streams in order) while Postgres is down; work retries later.
         settlement = await Settlement.connect(
             config.settler_dsn(), min_size=0, max_size=min(32, config.usage_partitions + 4)
         )
         ledger = await Ledger.connect(config.app_dsn(), min_size=0, max_size=4)
-        hot = HotPath.from_config(redis, ledger, config)
-        settler = cls(config, redis, settlement, ledger, hot)
+        hot = HotPath.using(connections, ledger, config)
+        settler = cls(config, connections.redis, settlement, ledger, hot, connections=connections)
         settler.http = aiohttp.ClientSession()
         settler.alerts = Alerts(AlertStore(settlement), hot, settler.http)
         if config.ops_alert_url and config.ops_alert_secret:
             settler.ops_alerts = OpsAlerts(settler.http, config.ops_alert_url, config.ops_alert_secret)
         return settler
+
+    @staticmethod
+    def redis_options(config: Config) -> dict[str, Any]:
+        return {"max_connections": config.usage_partitions * 2 + 16}
 
     async def close(self) -> None:
         await self.stop_partitions()
@@ -93,7 +102,10 @@ class Settler:
             await self.http.close()
         await self.settlement.close()
         await self.ledger.close()
-        await self.redis.aclose()
+        if self.connections is not None:
+            await self.connections.close()
+        else:
+            await self.redis.aclose()
 
     # -- partitions ------------------------------------------------------------
     def partition_settler(self, partition: int) -> PartitionSettler:

@@ -17,6 +17,7 @@ import signal
 from aiohttp import web
 
 from core.config import Config
+from hotpath.servers import open_redis_waiting
 from settler.service import Settler
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,11 @@ async def run(config: Config, *, stop: asyncio.Event | None = None, handle_signa
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-    settler = await Settler.open(config)
+    # The settler starts while Redis is down, and waits for it (as it does for Postgres).
+    connections = await open_redis_waiting(config.redis_url, stop, **Settler.redis_options(config))
+    if connections is None:
+        return
+    settler = await Settler.open(config, connections)
     runner: web.AppRunner | None = None
     tasks: list[asyncio.Task[None]] = []
     try:

@@ -26,6 +26,7 @@ from accounts import admin
 from core import config as config_module
 from core.config import Config
 from hotpath.client import HotPath
+from hotpath.servers import RedisConnections, open_redis
 from ledger.migrate import migrate
 from ledger.store import Ledger
 
@@ -118,16 +119,31 @@ async def ledger(migrated: Config) -> AsyncIterator[Ledger]:
 
 
 @pytest.fixture(scope="session")
-async def redis(config: Config) -> AsyncIterator[aioredis.Redis]:
+async def redis_connections(config: Config) -> AsyncIterator[RedisConnections]:
+    """As the services open Redis: one server, or a cluster (asked of the server)."""
     assert config.redis_url is not None
-    client = aioredis.Redis.from_url(config.redis_url, max_connections=200)
-    yield client
-    await client.aclose()
+    connections = await open_redis(config.redis_url, max_connections=200)
+    yield connections
+    await connections.close()
+
+
+@pytest.fixture
+async def pipelined(config: Config) -> AsyncIterator[RedisConnections]:
+    """Connections as the sidecar opens them: script calls over auto-pipelined ones."""
+    assert config.redis_url is not None
+    connections = await open_redis(config.redis_url, pipelined=True, max_connections=50)
+    yield connections
+    await connections.close()
 
 
 @pytest.fixture(scope="session")
-async def hot(redis: aioredis.Redis, ledger: Ledger, config: Config) -> HotPath:
-    path = HotPath.from_config(redis, ledger, config)
+def redis(redis_connections: RedisConnections) -> aioredis.Redis:
+    return redis_connections.redis
+
+
+@pytest.fixture(scope="session")
+async def hot(redis_connections: RedisConnections, ledger: Ledger, config: Config) -> HotPath:
+    path = HotPath.using(redis_connections, ledger, config)
     await path.start()
     return path
 
