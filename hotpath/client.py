@@ -90,6 +90,21 @@ class DurabilityError(RuntimeError):
     """Redis cannot give the durability the configuration asks for."""
 
 
+class LayoutError(Unavailable):
+    """This process's USAGE_PARTITIONS is not the one the cache is laid out in (or the
+    cache is being resized): nothing is loaded, nothing charged."""
+
+    @classmethod
+    def of(cls, mine: int, theirs: int) -> LayoutError:
+        if theirs == 0:
+            return cls("the cache is being resized (credits partitions resize): try again once it is done")
+        return cls(
+            f"this process runs with USAGE_PARTITIONS={mine}, but the cache is laid out in {theirs} partitions:"
+            f" every process must use the same count (restart this one with USAGE_PARTITIONS={theirs},"
+            " or change it for all with `credits partitions resize`)"
+        )
+
+
 class EvictionPolicyError(RuntimeError):
     """Redis would evict keys under memory pressure: credits would vanish."""
 
@@ -163,6 +178,11 @@ def batch_results(payload: dict[str, Any], items: Sequence[BatchItem]) -> list[d
         else:
             results.append({"i": i, "ok": True, "id": f"{base}-{i}", "credits": costs[item.action] * item.units})
     return results
+
+
+def partition_of(organization_id: str, partitions: int) -> int:
+    """The usage partition (and so the hash tag) of an organization."""
+    return zlib.crc32(organization_id.encode()) % partitions
 
 
 def fingerprint(*parts: object) -> str:
@@ -398,7 +418,7 @@ class HotPath:
 
     # -- keys ---------------------------------------------------------------------
     def partition(self, organization_id: str) -> int:
-        return zlib.crc32(organization_id.encode()) % self.partitions
+        return partition_of(organization_id, self.partitions)
 
     def tag(self, organization_id: str) -> str:
         return f"{{cr{self.partition(organization_id)}}}"
@@ -489,6 +509,72 @@ class HotPath:
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
             raise Unavailable(f"redis: {exc}") from exc
 
+    async def layout(self) -> dict[int, str]:
+        """The layout mark of each of this process's partition tags that has one: how
+        many partitions the cache there is laid out in ("0": being resized)."""
+        return await self.layout_marks(self.partitions)
+
+    async def layout_marks(self, upto: int) -> dict[int, str]:
+        """layout() for the tags 0 .. upto - 1."""
+        marks: dict[int, str] = {}
+        for p in range(upto):
+            raw = await self.redis.get(self.partition_key(p, "layout"))
+            if raw is not None:
+                marks[p] = raw.decode() if isinstance(raw, bytes) else str(raw)
+        return marks
+
+    async def set_layout_marks(self, partitions: range, value: str | None) -> None:
+        """Mark these partitions' tags as laid out in `value` partitions ("0": being
+        resized, every load refused; None: no mark)."""
+        for p in partitions:
+            if value is None:
+                await self.redis.delete(self.partition_key(p, "layout"))
+            else:
+                await self.redis.set(self.partition_key(p, "layout"), value)
+
+    def _scan_clients(self) -> list[aioredis.Redis]:
+        if self.cluster is None:
+            return [self.redis]
+        return [node.redis for node in self.cluster.primaries]
+
+    async def relayout(self, partitions: int) -> tuple[int, int]:
+        """Offline (credits partitions resize): every organization's cached state leaves
+        the cache (it loads again from the ledger, under its new partition), and its
+        idempotency records move to the tag of its partition among `partitions`, with
+        their time to live. One SCAN of the keyspace (of each primary). Returns
+        (keys dropped, idempotency records moved)."""
+        dropped = moved = 0
+        pattern = f"{self.key_prefix}:{{cr*}}:o:*"
+        for client in self._scan_clients():
+            async for raw in client.scan_iter(match=pattern, count=1000):
+                key = raw.decode() if isinstance(raw, bytes) else str(raw)
+                _, sep, rest = key.partition("}:o:")
+                org, _, kind = rest.partition(":")
+                if not sep or not org:
+                    continue
+                if not kind.startswith("idem:"):
+                    await client.delete(key)
+                    dropped += 1
+                    continue
+                target = f"{self.key_prefix}:{{cr{partition_of(org, partitions)}}}:o:{org}:{kind}"
+                if target == key:
+                    continue
+                dump = await client.dump(key)
+                ttl_ms = await client.pttl(key)
+                if dump is None or ttl_ms == -2:  # expired meanwhile
+                    continue
+                await self.redis.restore(target, max(0, ttl_ms), dump, replace=True)  # 0: no expiry
+                await client.delete(key)
+                moved += 1
+        return dropped, moved
+
+    async def check_layout(self) -> None:
+        """Refuse to start with another partition count than the cache's: an
+        organization would be cached under two partitions (two balances to spend)."""
+        for mark in (await self.layout()).values():
+            if mark != str(self.partitions):
+                raise LayoutError.of(self.partitions, int(mark) if mark.isdigit() else 0)
+
     async def ping(self) -> None:
         """Every primary answers (readiness); Unavailable naming the first that does not."""
         for where, client in self._primaries():
@@ -505,6 +591,7 @@ class HotPath:
         try:
             if self.durability is not Durability.ASYNC:
                 await self.check_servers()
+            await self.check_layout()
             await self._install()
             if self.mode is Mode.FUNCTIONS:
                 await self._prune_libraries()
@@ -755,7 +842,12 @@ class HotPath:
         events = [*snap.held, *(d for eid, d in mine if entry_after(eid, snap.after))]
         snap.held = []  # the load script does not need them
         snap = replay(snap, _decodable(events))
-        return await self._call("load", organization_id, (), (organization_id, now_ms(), new_id(), _encode(snap)))
+        layout = (self.partition_key(self.partition(organization_id), "layout"),)
+        args = (organization_id, now_ms(), new_id(), _encode(snap), self.partitions)
+        result = await self._call("load", organization_id, layout, args)
+        if result.status is Status.LAYOUT_CHANGED:
+            raise LayoutError.of(self.partitions, int(result.payload.get("partitions") or 0))
+        return result
 
     async def consume(
         self,

@@ -558,6 +558,12 @@ class Settlement:
         return [OrgBalance(str(r["organization_id"]), int(r["balance"])) for r in rows]
 
     # -- quarantine -------------------------------------------------------------------
+    async def fence(self, partition: int) -> int:
+        """The epoch the partition's fence stands at (0: never moved)."""
+        async with self.pool.acquire() as conn:
+            value = await conn.fetchval("SELECT epoch FROM settlement_fences WHERE partition = $1", partition)
+        return int(value or 0)
+
     async def hold_dead_letter(self, dead_letter: DeadLetter, *, epoch: int | None = None) -> bool:
         """Keep an entry settlement could not take (state `held`); False when this entry
         is in quarantine already (a redelivery). The partition's watermark moves past it:

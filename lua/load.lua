@@ -13,9 +13,17 @@
     depts   = [{id, limit, period, pstart, spent}]
     creds   = [{id, cap, spent, revoked, rate, burst}]  (rate/burst -1 = default)
     holds   = [{id, a, al, d, ps, k, x, act}]  open reservations }
+  KEYS[13]     the partition's layout mark (how many partitions the cache is laid out in)
+  ARGV[5] this process's partition count
   Returns {status, msgpack payload}: OK {balance} | ALREADY_LOADED {}
+    | LAYOUT_CHANGED {partitions}: the cache is laid out in another number of partitions
+      (or is being resized: 0); nothing is loaded, so no organization is ever cached
+      under two partitions
 ]]
+local layout = redis.call('GET', KEYS[13])
+if layout and layout ~= ARGV[5] then return reply(LAYOUT_CHANGED, {partitions = tonumber(layout) or 0}) end
 if loaded() then return reply(ALREADY_LOADED, {}) end
+if not layout then redis.call('SET', KEYS[13], ARGV[5]) end
 local s = unpack(ARGV[4])
 for i = 1, N_FIXED - 1 do redis.call('DEL', KEYS[i]) end
 

@@ -11,6 +11,7 @@ credits token --org ORG ...      a frontend JWT (role admin|viewer|agent, --ttl)
 credits grant|adjust|balance     credits with a reason; an organization's balance
 credits alert set|list|delete|test  low-balance alerts
 credits reconcile                Redis against the ledger
+credits partitions show|resize   where the usage partitions live; change their number (offline)
 
 Each group of commands is a module of ops/commands/. Commands that need the database
 find the stack as ops/stack.py says, from any directory.

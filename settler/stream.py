@@ -96,6 +96,13 @@ if pending[1] > 0 and older(pending[2], threshold) then threshold = pending[2] e
 redis.call('XTRIM', KEYS[1], 'MINID', threshold)
 return acked
 """
+# Raise the epoch counter to ARGV[1] while we hold the lease (never lowers it).
+_RAISE_EPOCH = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+local now = tonumber(redis.call('GET', KEYS[1]) or '0')
+if now < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]); now = tonumber(ARGV[1]) end
+return now
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -156,6 +163,7 @@ class PartitionSettler:
         self.epoch = 0  # this owner's epoch (the fence its transactions move), 0: none
         self._lease = redis.register_script(_LEASE)
         self._release = redis.register_script(_RELEASE)
+        self._raise_epoch = redis.register_script(_RAISE_EPOCH)
         self._ack_trim = redis.register_script(_ACK_TRIM)
         self._backoff_s = 0.0
         self.claimed_orphans = False  # set by acquire when it claimed another consumer's entries
@@ -169,6 +177,10 @@ class PartitionSettler:
             self.epoch = 0
             return False
         if epoch != self.epoch:  # newly ours (or ours again after it ran out)
+            epoch = await self._past_the_fence(epoch)
+            if epoch == 0:  # the lease ran out meanwhile
+                self.epoch = 0
+                return False
             self.epoch = epoch
             await self._ensure_group()
             await self._claim_all()
@@ -178,6 +190,21 @@ class PartitionSettler:
             await self._claim_all()
             self.claimed_orphans = True
         return True
+
+    async def _past_the_fence(self, epoch: int) -> int:
+        """The epoch, raised past the fence in Postgres if it is not already: after Redis
+        lost its counters (flushed, restored, replaced) a new owner's epoch would start
+        again at 1 and every transaction of it be refused. Only the lease holder gets
+        here, so the raise is as exclusive as the lease. Postgres away: the epoch as it
+        is (a refused transaction hands the partition back; the next owner raises it)."""
+        try:
+            fence = await self.settlement.fence(self.partition)
+        except Exception as exc:  # Postgres down: settlement waits for it anyway
+            log.warning("fence_unknown", extra={"partition": self.partition, "error": str(exc)})
+            return epoch
+        if epoch > fence:
+            return epoch
+        return int(await self._raise_epoch(keys=[self.epoch_key, self.lease_key], args=[fence + 1, self.consumer]))
 
     async def _orphans(self) -> bool:
         """Whether a consumer other than this one has entries pending."""

@@ -37,6 +37,11 @@ async def run(config: Config, *, stop: asyncio.Event | None = None, handle_signa
     if connections is None:
         return
     settler = await Settler.open(config, connections)
+    try:
+        await settler.hot.check_layout()  # another USAGE_PARTITIONS than the cache's: refuse
+    except Exception:
+        await settler.close()
+        raise
     runner: web.AppRunner | None = None
     tasks: list[asyncio.Task[None]] = []
     try:

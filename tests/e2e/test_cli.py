@@ -421,3 +421,12 @@ def test_the_sidecar_listens_on_a_unix_socket(migrated: Config, tmp_path: Path) 
         if proc.stderr:
             proc.stderr.close()
     assert not path.exists()  # removed on the way out
+
+
+def test_partitions_show_lists_every_partition(migrated: Config) -> None:
+    shown = json.loads(run(migrated, "partitions", "show", "--json").stdout)
+    assert shown["partitions"] == migrated.usage_partitions
+    assert [r["partition"] for r in shown["rows"]] == list(range(migrated.usage_partitions))
+    assert all({"slot", "server", "unsettled", "oldest_s", "layout"} <= set(r) for r in shown["rows"])
+    refused = run(migrated, "partitions", "resize", "--to", "0", check=False)
+    assert refused.returncode == 2 and "between 1 and 16384" in refused.stderr

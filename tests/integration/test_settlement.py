@@ -601,3 +601,24 @@ async def test_captures_count_as_usage_in_pages_and_summaries(
         assert {g.sub_key for g in daily} == {"web_search", "generate_content", ""}
         rolled = await conn.fetchval("SELECT sum(events) FROM usage_hourly")
     assert rolled == 5 + len(captured)
+
+
+async def test_a_settler_whose_epoch_counter_was_lost_raises_it_past_the_fence(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
+) -> None:
+    """Redis lost the epoch counters (flushed, restored, replaced): the next owner's
+    epoch would start again at 1, below the fence in Postgres, and every transaction of
+    it would be refused for ever. It raises its epoch past the fence instead."""
+    await hot.consume(org.id, org.admin_key_id, action="generate_content", units=1)
+    ps = settler(redis, settlement, hot, org.id, consumer="before")
+    await drain(ps)
+    fence = await settlement.fence(ps.partition)
+    assert fence >= 1
+    await redis.delete(ps.epoch_key)  # the counter is gone
+    await hot.consume(org.id, org.admin_key_id, action="generate_content", units=1)
+    after = settler(redis, settlement, hot, org.id, consumer="after")
+    assert await after.acquire()
+    assert after.epoch == fence + 1
+    await after.release()
+    await drain(after)
+    assert (await ledger_state(ledger, org.id))["usage"] == 2 * CREDIT
