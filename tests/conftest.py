@@ -2,6 +2,11 @@
 fresh database is created on that server for the session); otherwise the suite starts
 the embedded servers itself, exactly as a fresh machine would.
 
+TEST_REDIS=cluster: Redis is a real 3-master cluster (one replica each) the suite forms
+itself (ops.embedded_cluster), and REDIS_URL names its first master; Postgres is still
+DATABASE_URL when set, else the embedded one. The `redis_cluster` fixture gives a test
+the cluster's handle (to kill, pause, fail over or migrate); it skips in other modes.
+
 Tiers: tests/unit (no servers), tests/integration (real Redis and Postgres),
 tests/e2e (HTTP against the sidecar), tests/faults (a model of the money against the
 real scripts, and crashes and outages of servers the suite starts for itself). Pick one
@@ -17,6 +22,7 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
@@ -30,7 +36,15 @@ from hotpath.servers import RedisConnections, open_redis
 from ledger.migrate import migrate
 from ledger.store import Ledger
 
+if TYPE_CHECKING:
+    from ops.embedded_cluster import EmbeddedCluster
+
 JWT_SECRET = "test-secret-" + "x" * 40
+REDIS_MODES = ("", "cluster")  # TEST_REDIS: unset (one server), or "cluster"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _redis_mode()  # a wrong TEST_REDIS stops the run before any test
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -45,6 +59,7 @@ class Servers:
     redis_url: str
     database_url: str  # owner URL of this session's own database
     embedded: bool
+    cluster: EmbeddedCluster | None = None  # TEST_REDIS=cluster: the cluster behind redis_url
 
 
 def _with_database(url: str, name: str) -> str:
@@ -52,10 +67,20 @@ def _with_database(url: str, name: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
 
 
+def _redis_mode() -> str:
+    mode = os.environ.get("TEST_REDIS", "").strip().lower()
+    if mode not in REDIS_MODES:
+        raise pytest.UsageError(f"TEST_REDIS={mode!r}: use 'cluster', or leave it unset for one Redis server")
+    return mode
+
+
 @pytest.fixture(scope="session")
 def servers() -> Iterator[Servers]:
     redis_url = os.environ.get("REDIS_URL")
     database_url = os.environ.get("DATABASE_URL")
+    if _redis_mode() == "cluster":
+        yield from _with_cluster(database_url)
+        return
     if redis_url and database_url:
         yield from _fresh_database(redis_url, database_url, embedded=False)
         return
@@ -70,7 +95,44 @@ def servers() -> Iterator[Servers]:
             embedded.stop()
 
 
-def _fresh_database(redis_url: str, database_url: str, *, embedded: bool) -> Iterator[Servers]:
+def _with_cluster(database_url: str | None) -> Iterator[Servers]:
+    """A 3-master cluster of the session's own (REDIS_URL, when set, is not used)."""
+    from ops.embedded import EmbeddedServers
+    from ops.embedded_cluster import EmbeddedCluster
+
+    with tempfile.TemporaryDirectory(prefix="credits-test-cluster-") as tmp:
+        cluster = EmbeddedCluster(pathlib.Path(tmp) / "cluster", masters=3, replicas_per_master=1)
+        redis_url = cluster.start()[0]
+        try:
+            if database_url:
+                yield from _fresh_database(redis_url, database_url, embedded=False, cluster=cluster)
+                return
+            # Postgres embedded as in the default mode (its Valkey is started too, unused).
+            embedded = EmbeddedServers(pathlib.Path(tmp) / "servers")
+            urls = embedded.start()
+            try:
+                yield from _fresh_database(redis_url, urls.database_url, embedded=True, cluster=cluster)
+            finally:
+                embedded.stop()
+        finally:
+            cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(request: pytest.FixtureRequest) -> EmbeddedCluster:
+    """The session's cluster (TEST_REDIS=cluster), to inject faults into; skips otherwise
+    (before any server starts). Its methods block: from a test, call them through
+    asyncio.to_thread."""
+    if _redis_mode() != "cluster":
+        pytest.skip("needs TEST_REDIS=cluster")
+    servers: Servers = request.getfixturevalue("servers")
+    assert servers.cluster is not None
+    return servers.cluster
+
+
+def _fresh_database(
+    redis_url: str, database_url: str, *, embedded: bool, cluster: EmbeddedCluster | None = None
+) -> Iterator[Servers]:
     import asyncio
 
     name = f"credits_test_{uuid.uuid4().hex[:10]}"
@@ -91,7 +153,12 @@ def _fresh_database(redis_url: str, database_url: str, *, embedded: bool) -> Ite
 
     asyncio.run(create())
     try:
-        yield Servers(redis_url=redis_url, database_url=_with_database(database_url, name), embedded=embedded)
+        yield Servers(
+            redis_url=redis_url,
+            database_url=_with_database(database_url, name),
+            embedded=embedded,
+            cluster=cluster,
+        )
     finally:
         asyncio.run(drop())
 

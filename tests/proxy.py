@@ -2,13 +2,15 @@
 stall or vanish without touching the server itself (it is shared): `pause()` holds
 every byte clients send (as a paused Redis leaves them in its socket buffer) and
 `resume()` delivers them, also for clients that gave up meanwhile (Redis executes what
-it has read even after the client left); `refuse()` drops every connection and accepts
-none until `restore()`."""
+it has read even after the client left); `refuse()` drops every connection and stops
+listening until `restore()`, so new connections are refused by the kernel (a client
+then knows that nothing it meant to send was delivered)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 CHUNK = 65536
 
@@ -25,9 +27,18 @@ class Proxy:
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, sock=self._listen(0))
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
+
+    @staticmethod
+    def _listen(port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
 
     def url(self, scheme: str = "redis", path: str = "/0") -> str:
         return f"{scheme}://127.0.0.1:{self.port}{path}"
@@ -40,11 +51,23 @@ class Proxy:
 
     def refuse(self) -> None:
         self._refusing = True
+        if self._server is not None:
+            self._server.close()  # nothing listens: a connect is refused, not accepted and reset
         for writer in list(self._writers):
             writer.transport.abort()
 
     def restore(self) -> None:
         self._refusing = False
+        if self._server is not None and not self._server.is_serving():
+            # Bound and listening at once (connections wait in the backlog); the server
+            # that accepts them starts on the next turn of the loop.
+            sock = self._listen(self.port)
+            task = asyncio.get_running_loop().create_task(self._serve_on(sock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve_on(self, sock: socket.socket) -> None:
+        self._server = await asyncio.start_server(self._serve, sock=sock)
 
     async def stop(self) -> None:
         self.resume()
