@@ -10,6 +10,7 @@ import prometheus_client
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from accounts import entitlements
 from api import cors, reference
 from api.auth import Authenticator, hot_path_check
 from api.errors import Handler, error_middleware
@@ -43,6 +44,7 @@ from core.config import Config
 from core.errors import Unavailable
 from hotpath.client import HotPath
 from hotpath.servers import open_redis
+from ledger.entitlements import EntitlementStore
 from ledger.store import Ledger
 from webhooks.endpoint import WebhookReceiver
 from webhooks.handlers import EventHandlers
@@ -156,7 +158,12 @@ def create_app(
                         await sync_catalog(catalog, stripe_gateway)
                     except StripeError as exc:  # serve what is synced; subscribing waits for a sync
                         log.error("catalog_sync_failed", extra={"error": str(exc)})
-                store = BillingStore(ledger)
+                features = EntitlementStore(ledger)
+
+                async def subscription_changed(org: str, hot: HotPath = hot) -> None:
+                    await entitlements.push_soon(features, hot, org)
+
+                store = BillingStore(ledger, subscription_changed=subscription_changed)
                 credits = Credits(
                     store=store,
                     ledger=ledger,

@@ -29,6 +29,7 @@ from core.errors import OutcomeUnknown, Unavailable
 from core.http import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from core.money import to_credits
 from hotpath.client import fingerprint
+from ledger.entitlements import FREE_SCOPE, EntitlementStore, Feature
 from ledger.store import POSTGRES_DOWN, Credential, StoredResponse
 
 T = TypeVar("T")
@@ -219,9 +220,17 @@ async def post_customer(request: web.Request) -> web.Response:
 
 
 # -- catalog --------------------------------------------------------------------------
+def _definitions(features: list[Feature]) -> list[s.FeatureDefinition]:
+    return [
+        s.FeatureDefinition(feature=f.feature, type=f.type, enabled=f.enabled, limit=f.limit, value=f.value)
+        for f in features
+    ]
+
+
 async def list_plans(request: web.Request) -> web.Response:
     await request.app[AUTH](request)
     plans = await request.app[CATALOG].plans()
+    features = await EntitlementStore(request.config_dict[LEDGER]).catalog()
     return respond(
         s.PlanList(
             data=[
@@ -234,9 +243,11 @@ async def list_plans(request: web.Request) -> web.Response:
                     interval=p.interval,
                     credits_per_period=to_credits(p.credits),
                     features=list(p.features),
+                    entitlements=_definitions(features.get(p.id, [])),
                 )
                 for p in plans
-            ]
+            ],
+            free_entitlements=_definitions(features.get(FREE_SCOPE, [])),
         )
     )
 

@@ -70,6 +70,17 @@ class CustomerView(Body):
     name: str | None
 
 
+class FeatureDefinition(Body):
+    """A typed feature of a plan: boolean (enabled), limit (limit; null = unlimited) or
+    config (value). GET /api/credits/entitlements gives an organization's, with usage."""
+
+    feature: str
+    type: Literal["boolean", "limit", "config"]
+    enabled: bool | None = None
+    limit: int | None = None
+    value: str | None = None
+
+
 class PlanView(Body):
     id: str
     name: str
@@ -78,11 +89,13 @@ class PlanView(Body):
     currency: Currency
     interval: str
     credits_per_period: Credits
-    features: list[str]
+    features: list[str]  # as people read them ("5 projects"); `entitlements` as code checks them
+    entitlements: list[FeatureDefinition]
 
 
 class PlanList(Body):
     data: list[PlanView]
+    free_entitlements: list[FeatureDefinition]  # what an organization without a plan has
 
 
 class SubscriptionView(Body):

@@ -269,3 +269,83 @@ class TransactionList(Body):
 class Health(Body):
     status: str
     checks: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+# -- entitlements (issue 13) ---------------------------------------------------------
+Feature = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$", description="feature name (api_access, projects)")]
+FeatureType = Literal["boolean", "limit", "config"]
+FeatureSource = Literal["plan", "free", "override"]
+CheckReason = Literal[
+    "not_included",
+    "disabled",
+    "limit_reached",
+    "insufficient_credits",
+    "department_limit_exceeded",
+    "key_cap_exceeded",
+]
+
+
+class CheckRequest(Body):
+    """A feature alone, or with an action to charge when the feature allows it (one step)."""
+
+    feature: Feature
+    action: Action | None = None
+    units: Units = 1
+    department_id: DepartmentId | None = None
+    metadata: Metadata | None = None
+
+
+class CheckCharge(Body):
+    id: str
+    action: str
+    units: int
+    credits: Credits
+    balance: Credits
+    available: Credits
+
+
+class CheckResponse(Body):
+    """allowed: false with a reason when refused (nothing charged). limit features: limit
+    (null = unlimited), usage, remaining (null = unlimited); boolean: enabled; config: value."""
+
+    allowed: bool
+    feature: str
+    reason: CheckReason | None = None
+    type: FeatureType | None = None
+    enabled: bool | None = None
+    limit: int | None = None
+    usage: int | None = None
+    remaining: int | None = None
+    value: str | None = None
+    charge: CheckCharge | None = None
+
+
+class EntitlementView(Body):
+    """One feature of the organization. source: its plan, the free defaults (no plan), or
+    an override set by operations for this organization."""
+
+    feature: str
+    type: FeatureType
+    source: FeatureSource
+    enabled: bool | None = None
+    limit: int | None = None
+    usage: int | None = None
+    remaining: int | None = None
+    value: str | None = None
+
+
+class EntitlementList(Body):
+    plan_id: str | None
+    data: list[EntitlementView]
+
+
+class UsageChangeRequest(Body):
+    delta: Annotated[int, Meta(ge=-1_000_000_000, le=1_000_000_000, description="units to add (negative: remove)")]
+
+
+class UsageChangeResponse(Body):
+    feature: str
+    delta: int
+    usage: int
+    limit: int | None
+    remaining: int | None

@@ -4,6 +4,16 @@ one line in GROUPS."""
 
 from __future__ import annotations
 
-from ops.commands import accounts, alerts, dev, partitions, portal, quarantine, reconcile, services
+from ops.commands import (
+    accounts,
+    alerts,
+    dev,
+    entitlements,
+    partitions,
+    portal,
+    quarantine,
+    reconcile,
+    services,
+)
 
-GROUPS = (dev, services, accounts, alerts, reconcile, quarantine, portal, partitions)
+GROUPS = (dev, services, accounts, alerts, entitlements, reconcile, quarantine, portal, partitions)
