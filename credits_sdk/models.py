@@ -62,6 +62,8 @@ class DepartmentBudget(Model, frozen=True, kw_only=True):
     period: str
     spent: decimal.Decimal
     remaining: decimal.Decimal | None
+    mode: str = "hard"  # hard: refused past the limit; soft: charged, with an alert
+    alert_percent: int | None = None
 
 
 class Balance(Model, frozen=True, kw_only=True):
@@ -71,6 +73,8 @@ class Balance(Model, frozen=True, kw_only=True):
     available: decimal.Decimal
     grants: list[Grant] = []
     department: DepartmentBudget | None = None
+    # When available credits run out at the recent rate of spend (None: idle).
+    runs_out_at: dt.datetime | None = None
 
 
 class Consumption(Model, frozen=True, kw_only=True):

@@ -21,10 +21,10 @@ from core.http import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from core.money import PrecisionError, format_credits, to_credits, to_milli
 from hotpath.client import BatchItem, Result, fingerprint, new_id, now_ms, period_bounds
 from ledger.entitlements import Entitlement, EntitlementStore, LimitReached, NotALimit
-from ledger.store import Conflict, Credential, LedgerReads, NotFound, StoredResponse
+from ledger.store import POSTGRES_DOWN, Conflict, Credential, Department, LedgerReads, NotFound, StoredResponse
 from lua import Status
 from meter import schemas as s
-from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, SOURCES
+from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, SOURCES, SPEND_RATES
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder(decimal_format="number")
@@ -466,8 +466,12 @@ def _dept_param(request: web.Request, cred: Credential) -> str:
     return department_for(cred, raw)
 
 
-def _budget(dept_id: str, d: dict[str, Any]) -> s.DepartmentBudget:
+def _budget(dept_id: str, d: dict[str, Any], soft: Department | None = None) -> s.DepartmentBudget:
+    """The cache's view of a department's period; `soft`: its row when its budget is soft
+    (the cache enforces no limit then, so the limit is the row's)."""
     limit = int(d["limit"])
+    if soft is not None and soft.limit is not None:
+        limit = soft.limit
     spent = int(d["spent"])
     return s.DepartmentBudget(
         id=dept_id,
@@ -475,7 +479,23 @@ def _budget(dept_id: str, d: dict[str, Any]) -> s.DepartmentBudget:
         period=d["period"],
         spent=credits(spent),
         remaining=None if limit < 0 else credits(max(0, limit - spent)),
+        mode="soft" if soft is not None else "hard",
+        alert_percent=soft.alert_percent if soft is not None else None,
     )
+
+
+async def _soft_budget(request: web.Request, org: str, dept_id: str, d: dict[str, Any]) -> Department | None:
+    """The department's row when the cache enforces no limit and its budget may be soft
+    (read from Postgres only then; while it cannot answer, shown as the cache has it)."""
+    if int(d["limit"]) >= 0:
+        return None
+    try:
+        dept = await request.app[LEDGER].department(org, dept_id)
+    except NotFound:
+        return None
+    except POSTGRES_DOWN:
+        return None
+    return dept if dept.mode == "soft" else None
 
 
 async def balance(request: web.Request) -> web.Response:
@@ -486,6 +506,9 @@ async def balance(request: web.Request) -> web.Response:
     p = ok_or(result, department_param="department_id")
     grants = p["grants"]
     sources = await request.app[SOURCES].lookup(org, [g["id"] for g in grants])
+    spend = await request.app[SPEND_RATES].recent(org)
+    runs_out = None if spend is None else spend.runs_out_at(int(p["available"]), dt.datetime.now(dt.UTC))
+    soft = await _soft_budget(request, org, dept, p["dept"]) if dept else None
     return respond(
         s.BalanceResponse(
             organization_id=org,
@@ -501,7 +524,8 @@ async def balance(request: web.Request) -> web.Response:
                 )
                 for g in grants
             ],
-            department=_budget(dept, p["dept"]) if dept else None,
+            department=_budget(dept, p["dept"], soft) if dept else None,
+            runs_out_at=None if runs_out is None else runs_out.strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
     )
 
@@ -611,7 +635,7 @@ def _dept_id(request: web.Request) -> str:
 async def _limit_view(request: web.Request, cred: Credential, dept_id: str) -> s.LimitView:
     result = await request.app[HOT].balance(cred.organization_id, cred.id, department_id=dept_id)
     p = ok_or(result, department_param="department_id")
-    budget = _budget(dept_id, p["dept"])
+    budget = _budget(dept_id, p["dept"], await _soft_budget(request, cred.organization_id, dept_id, p["dept"]))
     start, end = period_bounds(budget.period, now_ms())
     return s.LimitView(
         department_id=dept_id,
@@ -621,6 +645,8 @@ async def _limit_view(request: web.Request, cred: Credential, dept_id: str) -> s
         remaining=budget.remaining,
         period_start=start.strftime("%Y-%m-%dT%H:%M:%SZ"),
         period_end=end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        mode=budget.mode,
+        alert_percent=budget.alert_percent,
     )
 
 
@@ -638,11 +664,25 @@ async def put_limits(request: web.Request) -> web.Response:
     dept_id = _dept_id(request)
     body = await decode(request, s.LimitRequest)
     limit = None if body.limit is None else milli(body.limit, "$.limit")
+    alert_percent = body.alert_percent
+    if body.mode == "hard" and alert_percent is not None:
+        raise invalid("alert_percent is for soft budgets (mode: soft)", "$.alert_percent")
+    if body.mode == "soft":
+        if limit is None:
+            raise invalid("a soft budget needs a limit to alert at", "$.limit")
+        alert_percent = alert_percent or s.SOFT_ALERT_PERCENT_DEFAULT
     await _request_token(request, cred)
     org = cred.organization_id
     try:
         await admin.set_department_limit(
-            request.app[LEDGER], request.app[HOT], org, dept_id, limit=limit, period=body.period
+            request.app[LEDGER],
+            request.app[HOT],
+            org,
+            dept_id,
+            limit=limit,
+            period=body.period,
+            mode=body.mode,
+            alert_percent=alert_percent,
         )
     except NotFound:
         raise ApiError(404, "not_found", "no such department", "department_id") from None

@@ -82,9 +82,19 @@ class DepartmentRequest(Body):
     name: Annotated[str, Meta(min_length=1, max_length=200, pattern=NO_NUL)]
 
 
+BudgetMode = Annotated[
+    Literal["hard", "soft"],
+    Meta(description="hard: a charge past the limit is refused; soft: charged, with an alert at alert_percent"),
+]
+AlertPercent = Annotated[int, Meta(ge=1, le=100, description="a soft budget alerts once per period at this share")]
+SOFT_ALERT_PERCENT_DEFAULT = 80
+
+
 class LimitRequest(Body):
     limit: Credits | None
     period: Period
+    mode: BudgetMode = "hard"
+    alert_percent: AlertPercent | None = None  # soft only; default 80
 
 
 # -- responses ---------------------------------------------------------------------
@@ -101,6 +111,8 @@ class DepartmentBudget(Body):
     period: Period
     spent: Credits
     remaining: Credits | None
+    mode: BudgetMode = "hard"
+    alert_percent: int | None = None
 
 
 class BalanceResponse(Body):
@@ -110,6 +122,10 @@ class BalanceResponse(Body):
     available: Credits
     grants: list[GrantView]
     department: DepartmentBudget | None = None
+    runs_out_at: Annotated[
+        str | None,
+        Meta(description="when available credits run out at the recent rate of spend (null: idle, no spend lately)"),
+    ] = None
 
 
 class UseResponse(Body):
@@ -184,6 +200,8 @@ class LimitView(Body):
     remaining: Credits | None
     period_start: str
     period_end: str
+    mode: BudgetMode = "hard"
+    alert_percent: int | None = None
 
 
 Timestamp = Annotated[dt.datetime, Meta(tz=True, description="ISO 8601 with a time zone, e.g. 2026-11-23T12:00:00Z")]

@@ -341,8 +341,10 @@ async def set_limit(request: web.Request) -> web.StreamResponse:
 
 # -- alerts ------------------------------------------------------------------------------
 class AlertForm(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    threshold: credit_schemas.Credits
+    threshold: credit_schemas.Credits = decimal.Decimal(0)
     url: Annotated[str, Meta(pattern=r"^https?://[^\s]+$", max_length=2048)]
+    # also low when fewer days than this are left at the recent rate of spend
+    days_left: decimal.Decimal | None = None  # 0.01 to 365, exact to 0.01 (the ledger checks the range)
 
 
 async def set_alert(request: web.Request) -> web.StreamResponse:
@@ -350,7 +352,12 @@ async def set_alert(request: web.Request) -> web.StreamResponse:
     p.require_admin()
     body = await fields(request, AlertForm)
     try:
-        secret = await p.ledger.set_alert(p.org, threshold=milli(body.threshold, "$.threshold"), webhook_url=body.url)
+        days_left = body.days_left
+        if days_left is not None and (not days_left.is_finite() or days_left != round(days_left, 2)):
+            raise invalid("days left are a number exact to 0.01", "$.days_left")
+        secret = await p.ledger.set_alert(
+            p.org, threshold=milli(body.threshold, "$.threshold"), webhook_url=body.url, days_left=body.days_left
+        )
     except ValueError as exc:
         raise invalid(str(exc)) from None
     return await pages.render_page(request, "alerts.html", secret=secret)
