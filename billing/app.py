@@ -19,6 +19,7 @@ from billing.actions import BillingActions
 from billing.appkeys import (
     ACTIONS,
     AUTH,
+    AUTO_TOPUPS,
     BILLING_CONFIG,
     CATALOG,
     CONFIG,
@@ -33,6 +34,7 @@ from billing.appkeys import (
     STORE,
     WORKER,
 )
+from billing.autotopup import AutoTopups, AutoTopupStore
 from billing.catalog import Catalog, sync_catalog
 from billing.config import BillingConfig
 from billing.credits import Credits
@@ -203,10 +205,23 @@ def create_app(
                     link_ttl_s=billing.portal_link_ttl_s,
                     session_ttl_s=billing.portal_session_ttl_s,
                 )
+                topups = AutoTopups(
+                    AutoTopupStore(ledger),
+                    hot=hot,
+                    catalog=catalog,
+                    gateway=stripe_gateway,
+                    credits=credits,
+                    billing=store,
+                    interval_s=billing.auto_topup_interval_s,
+                    cooldown_s=billing.auto_topup_cooldown_s,
+                )
+                app[AUTO_TOPUPS] = topups
                 await worker.start()
+                topups.start()
                 try:
                     yield
                 finally:
+                    await topups.stop()
                     await worker.stop()
             finally:
                 await ledger.close()

@@ -220,3 +220,46 @@ class StripeEventBody(Body, forbid_unknown_fields=False):
     type: str
     created: int
     data: dict[str, Any]
+
+
+# -- automatic top-up (issue 13) ------------------------------------------------------
+TopupFailure = Literal["card_declined", "authentication_required", "cap_reached", "no_payment_method", "payment_failed"]
+
+
+class AutoTopupRequest(Body):
+    """When available credits fall below `threshold`, buy `package_id` with the default
+    card (off-session), at most `max_per_month` times and `monthly_cap_cents` a month."""
+
+    enabled: bool
+    threshold: Credits
+    package_id: CatalogId
+    max_per_month: Annotated[int, Meta(ge=1, le=1000)]
+    monthly_cap_cents: Cents
+
+
+class AutoTopupAttemptView(Body):
+    id: str
+    status: Literal["pending", "succeeded", "failed"]
+    reason: TopupFailure | None
+    package_id: str
+    credits: Credits
+    amount_cents: Cents
+    currency: Currency
+    available_at_trigger: Credits
+    payment_id: str | None
+    created_at: Timestamp
+    decided_at: Timestamp | None
+
+
+class AutoTopupView(Body):
+    """The settings (`configured: false` and nulls when never set) and the last attempts,
+    newest first. `paused_reason`: a failure stopped the top-ups; saving resumes them."""
+
+    configured: bool
+    enabled: bool
+    threshold: Credits | None
+    package_id: str | None
+    max_per_month: int | None
+    monthly_cap_cents: int | None
+    paused_reason: TopupFailure | None
+    attempts: list[AutoTopupAttemptView]

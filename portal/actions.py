@@ -23,7 +23,7 @@ from msgspec import Meta
 from accounts import admin
 from api.errors import ApiError, from_validation, invalid
 from billing import schemas as s
-from billing.handlers import idempotent_with_key, method_view, respond, subscription_view
+from billing.handlers import idempotent_with_key, method_view, respond, save_auto_topup, subscription_view
 from core.http import IDEMPOTENCY_HEADER
 from core.money import PrecisionError, to_credits, to_milli
 from ledger.store import Conflict, NotFound
@@ -195,6 +195,30 @@ async def purchase(request: web.Request) -> web.StreamResponse:
     if wants_json(request):
         return response
     raise web.HTTPSeeOther(f"/portal/buy?payment={_json_of(response)['payment_id']}")
+
+
+class AutoTopupForm(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = False  # a checkbox: absent when not ticked
+    threshold: credit_schemas.Credits
+    package_id: s.CatalogId
+    max_per_month: Annotated[int, Meta(ge=1, le=1000)]
+    monthly_cap_cents: s.Cents
+
+
+async def set_auto_topup(request: web.Request) -> web.StreamResponse:
+    """The API's PUT /auto-topup, from the Buy credits page (same checks, same door)."""
+    p = Portal.of(request)
+    p.require_admin()
+    form = await fields(request, AutoTopupForm)
+    body = s.AutoTopupRequest(
+        enabled=form.enabled,
+        threshold=form.threshold,
+        package_id=form.package_id,
+        max_per_month=form.max_per_month,
+        monthly_cap_cents=form.monthly_cap_cents,
+    )
+    await save_auto_topup(p.ledger, p.catalog, p.store, p.org, body)
+    raise back("/portal/buy", "auto_topup")
 
 
 # -- payment methods ---------------------------------------------------------------------
@@ -389,6 +413,7 @@ def routes() -> list[web.RouteDef]:
         web.post("/plans/cancel", cancel),
         web.post("/plans/resume", resume),
         web.post("/buy", purchase),
+        web.post("/auto-topup", set_auto_topup),
         web.post("/payment-methods/setup-intent", setup_intent),
         web.post("/payment-methods", add_card),
         web.post("/payment-methods/{payment_method_id}/default", default_card),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from ops.commands import (
     accounts,
     alerts,
+    autotopup,
     dev,
     entitlements,
     partitions,
@@ -16,4 +17,4 @@ from ops.commands import (
     services,
 )
 
-GROUPS = (dev, services, accounts, alerts, entitlements, reconcile, quarantine, portal, partitions)
+GROUPS = (dev, services, accounts, alerts, autotopup, entitlements, reconcile, quarantine, portal, partitions)

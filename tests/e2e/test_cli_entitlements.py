@@ -77,3 +77,23 @@ async def test_catalog_overrides_and_the_cache(migrated: Config, hot: HotPath) -
     bad = run(migrated, "entitlements", "plan-set", "--plan", "starter", "--feature", "projects", "--limit", "-1",
               check=False)  # fmt: skip
     assert bad.returncode == 1 and "at least 0" in bad.stderr
+
+
+async def test_autotopup_commands(migrated: Config) -> None:
+    org = out(migrated, "org", "create", "--name", "Topped")["organization_id"]
+    shown = out(migrated, "autotopup", "show", "--org", org, "--json")
+    assert shown["configured"] is False and shown["attempts"] == []
+    # Disabled settings need no card; enabling does (and says so).
+    args = ("--threshold", "25.5", "--package", "small", "--max-per-month", "3", "--monthly-cap-cents", "3000")
+    saved = out(migrated, "autotopup", "set", "--org", org, *args, "--disable", "--json")
+    assert (saved["enabled"], saved["threshold"], saved["package_id"], saved["max_per_month"]) == (
+        False,
+        "25.5",  # credits print as exact decimal text, as in every command
+        "small",
+        3,
+    )
+    bad = run(migrated, "autotopup", "set", "--org", org, *args, check=False)
+    assert bad.returncode == 1 and "create the customer first" in bad.stderr
+    bad = run(migrated, "autotopup", "set", "--org", org, *args[:3], "huge", *args[4:], "--disable", check=False)
+    assert bad.returncode == 1 and "no such credit package" in bad.stderr
+    assert "threshold" in run(migrated, "autotopup", "show", "--org", org).stdout
