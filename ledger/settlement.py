@@ -7,6 +7,7 @@ credits_settler, never as the owner.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -703,6 +704,7 @@ class AlertSummary:
     updated_at: dt.datetime
     deliveries_pending: int
     last_error: str  # of the latest failed delivery attempt; '' when none failed
+    days_left: decimal.Decimal | None = None  # also low when fewer days are left at the recent rate
 
 
 class OperatorReads:
@@ -732,7 +734,7 @@ class OperatorReads:
         """Low-balance alerts (all, or one organization's), with their delivery state."""
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT a.organization_id, o.name, a.threshold, a.webhook_url, a.state, a.updated_at,"
+                "SELECT a.organization_id, o.name, a.threshold, a.webhook_url, a.state, a.updated_at, a.days_left,"
                 " (SELECT count(*) FROM webhook_deliveries d"
                 "   WHERE d.organization_id = a.organization_id AND d.delivered_at IS NULL) AS pending,"
                 " (SELECT d.last_error FROM webhook_deliveries d WHERE d.organization_id = a.organization_id"
@@ -752,6 +754,7 @@ class OperatorReads:
                 r["updated_at"],
                 int(r["pending"]),
                 r["last_error"] or "",
+                r["days_left"],
             )
             for r in rows
         ]

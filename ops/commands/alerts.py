@@ -101,6 +101,7 @@ def cmd_alert_list(config: Config, args: argparse.Namespace) -> int:
                 "organization_id": a.organization_id,
                 "organization": a.organization_name,
                 "threshold": show_credits(a.threshold),
+                "days_left": None if a.days_left is None else str(a.days_left),
                 "url": a.webhook_url,
                 "state": a.state,
                 "deliveries_pending": a.deliveries_pending,
@@ -112,8 +113,8 @@ def cmd_alert_list(config: Config, args: argparse.Namespace) -> int:
         if args.json:
             write_json({"data": rows})
         else:
-            columns = ["organization_id", "organization", "threshold", "state", "url", "deliveries_pending"]
-            write_text(table(rows, [*columns, "last_error"]))
+            columns = ["organization_id", "organization", "threshold", "days_left", "state", "url"]
+            write_text(table(rows, [*columns, "deliveries_pending", "last_error"]))
         return 0
 
     return run_with_services(config, run)

@@ -97,3 +97,17 @@ async def test_autotopup_commands(migrated: Config) -> None:
     bad = run(migrated, "autotopup", "set", "--org", org, *args[:3], "huge", *args[4:], "--disable", check=False)
     assert bad.returncode == 1 and "no such credit package" in bad.stderr
     assert "threshold" in run(migrated, "autotopup", "show", "--org", org).stdout
+
+
+async def test_alert_as_days_left(migrated: Config) -> None:
+    org = out(migrated, "org", "create", "--name", "Forecast")["organization_id"]
+    url = ("--url", "https://example.test/hook")
+    saved = out(migrated, "alert", "set", "--org", org, "--days-left", "7.5", *url)
+    assert (saved["threshold"], saved["days_left"]) == ("0", "7.5")
+    [listed] = out(migrated, "alert", "list", "--org", org, "--json")["data"]
+    assert listed["days_left"] == "7.50" and listed["threshold"] == "0"
+    for bad in (("--days-left", "0"), ("--days-left", "400"), ("--days-left", "1.234"), ("--days-left", "nan")):
+        refused = run(migrated, "alert", "set", "--org", org, *bad, *url, check=False)
+        assert refused.returncode == 2 and "days must be between" in refused.stderr, refused.stderr
+    neither = run(migrated, "alert", "set", "--org", org, *url, check=False)
+    assert neither.returncode == 1 and "--threshold, --days-left or both" in neither.stderr
