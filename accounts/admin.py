@@ -85,12 +85,28 @@ async def create_department(ledger: Ledger, hot: HotPath, organization_id: str, 
 
 
 async def set_department_limit(
-    ledger: Ledger, hot: HotPath, organization_id: str, department_id: str, *, limit: int | None, period: str
+    ledger: Ledger,
+    hot: HotPath,
+    organization_id: str,
+    department_id: str,
+    *,
+    limit: int | None,
+    period: str,
+    mode: str = "hard",
+    alert_percent: int | None = None,
 ) -> Department:
     """A department's budget per period (None: no limit); ledger.NotFound for another
-    organization's department. A new period kind starts counting at zero."""
-    dept = await ledger.set_department_limit(organization_id, department_id, limit, period)
-    await hot.configure(organization_id, "dept", dept.id, -1 if limit is None else limit, dept.period)
+    organization's department. A new period kind starts counting at zero. A hard budget
+    refuses a charge past it (the hot path enforces it); a soft one keeps charging and
+    the settler alerts once per period at alert_percent (the hot path only counts)."""
+    if mode not in ("hard", "soft"):
+        raise AdminError("mode is hard or soft")
+    if mode == "hard" and alert_percent is not None:
+        raise AdminError("alert_percent is for soft budgets")
+    dept = await ledger.set_department_limit(
+        organization_id, department_id, limit, period, mode=mode, alert_percent=alert_percent
+    )
+    await hot.configure(organization_id, "dept", dept.id, dept.enforced_limit, dept.period)
     return dept
 
 

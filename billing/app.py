@@ -10,6 +10,7 @@ import prometheus_client
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from accounts import entitlements
 from api import cors, reference
 from api.auth import Authenticator, hot_path_check
 from api.errors import Handler, error_middleware
@@ -18,6 +19,7 @@ from billing.actions import BillingActions
 from billing.appkeys import (
     ACTIONS,
     AUTH,
+    AUTO_TOPUPS,
     BILLING_CONFIG,
     CATALOG,
     CONFIG,
@@ -32,6 +34,7 @@ from billing.appkeys import (
     STORE,
     WORKER,
 )
+from billing.autotopup import AutoTopups, AutoTopupStore
 from billing.catalog import Catalog, sync_catalog
 from billing.config import BillingConfig
 from billing.credits import Credits
@@ -43,6 +46,7 @@ from core.config import Config
 from core.errors import Unavailable
 from hotpath.client import HotPath
 from hotpath.servers import open_redis
+from ledger.entitlements import EntitlementStore
 from ledger.store import Ledger
 from webhooks.endpoint import WebhookReceiver
 from webhooks.handlers import EventHandlers
@@ -156,7 +160,12 @@ def create_app(
                         await sync_catalog(catalog, stripe_gateway)
                     except StripeError as exc:  # serve what is synced; subscribing waits for a sync
                         log.error("catalog_sync_failed", extra={"error": str(exc)})
-                store = BillingStore(ledger)
+                features = EntitlementStore(ledger)
+
+                async def subscription_changed(org: str, hot: HotPath = hot) -> None:
+                    await entitlements.push_soon(features, hot, org)
+
+                store = BillingStore(ledger, subscription_changed=subscription_changed)
                 credits = Credits(
                     store=store,
                     ledger=ledger,
@@ -196,10 +205,23 @@ def create_app(
                     link_ttl_s=billing.portal_link_ttl_s,
                     session_ttl_s=billing.portal_session_ttl_s,
                 )
+                topups = AutoTopups(
+                    AutoTopupStore(ledger),
+                    hot=hot,
+                    catalog=catalog,
+                    gateway=stripe_gateway,
+                    credits=credits,
+                    billing=store,
+                    interval_s=billing.auto_topup_interval_s,
+                    cooldown_s=billing.auto_topup_cooldown_s,
+                )
+                app[AUTO_TOPUPS] = topups
                 await worker.start()
+                topups.start()
                 try:
                     yield
                 finally:
+                    await topups.stop()
                     await worker.stop()
             finally:
                 await ledger.close()

@@ -7,6 +7,7 @@ from redis.asyncio import Redis
 
 from api.auth import Authenticator
 from billing.actions import BillingActions
+from billing.autotopup import AutoTopups
 from billing.catalog import Catalog
 from billing.config import BillingConfig
 from billing.credits import Credits
@@ -35,3 +36,4 @@ EVENTS = web.AppKey("events", EventStore)
 WORKER = web.AppKey("worker", EventWorker)
 RECEIVER = web.AppKey("webhook_receiver", WebhookReceiver)
 PORTAL_SESSIONS = web.AppKey("portal_sessions", PortalSessions)
+AUTO_TOPUPS = web.AppKey("auto_topups", AutoTopups)

@@ -56,6 +56,8 @@ class BillingConfig:
     # Who may frame the portal (CSP frame-ancestors): () = nobody; origins, or 'self'.
     portal_frame_ancestors: tuple[str, ...] = ()
     portal_cookie_samesite: str = "Lax"  # "None" (TLS only) lets another site embed the portal
+    auto_topup_interval_s: float = 1.0  # how often enabled organizations are looked at (0: not in this process)
+    auto_topup_cooldown_s: float = 300.0  # at least this long between two top-ups of one organization
 
     @property
     def stripe_configured(self) -> bool:
@@ -165,6 +167,8 @@ def load(env: Mapping[str, str] | None = None) -> BillingConfig:
         portal_session_ttl_s=_int(env, "PORTAL_SESSION_TTL_S", 8 * 3600, 300, 7 * 86400),
         portal_frame_ancestors=_frame_ancestors(env),
         portal_cookie_samesite=_samesite(env),
+        auto_topup_interval_s=_float(env, "AUTO_TOPUP_INTERVAL_S", 1.0, 0.0, 3600.0),
+        auto_topup_cooldown_s=_float(env, "AUTO_TOPUP_COOLDOWN_S", 300.0, 0.0, 30 * 86400.0),
     )
 
 

@@ -236,6 +236,7 @@ class StripeGateway(Protocol):
         description: str,
         metadata: Mapping[str, str],
         idempotency_key: str,
+        off_session: bool = False,
     ) -> PaymentIntent: ...
 
     async def retrieve_payment_intent(self, payment_intent_id: str) -> PaymentIntent: ...

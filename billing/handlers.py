@@ -23,13 +23,16 @@ from api.errors import ApiError, from_validation, invalid
 from api.requests import checked_idempotency_key, idempotency_key
 from billing import schemas as s
 from billing.appkeys import ACTIONS, AUTH, BILLING_CONFIG, CATALOG, LEDGER, PORTAL_SESSIONS, RECEIVER, STORE
+from billing.autotopup import Attempt, AutoTopupStore
+from billing.catalog import Catalog
 from billing.portal_sessions import ENTRY_PATH
-from billing.store import PAGE_LIMIT_MAX, InvalidCursor, PaymentMethodRow, PaymentRow, SubscriptionRow
+from billing.store import PAGE_LIMIT_MAX, BillingStore, InvalidCursor, PaymentMethodRow, PaymentRow, SubscriptionRow
 from core.errors import OutcomeUnknown, Unavailable
 from core.http import IDEMPOTENCY_HEADER, REPLAYED_HEADER
-from core.money import to_credits
+from core.money import PrecisionError, to_credits, to_milli
 from hotpath.client import fingerprint
-from ledger.store import POSTGRES_DOWN, Credential, StoredResponse
+from ledger.entitlements import FREE_SCOPE, EntitlementStore, Feature
+from ledger.store import POSTGRES_DOWN, Credential, Ledger, StoredResponse
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder(decimal_format="number")
@@ -219,9 +222,17 @@ async def post_customer(request: web.Request) -> web.Response:
 
 
 # -- catalog --------------------------------------------------------------------------
+def _definitions(features: list[Feature]) -> list[s.FeatureDefinition]:
+    return [
+        s.FeatureDefinition(feature=f.feature, type=f.type, enabled=f.enabled, limit=f.limit, value=f.value)
+        for f in features
+    ]
+
+
 async def list_plans(request: web.Request) -> web.Response:
     await request.app[AUTH](request)
     plans = await request.app[CATALOG].plans()
+    features = await EntitlementStore(request.config_dict[LEDGER]).catalog()
     return respond(
         s.PlanList(
             data=[
@@ -234,9 +245,11 @@ async def list_plans(request: web.Request) -> web.Response:
                     interval=p.interval,
                     credits_per_period=to_credits(p.credits),
                     features=list(p.features),
+                    entitlements=_definitions(features.get(p.id, [])),
                 )
                 for p in plans
-            ]
+            ],
+            free_entitlements=_definitions(features.get(FREE_SCOPE, [])),
         )
     )
 
@@ -489,6 +502,91 @@ async def stripe_webhook(request: web.Request) -> web.Response:
     return await request.app[RECEIVER](request)
 
 
+# -- automatic top-up -------------------------------------------------------------------
+def _attempt_view(a: Attempt) -> s.AutoTopupAttemptView:
+    return s.AutoTopupAttemptView(
+        id=a.id,
+        status=a.status,  # type: ignore[arg-type]
+        reason=a.failure_reason,  # type: ignore[arg-type]
+        package_id=a.package_id,
+        credits=to_credits(a.credits),
+        amount_cents=a.amount_cents,
+        currency=a.currency,
+        available_at_trigger=to_credits(a.available_at_trigger),
+        payment_id=a.payment_intent_id,
+        created_at=iso(a.created_at) or "",
+        decided_at=iso(a.decided_at),
+    )
+
+
+async def auto_topup_view(ledger: Ledger, org: str) -> s.AutoTopupView:
+    """GET /auto-topup's answer (the portal shows the same)."""
+    store = AutoTopupStore(ledger)
+    settings = await store.settings(org)
+    attempts = [_attempt_view(a) for a in await store.attempts(org)]
+    if settings is None:
+        return s.AutoTopupView(
+            configured=False,
+            enabled=False,
+            threshold=None,
+            package_id=None,
+            max_per_month=None,
+            monthly_cap_cents=None,
+            paused_reason=None,
+            attempts=attempts,
+        )
+    return s.AutoTopupView(
+        configured=True,
+        enabled=settings.enabled,
+        threshold=to_credits(settings.threshold),
+        package_id=settings.package_id,
+        max_per_month=settings.max_per_month,
+        monthly_cap_cents=settings.monthly_cap_cents,
+        paused_reason=settings.paused_reason,  # type: ignore[arg-type]
+        attempts=attempts,
+    )
+
+
+async def get_auto_topup(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    return respond(await auto_topup_view(request.config_dict[LEDGER], cred.organization_id))
+
+
+async def save_auto_topup(ledger: Ledger, catalog: Catalog, billing: BillingStore, org: str, body: Any) -> None:
+    """Validate and save (the API and the portal): the package exists, and enabling needs
+    a customer with a default card (a top-up is paid with it, off-session)."""
+    try:
+        threshold = to_milli(body.threshold)
+    except PrecisionError as exc:
+        raise invalid(f"credits {exc}", "$.threshold") from None
+    if threshold < 0:
+        raise invalid("must be at least 0", "$.threshold")
+    if await catalog.package(body.package_id) is None:
+        raise ApiError(404, "not_found", "no such credit package", "$.package_id")
+    if body.enabled:
+        customer = await billing.customer(org)
+        if customer is None or customer.stripe_customer_id is None:
+            raise ApiError(409, "customer_required", "create the customer first: POST /api/billing/customer")
+        if customer.default_payment_method_id is None:
+            raise invalid("a top-up is paid with the default card: add one first", "$.enabled")
+    await AutoTopupStore(ledger).save(
+        org,
+        enabled=body.enabled,
+        threshold=threshold,
+        package_id=body.package_id,
+        max_per_month=body.max_per_month,
+        monthly_cap_cents=body.monthly_cap_cents,
+    )
+
+
+async def put_auto_topup(request: web.Request) -> web.Response:
+    cred = await admin(request)
+    body = await decode(request, s.AutoTopupRequest)
+    ledger = request.config_dict[LEDGER]
+    await save_auto_topup(ledger, request.app[CATALOG], request.app[STORE], cred.organization_id, body)
+    return respond(await auto_topup_view(ledger, cred.organization_id))
+
+
 # -- the table of operations: routes and documentation ----------------------------------
 @dataclass(frozen=True)
 class Operation:
@@ -565,6 +663,11 @@ OPERATIONS = (
     Operation("DELETE", f"{B}/portal-sessions/{{portal_session_id}}", revoke_portal_session,
               "Revoke a portal link and end every browser session it started", response=s.PortalRevokedView,
               admin=True, errors=(401, 403, 404, 503)),
+    Operation("GET", f"{B}/auto-topup", get_auto_topup,
+              "Automatic top-up: the settings and the last attempts", response=s.AutoTopupView),
+    Operation("PUT", f"{B}/auto-topup", put_auto_topup,
+              "Set automatic top-up (saving also resumes top-ups a failure paused)",
+              s.AutoTopupRequest, s.AutoTopupView, admin=True, errors=(400, 401, 403, 404, 409, 413, 503)),
     Operation("POST", f"{B}/stripe/webhook", stripe_webhook, "Stripe events (signed); answered at once",
               s.StripeEventBody, s.WebhookAck, errors=(400, 413, 503), authenticated=False),
 )  # fmt: skip

@@ -70,6 +70,17 @@ class CustomerView(Body):
     name: str | None
 
 
+class FeatureDefinition(Body):
+    """A typed feature of a plan: boolean (enabled), limit (limit; null = unlimited) or
+    config (value). GET /api/credits/entitlements gives an organization's, with usage."""
+
+    feature: str
+    type: Literal["boolean", "limit", "config"]
+    enabled: bool | None = None
+    limit: int | None = None
+    value: str | None = None
+
+
 class PlanView(Body):
     id: str
     name: str
@@ -78,11 +89,13 @@ class PlanView(Body):
     currency: Currency
     interval: str
     credits_per_period: Credits
-    features: list[str]
+    features: list[str]  # as people read them ("5 projects"); `entitlements` as code checks them
+    entitlements: list[FeatureDefinition]
 
 
 class PlanList(Body):
     data: list[PlanView]
+    free_entitlements: list[FeatureDefinition]  # what an organization without a plan has
 
 
 class SubscriptionView(Body):
@@ -207,3 +220,46 @@ class StripeEventBody(Body, forbid_unknown_fields=False):
     type: str
     created: int
     data: dict[str, Any]
+
+
+# -- automatic top-up (issue 13) ------------------------------------------------------
+TopupFailure = Literal["card_declined", "authentication_required", "cap_reached", "no_payment_method", "payment_failed"]
+
+
+class AutoTopupRequest(Body):
+    """When available credits fall below `threshold`, buy `package_id` with the default
+    card (off-session), at most `max_per_month` times and `monthly_cap_cents` a month."""
+
+    enabled: bool
+    threshold: Credits
+    package_id: CatalogId
+    max_per_month: Annotated[int, Meta(ge=1, le=1000)]
+    monthly_cap_cents: Cents
+
+
+class AutoTopupAttemptView(Body):
+    id: str
+    status: Literal["pending", "succeeded", "failed"]
+    reason: TopupFailure | None
+    package_id: str
+    credits: Credits
+    amount_cents: Cents
+    currency: Currency
+    available_at_trigger: Credits
+    payment_id: str | None
+    created_at: Timestamp
+    decided_at: Timestamp | None
+
+
+class AutoTopupView(Body):
+    """The settings (`configured: false` and nulls when never set) and the last attempts,
+    newest first. `paused_reason`: a failure stopped the top-ups; saving resumes them."""
+
+    configured: bool
+    enabled: bool
+    threshold: Credits | None
+    package_id: str | None
+    max_per_month: int | None
+    monthly_cap_cents: int | None
+    paused_reason: TopupFailure | None
+    attempts: list[AutoTopupAttemptView]

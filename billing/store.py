@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,8 +163,11 @@ def payment_status(pi: PaymentIntent) -> str:
 
 
 class BillingStore:
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, *, subscription_changed: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.ledger = ledger
+        # Called after every write of a subscription (the one place plans change):
+        # the organization's entitlements follow its plan at once (accounts/entitlements.py).
+        self.subscription_changed = subscription_changed
 
     # -- customers -------------------------------------------------------------------
     async def customer(self, org: str) -> CustomerRow | None:
@@ -319,6 +323,8 @@ class BillingStore:
             row = await conn.fetchrow("SELECT * FROM billing_subscriptions WHERE id = $1", sub.id)
         if row is None:
             raise LookupError(f"subscription {sub.id} belongs to another organization")
+        if self.subscription_changed is not None:
+            await self.subscription_changed(org)
         return _subscription(row)
 
     async def subscription(self, org: str, subscription_id: str) -> SubscriptionRow | None:

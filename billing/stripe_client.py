@@ -206,6 +206,7 @@ class StripeClientGateway:
         description: str,
         metadata: Mapping[str, str],
         idempotency_key: str,
+        off_session: bool = False,
     ) -> PaymentIntent:
         params: stripe.params.PaymentIntentCreateParams = {
             "amount": amount,
@@ -215,6 +216,11 @@ class StripeClientGateway:
             "confirm": True,
             "metadata": dict(metadata),
         }
+        if off_session and not self._localstripe:
+            # The customer is not there (an automatic top-up): a card that needs them
+            # fails with authentication_required instead of asking. LOCALSTRIPE GAP: it
+            # refuses the parameter; its 3-D Secure cards answer requires_action instead.
+            params["off_session"] = True
         if not self._localstripe:
             # Cards only: no redirect-based methods, so no return_url is needed.
             # LOCALSTRIPE GAP: it knows neither allowed_payment_method_types nor a

@@ -17,13 +17,15 @@ from credits_sdk.agent import MeteredAgent, SyncMeteredAgent
 from credits_sdk.aio import AsyncCreditsClient
 from credits_sdk.bulk import BulkAborted, BulkReport, ItemFailure
 from credits_sdk.context import CreditsContext, bind, credits_context, current
-from credits_sdk.decorators import metered
+from credits_sdk.decorators import metered, requires
 from credits_sdk.errors import (
     ApiError,
     Conflict,
     ConnectionFailed,
     CreditsError,
     DepartmentLimitExceeded,
+    EntitlementLimitReached,
+    FeatureNotEntitled,
     Forbidden,
     IdempotencyConflict,
     InsufficientCredits,
@@ -47,9 +49,13 @@ from credits_sdk.models import (
     BatchResult,
     Consumption,
     Cost,
+    Entitlement,
+    EntitlementList,
+    FeatureCheck,
     Item,
     Release,
     Reservation,
+    UsageChange,
     UsageEvent,
     UsagePage,
 )
@@ -76,6 +82,11 @@ __all__ = [
     "CreditsContext",
     "CreditsError",
     "DepartmentLimitExceeded",
+    "Entitlement",
+    "EntitlementLimitReached",
+    "EntitlementList",
+    "FeatureCheck",
+    "FeatureNotEntitled",
     "Forbidden",
     "Hold",
     "IdempotencyConflict",
@@ -99,6 +110,7 @@ __all__ = [
     "Unavailable",
     "UnexpectedResponse",
     "UnknownAction",
+    "UsageChange",
     "UsageEvent",
     "UsagePage",
     "__version__",
@@ -106,4 +118,5 @@ __all__ = [
     "credits_context",
     "current",
     "metered",
+    "requires",
 ]

@@ -504,6 +504,43 @@ def usage_request(
     return _get(settings, "/usage", query)
 
 
+def check_request(
+    settings: Settings,
+    feature: str,
+    *,
+    action: str | None,
+    units: int,
+    department_id: str | None,
+    metadata: models.MetadataInput | None,
+    idempotency_key: str | None,
+) -> Request:
+    """A feature check; with an action it also charges (a key then guards the retries)."""
+    if action is None:
+        return _post(settings, "/check", {"feature": feature}, idempotency_key, generate_key=False)
+    body = _drop_none(
+        {
+            "feature": feature,
+            "action": action,
+            "units": units,
+            "department_id": _department(department_id),
+            "metadata": ambient.current().merged_metadata(metadata),
+        }
+    )
+    return _post(settings, "/check", body, idempotency_key)
+
+
+def entitlements_request(settings: Settings) -> Request:
+    return _get(settings, "/entitlements")
+
+
+def feature_usage_request(settings: Settings, feature: str, delta: int, *, idempotency_key: str | None) -> Request:
+    if isinstance(delta, bool) or not isinstance(delta, int):
+        raise TypeError(f"delta must be an int, not {type(delta).__name__}")
+    return _post(
+        settings, f"/entitlements/{urllib.parse.quote(feature, safe='')}/usage", {"delta": delta}, idempotency_key
+    )
+
+
 # -- reading answers ---------------------------------------------------------------------
 def decoder(kind: type[T]) -> Callable[[bytes], T]:
     return msgspec.json.Decoder(kind).decode
@@ -516,6 +553,9 @@ decode_reservation = decoder(models.Reservation)
 decode_release = decoder(models.Release)
 decode_usage = decoder(models.UsagePage)
 _decode_costs = decoder(models.CostList)
+decode_check = decoder(models.FeatureCheck)
+decode_entitlements = decoder(models.EntitlementList)
+decode_usage_change = decoder(models.UsageChange)
 
 
 def decode_costs(body: bytes) -> list[models.Cost]:

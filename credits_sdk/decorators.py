@@ -287,3 +287,56 @@ def _reserve_sync(
     if overflow:
         client.consume(spec.action, overflow, metadata=meta, idempotency_key=f"{key}:rest")
     return result
+
+
+# -- @requires ---------------------------------------------------------------------------
+def requires(feature: str, *, client: AsyncCreditsClient | CreditsClient | None = None) -> Callable[[F], F]:
+    """Run the decorated function only when the organization's plan has ``feature``:
+
+        @requires("api_access")
+        async def call_the_api(request: Request) -> Response: ...
+
+    Each call asks the sidecar first (``check``, answered from its cache); a refusal
+    raises ``FeatureNotEntitled`` (with the reason) and the function does not run.
+    The client is found as for ``@metered`` (client=, an agent's, credits_context).
+    Stack it over ``@metered`` to gate and charge."""
+    if not feature:
+        raise ValueError("requires() needs a feature name")
+
+    def find(owner: MeteredAgent | SyncMeteredAgent | None, kind: type[Any]) -> Any:
+        found = client if client is not None else owner.credits_client if owner is not None else None
+        if found is None:
+            found = context.current().client
+        if not isinstance(found, kind):
+            got = "no client" if found is None else type(found).__name__
+            raise TypeError(f"@requires({feature!r}) needs a {kind.__name__}; found {got}")
+        return found
+
+    def refuse(check: models.FeatureCheck) -> None:
+        if not check.allowed:
+            raise errors.FeatureNotEntitled(feature, check.reason, check)
+
+    def decorate(fn: F) -> F:
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def gated_async(*args: Any, **kwargs: Any) -> Any:
+                owner = _owner(args)
+                with _scope(owner):
+                    refuse(await find(owner, AsyncCreditsClient).check(feature))
+                    return await fn(*args, **kwargs)
+
+            return cast(F, gated_async)
+        if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+            raise TypeError("@requires does not wrap generators")
+
+        @functools.wraps(fn)
+        def gated(*args: Any, **kwargs: Any) -> Any:
+            owner = _owner(args)
+            with _scope(owner):
+                refuse(find(owner, CreditsClient).check(feature))
+                return fn(*args, **kwargs)
+
+        return cast(F, gated)
+
+    return decorate

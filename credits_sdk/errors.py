@@ -103,6 +103,10 @@ class KeyCapExceeded(PaymentRequired):
     """402: this API key's lifetime spending cap is reached."""
 
 
+class EntitlementLimitReached(PaymentRequired):
+    """402: counting this usage would pass the plan's limit for the feature."""
+
+
 class Forbidden(ApiError):
     """403: the credential is valid but may not do this (role, department scope)."""
 
@@ -145,6 +149,18 @@ class ServerError(ApiError):
     """Any other 5xx (a bug in the sidecar, or a proxy in front of it)."""
 
 
+class FeatureNotEntitled(CreditsError):
+    """Raised by ``@requires`` (and the LangChain gate) when a check says no: the
+    organization's plan does not include ``feature``, has it off, or its limit is
+    reached (``reason``). Nothing was charged."""
+
+    def __init__(self, feature: str, reason: str | None, check: object = None) -> None:
+        super().__init__(f"feature {feature!r} is not available: {reason or 'not allowed'}")
+        self.feature = feature
+        self.reason = reason
+        self.check = check
+
+
 CODES: dict[str, type[ApiError]] = {
     "invalid_request": InvalidRequest,
     "unknown_action": UnknownAction,
@@ -152,6 +168,7 @@ CODES: dict[str, type[ApiError]] = {
     "insufficient_credits": InsufficientCredits,
     "department_limit_exceeded": DepartmentLimitExceeded,
     "key_cap_exceeded": KeyCapExceeded,
+    "entitlement_limit_reached": EntitlementLimitReached,
     "forbidden": Forbidden,
     "not_found": NotFound,
     "conflict": Conflict,

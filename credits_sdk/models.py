@@ -62,6 +62,8 @@ class DepartmentBudget(Model, frozen=True, kw_only=True):
     period: str
     spent: decimal.Decimal
     remaining: decimal.Decimal | None
+    mode: str = "hard"  # hard: refused past the limit; soft: charged, with an alert
+    alert_percent: int | None = None
 
 
 class Balance(Model, frozen=True, kw_only=True):
@@ -71,6 +73,8 @@ class Balance(Model, frozen=True, kw_only=True):
     available: decimal.Decimal
     grants: list[Grant] = []
     department: DepartmentBudget | None = None
+    # When available credits run out at the recent rate of spend (None: idle).
+    runs_out_at: dt.datetime | None = None
 
 
 class Consumption(Model, frozen=True, kw_only=True):
@@ -164,6 +168,65 @@ class UsageEvent(Model, frozen=True, kw_only=True):
 class UsagePage(Model, frozen=True, kw_only=True):
     data: list[UsageEvent]
     has_more: bool
+
+
+class CheckCharge(Model, frozen=True, kw_only=True):
+    """What a check with an action charged."""
+
+    id: str
+    action: str
+    units: int
+    credits: decimal.Decimal
+    balance: decimal.Decimal
+    available: decimal.Decimal
+
+
+class FeatureCheck(Model, frozen=True, kw_only=True):
+    """May this credential use ``feature``? ``reason`` says why not (``not_included``,
+    ``disabled``, ``limit_reached``, or with an action ``insufficient_credits`` ...).
+    Limit features: ``limit`` (None = unlimited), ``usage``, ``remaining``."""
+
+    allowed: bool
+    feature: str
+    reason: str | None = None
+    type: str | None = None
+    enabled: bool | None = None
+    limit: int | None = None
+    usage: int | None = None
+    remaining: int | None = None
+    value: str | None = None
+    charge: CheckCharge | None = None
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+class Entitlement(Model, frozen=True, kw_only=True):
+    feature: str
+    type: str
+    source: str  # plan | free | override
+    enabled: bool | None = None
+    limit: int | None = None
+    usage: int | None = None
+    remaining: int | None = None
+    value: str | None = None
+
+
+class EntitlementList(Model, frozen=True, kw_only=True):
+    plan_id: str | None = None
+    data: list[Entitlement]
+
+    def get(self, feature: str) -> Entitlement | None:
+        return next((e for e in self.data if e.feature == feature), None)
+
+
+class UsageChange(Model, frozen=True, kw_only=True):
+    feature: str
+    delta: int
+    usage: int
+    limit: int | None = None
+    remaining: int | None = None
+    replayed: bool = False
 
 
 class ErrorDetail(Model, frozen=True, kw_only=True):

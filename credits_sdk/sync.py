@@ -177,6 +177,41 @@ class CreditsClient:
         raise RuntimeError("the exchange did not finish within its attempt bound")
 
     # -- the credits API ----------------------------------------------------------------
+    # -- entitlements ---------------------------------------------------------------------
+    def check(
+        self,
+        feature: str,
+        *,
+        action: str | None = None,
+        units: int = 1,
+        department_id: str | None = None,
+        metadata: models.MetadataInput | None = None,
+        idempotency_key: str | None = None,
+    ) -> models.FeatureCheck:
+        """May this key use ``feature`` (answered from the sidecar's cache)? With
+        ``action``, also charge it when allowed, in one atomic step. A refusal is an
+        answer (``allowed`` False, ``reason``), not an exception."""
+        request = _core.check_request(
+            self.settings,
+            feature,
+            action=action,
+            units=units,
+            department_id=department_id,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        return self._call(request, _core.decode_check)
+
+    def entitlements(self) -> models.EntitlementList:
+        """The organization's features: its plan's (or the free defaults), overrides, usage."""
+        return self._call(_core.entitlements_request(self.settings), _core.decode_entitlements)
+
+    def add_usage(self, feature: str, delta: int = 1, *, idempotency_key: str | None = None) -> models.UsageChange:
+        """Count ``delta`` units of a limit feature (negative: give back). Raises
+        EntitlementLimitReached past the limit; a retry with the key counts once."""
+        request = _core.feature_usage_request(self.settings, feature, delta, idempotency_key=idempotency_key)
+        return self._call(request, _core.decode_usage_change)
+
     def balance(self, department_id: str | None = None) -> models.Balance:
         """Balance, reserved, available and live grants (and the department's budget)."""
         return self._call(_core.balance_request(self.settings, department_id), _core.decode_balance)

@@ -66,7 +66,7 @@ DURABILITY_WAIT_MS = 1000  # longest WAITAOF per call; a short wait is logged, n
 # grant push waits too: its outbox row is deleted once it is confirmed. Reads (balance,
 # request tokens) do not: what they may write (an expiry whose time has come) is done
 # again, identically and with the same event ids, after a crash.
-DURABLE_OPERATIONS = frozenset({"consume", "consume_batch", "reserve", "release", "debit", "grant"})
+DURABLE_OPERATIONS = frozenset({"consume", "consume_batch", "reserve", "release", "debit", "grant", "check_consume"})
 
 FIXED_KEYS = (
     "acct",
@@ -267,7 +267,7 @@ def _missing_code(exc: ResponseError) -> bool:
 
 # Operations that charge or move credits: when one of them was sent and no answer came,
 # the caller must be told it may have taken effect (OutcomeUnknown).
-CHARGING_OPERATIONS = frozenset({"consume", "consume_batch", "reserve", "release", "debit"})
+CHARGING_OPERATIONS = frozenset({"consume", "consume_batch", "reserve", "release", "debit", "check_consume"})
 
 
 class NotDurable(OutcomeUnknown):
@@ -1106,3 +1106,56 @@ class HotPath:
             await self.redis.delete(*keys)
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
             raise Unavailable(f"redis: {exc}") from exc
+
+    # -- entitlements (issue 13; lua/check.lua, check_gate.lua, entitlements.lua) --------
+    def entitlements_key(self, organization_id: str) -> str:
+        """The organization's cached features (a hash under its hash tag, see lib.lua)."""
+        return f"{self.key_prefix}:{self.tag(organization_id)}:o:{organization_id}:ents"
+
+    async def put_entitlements(
+        self, org: str, *, version: int, plan_id: str, features: Sequence[dict[str, Any]], ttl_ms: int
+    ) -> Result:
+        """Replace the cached features with these (OK), unless the cache holds this
+        version or a newer one (STALE). features: [{f, t, e, l, u, v}], see lib.lua."""
+        args = (org, now_ms(), new_id(), version, plan_id, _encode(list(features)), ttl_ms)
+        return await self._call("entitlements", org, (self.entitlements_key(org),), args)
+
+    async def check(self, org: str, cred: str, *, feature: str, now: int | None = None) -> Result:
+        """A feature's gate from the cache: OK {ent}, or ENTITLEMENTS_NOT_LOADED."""
+        now = now_ms() if now is None else now
+        args = (org, now, new_id(), cred, self.default_rate_per_s, self.default_burst, feature)
+        return await self._call("check", org, (self.entitlements_key(org),), args)
+
+    async def check_consume(
+        self,
+        org: str,
+        cred: str,
+        *,
+        feature: str,
+        action: str,
+        units: int,
+        department_id: str = "",
+        metadata: str = "",
+        idempotency_key: str | None = None,
+        fp: str = "",
+        assigned: bool = False,
+        now: int | None = None,
+    ) -> Result:
+        """consume(), only if the feature's gate lets it, in one atomic step: FEATURE_DENIED
+        {gate} charges nothing; OK / REPLAY carry the gate as payload["ent"]."""
+        now = now_ms() if now is None else now
+        call_id = new_id()
+        idem_keys, idem_args = self._idem(org, idempotency_key, fp, assigned)
+        keys = (*idem_keys, self.entitlements_key(org))
+        args = (
+            *self._common(org, cred, now, call_id),
+            *idem_args,
+            action,
+            units,
+            department_id,
+            metadata,
+            call_id,
+            feature,
+            N_ORG_KEYS + len(keys),  # the entitlements hash: the last key
+        )
+        return await self._call_loaded("check_consume", org, keys, args)

@@ -7,6 +7,7 @@ credits_settler, never as the owner.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from ledger.forecast import RecentSpend, recent_spend
 from ledger.store import LedgerSide, ledger_side
 
 # Usage events (nearly all of them) have a narrow staging table of their own.
@@ -702,6 +704,7 @@ class AlertSummary:
     updated_at: dt.datetime
     deliveries_pending: int
     last_error: str  # of the latest failed delivery attempt; '' when none failed
+    days_left: decimal.Decimal | None = None  # also low when fewer days are left at the recent rate
 
 
 class OperatorReads:
@@ -731,7 +734,7 @@ class OperatorReads:
         """Low-balance alerts (all, or one organization's), with their delivery state."""
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT a.organization_id, o.name, a.threshold, a.webhook_url, a.state, a.updated_at,"
+                "SELECT a.organization_id, o.name, a.threshold, a.webhook_url, a.state, a.updated_at, a.days_left,"
                 " (SELECT count(*) FROM webhook_deliveries d"
                 "   WHERE d.organization_id = a.organization_id AND d.delivered_at IS NULL) AS pending,"
                 " (SELECT d.last_error FROM webhook_deliveries d WHERE d.organization_id = a.organization_id"
@@ -751,6 +754,7 @@ class OperatorReads:
                 r["updated_at"],
                 int(r["pending"]),
                 r["last_error"] or "",
+                r["days_left"],
             )
             for r in rows
         ]
@@ -765,10 +769,10 @@ class AlertStore:
     async def alert_configs(self, organization_ids: list[str] | None) -> list[dict[str, Any]]:
         async with self.pool.acquire() as conn:
             if organization_ids is None:
-                rows = await conn.fetch("SELECT organization_id, threshold, state FROM balance_alerts")
+                rows = await conn.fetch("SELECT organization_id, threshold, days_left, state FROM balance_alerts")
             else:
                 rows = await conn.fetch(
-                    "SELECT organization_id, threshold, state FROM balance_alerts"
+                    "SELECT organization_id, threshold, days_left, state FROM balance_alerts"
                     " WHERE organization_id = ANY($1::uuid[])",
                     [uuid.UUID(o) for o in organization_ids],
                 )
@@ -780,7 +784,7 @@ class AlertStore:
         threshold, or a crossing recorded since)."""
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT organization_id, threshold, state, updated_at FROM balance_alerts"
+                "SELECT organization_id, threshold, days_left, state, updated_at FROM balance_alerts"
                 " WHERE $1::timestamptz IS NULL OR (updated_at, organization_id) > ($1, $2::uuid)"
                 " ORDER BY updated_at, organization_id LIMIT $3",
                 after[0] if after else None,
@@ -814,6 +818,60 @@ class AlertStore:
                 payload,
             )
         return {"id": delivery_id, "webhook_url": row["webhook_url"], "secret": row["secret"], "payload": payload}
+
+    async def recent_spend(self, organization_id: str) -> RecentSpend:
+        async with self.pool.acquire() as conn:
+            return await recent_spend(conn, organization_id)
+
+    async def soft_departments(self, organization_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The soft budgets (with a limit) of these organizations."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id, organization_id, name, limit_amount, period, alert_percent FROM departments"
+                " WHERE organization_id = ANY($1::uuid[]) AND budget_mode = 'soft' AND limit_amount IS NOT NULL",
+                [uuid.UUID(o) for o in organization_ids],
+            )
+        return [dict(r) for r in rows]
+
+    async def department_alerted(
+        self,
+        organization_id: str,
+        department_id: str,
+        *,
+        period_start: dt.datetime,
+        alert_percent: int,
+        spent: int,
+        budget: int,
+        payload: str,
+    ) -> dict[str, Any] | None:
+        """Record a soft budget's crossing for its period, once: None if recorded before.
+        With the organization's alert webhook set, its delivery too (else {}: a log only)."""
+        org = uuid.UUID(organization_id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            inserted = await conn.fetchval(
+                "INSERT INTO department_budget_alerts (organization_id, department_id, period_start, alert_percent,"
+                " spent, budget) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1",
+                org,
+                uuid.UUID(department_id),
+                period_start,
+                alert_percent,
+                spent,
+                budget,
+            )
+            if not inserted:
+                return None
+            hook = await conn.fetchrow("SELECT webhook_url, secret FROM balance_alerts WHERE organization_id = $1", org)
+            if hook is None:
+                return {}
+            delivery_id = uuid.uuid4()
+            await conn.execute(
+                "INSERT INTO webhook_deliveries (id, organization_id, event_type, payload)"
+                " VALUES ($1, $2, 'department.budget_alert', $3::jsonb)",
+                delivery_id,
+                org,
+                payload,
+            )
+        return {"id": delivery_id, "webhook_url": hook["webhook_url"], "secret": hook["secret"], "payload": payload}
 
     async def due_deliveries(self, *, limit: int) -> list[dict[str, Any]]:
         async with self.pool.acquire() as conn:

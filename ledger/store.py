@@ -8,6 +8,7 @@ WHERE clause still sees one organization.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import hashlib
 import secrets
 import uuid
@@ -76,6 +77,13 @@ class Department:
     limit: int | None
     period: str
     generation: int
+    mode: str = "hard"  # hard: the hot path refuses past the limit; soft: alerts at alert_percent
+    alert_percent: int | None = None
+
+    @property
+    def enforced_limit(self) -> int:
+        """The limit the hot path enforces (millicredits, -1 none): a soft budget's is none."""
+        return -1 if self.limit is None or self.mode == "soft" else self.limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +128,7 @@ class AlertConfig:
     webhook_url: str
     state: str  # ok | low
     updated_at: dt.datetime
+    days_left: decimal.Decimal | None = None  # also low when fewer days are left at the recent rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,7 +435,8 @@ class Ledger:
             # What each department spent in its current period, from the daily totals
             # settlement keeps (migrations/0008): usage and captures of closed holds.
             depts = await conn.fetch(
-                "SELECT d.id, d.limit_amount, d.period, coalesce((SELECT sum(s.spent) FROM department_spend_daily s"
+                "SELECT d.id, d.limit_amount, d.period, d.budget_mode,"
+                " coalesce((SELECT sum(s.spent) FROM department_spend_daily s"
                 "   WHERE s.organization_id = d.organization_id AND s.department_id = d.id"
                 "   AND s.day >= CASE d.period WHEN 'day' THEN $1::date WHEN 'week' THEN $2::date ELSE $3::date END),"
                 " 0) AS spent FROM departments d",
@@ -497,7 +507,8 @@ class Ledger:
             depts=[
                 DeptSnapshot(
                     id=str(d["id"]),
-                    limit=-1 if d["limit_amount"] is None else int(d["limit_amount"]),
+                    # a soft budget is not enforced by the hot path (settler alerts on it)
+                    limit=-1 if d["limit_amount"] is None or d["budget_mode"] == "soft" else int(d["limit_amount"]),
                     period=d["period"],
                     pstart=starts[d["period"]],
                     spent=dept_spent.get(d["id"], 0),
@@ -531,22 +542,30 @@ class Ledger:
             return await ledger_side(conn, uuid.UUID(organization_id), int(balance), partition)
 
     # -- alerts ---------------------------------------------------------------------
-    async def set_alert(self, organization_id: str, *, threshold: int, webhook_url: str) -> str:
-        """Configure the low-balance alert; returns the signing secret (new each time)."""
+    async def set_alert(
+        self, organization_id: str, *, threshold: int, webhook_url: str, days_left: decimal.Decimal | None = None
+    ) -> str:
+        """Configure the low-balance alert: below `threshold` available, or (days_left)
+        when fewer days than that are left at the recent rate of spend. Returns the
+        signing secret (new each time)."""
         if threshold < 0:
             raise ValueError("threshold must not be negative")
+        if days_left is not None and not decimal.Decimal("0.01") <= days_left <= 365:
+            raise ValueError("days_left must be between 0.01 and 365")
         if not webhook_url.startswith(("http://", "https://")):
             raise ValueError("webhook_url must be an http(s) URL")
         secret = "whsec_" + secrets.token_urlsafe(32)
         async with self.tenant(organization_id) as conn:
             await conn.execute(
-                "INSERT INTO balance_alerts (organization_id, threshold, webhook_url, secret) VALUES ($1, $2, $3, $4)"
+                "INSERT INTO balance_alerts (organization_id, threshold, webhook_url, secret, days_left)"
+                " VALUES ($1, $2, $3, $4, $5)"
                 " ON CONFLICT (organization_id) DO UPDATE SET threshold = $2, webhook_url = $3, secret = $4,"
-                " updated_at = now()",
+                " days_left = $5, updated_at = now()",
                 uuid.UUID(organization_id),
                 threshold,
                 webhook_url,
                 secret,
+                days_left,
             )
         return secret
 
@@ -554,12 +573,17 @@ class Ledger:
         """The low-balance alert, if one is set (its signing secret is not returned)."""
         async with self.tenant(organization_id) as conn:
             row = await conn.fetchrow(
-                "SELECT organization_id, threshold, webhook_url, state, updated_at FROM balance_alerts"
+                "SELECT organization_id, threshold, webhook_url, state, updated_at, days_left FROM balance_alerts"
             )
         if row is None:
             return None
         return AlertConfig(
-            str(row["organization_id"]), int(row["threshold"]), row["webhook_url"], row["state"], row["updated_at"]
+            str(row["organization_id"]),
+            int(row["threshold"]),
+            row["webhook_url"],
+            row["state"],
+            row["updated_at"],
+            row["days_left"],
         )
 
     async def delete_alert(self, organization_id: str) -> bool:
@@ -614,15 +638,24 @@ class Ledger:
         return self._dept(row)
 
     async def set_department_limit(
-        self, organization_id: str, department_id: str, limit: int | None, period: str
+        self,
+        organization_id: str,
+        department_id: str,
+        limit: int | None,
+        period: str,
+        *,
+        mode: str = "hard",
+        alert_percent: int | None = None,
     ) -> Department:
         async with self.tenant(organization_id) as conn:
             row = await conn.fetchrow(
-                "UPDATE departments SET limit_amount = $2, period = $3, limit_generation = limit_generation + 1"
-                " WHERE id = $1 RETURNING *",
+                "UPDATE departments SET limit_amount = $2, period = $3, limit_generation = limit_generation + 1,"
+                " budget_mode = $4, alert_percent = $5 WHERE id = $1 RETURNING *",
                 uuid.UUID(department_id),
                 limit,
                 period,
+                mode,
+                alert_percent,
             )
         if row is None:
             raise NotFound(f"department {department_id} not found")
@@ -637,6 +670,8 @@ class Ledger:
             limit=None if limit is None else int(limit),
             period=row["period"],
             generation=int(row["limit_generation"]),
+            mode=row["budget_mode"],
+            alert_percent=row["alert_percent"],
         )
 
     # -- costs ----------------------------------------------------------------------

@@ -33,11 +33,13 @@ class Status(enum.IntEnum):
     UNAUTHENTICATED = 12
     RATE_LIMITED = 13
     LAYOUT_CHANGED = 14
+    ENTITLEMENTS_NOT_LOADED = 15
     UNKNOWN_ACTION = 20
     DEPARTMENT_NOT_FOUND = 21
     INSUFFICIENT_CREDITS = 22
     DEPARTMENT_LIMIT = 23
     CAP_EXCEEDED = 24
+    FEATURE_DENIED = 25
     NOT_FOUND = 30
     RESERVATION_CLOSED = 31
     USED_EXCEEDS_HOLD = 32
@@ -47,10 +49,13 @@ class Status(enum.IntEnum):
 
 SCRIPTS = (
     "balance",
+    "check",
+    "check_consume",
     "configure",
     "consume",
     "consume_batch",
     "debit",
+    "entitlements",
     "grant",
     "load",
     "ratelimit",
@@ -60,8 +65,27 @@ SCRIPTS = (
 )
 
 
+# Operations made of two files, run in one script: the first (a gate) answers at once
+# or lets the second run, whose reply carries the gate (lib.lua, with_gate). So a feature
+# check and a charge are one atomic step without a second copy of the charge.
+COMPOSITES = {"check_consume": ("check_gate", "consume")}
+
+
 def _read(filename: str) -> str:
     return importlib.resources.files(__name__).joinpath(filename).read_text(encoding="utf-8")
+
+
+def _body(name: str) -> str:
+    """An operation's code (inside its function, after begin())."""
+    parts = COMPOSITES.get(name)
+    if parts is None:
+        return _read(name + ".lua")
+    gate, main = parts
+    return (
+        f"local stop, gate = (function()\n{_read(gate + '.lua')}\nend)()\n"
+        "if stop then return stop end\n"
+        f"return with_gate((function()\n{_read(main + '.lua')}\nend)(), gate)"
+    )
 
 
 def _codes() -> str:
@@ -75,7 +99,7 @@ def source(name: str) -> str:
         raise KeyError(f"no script {name!r}")
     # KEYS and ARGV become locals that begin() sets, as in the function library.
     prologue = "local KEYS, ARGV = KEYS, ARGV"
-    return f"{_codes()}\n{prologue}\n{_read('lib.lua')}\nbegin(KEYS, ARGV)\n{_read(name + '.lua')}"
+    return f"{_codes()}\n{prologue}\n{_read('lib.lua')}\nbegin(KEYS, ARGV)\n{_body(name)}"
 
 
 @dataclass(frozen=True)
@@ -91,7 +115,7 @@ class Library:
 def library() -> Library:
     parts = [_codes(), "local KEYS, ARGV", _read("lib.lua")]
     for name in SCRIPTS:
-        parts.append(f"local function op_{name}(keys, argv)\nbegin(keys, argv)\n{_read(name + '.lua')}\nend")
+        parts.append(f"local function op_{name}(keys, argv)\nbegin(keys, argv)\n{_body(name)}\nend")
     body = "\n".join(parts)
     version = hashlib.sha256(body.encode()).hexdigest()[:12]
     functions = {name: f"credits_{name}_{version}" for name in SCRIPTS}

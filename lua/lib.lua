@@ -362,3 +362,34 @@ local function preamble(cred, default_rate, default_burst, starts, fp)
   if closed > 0 then c.spent = num(redis.call('HGET', KEYS[K_CREDS], cred .. '|spent')) end
   return nil, c, closed
 end
+
+-- Entitlements (lua/check.lua, check_gate.lua, entitlements.lua): an organization's
+-- features live in a hash of their own (same hash tag), given to the scripts that read
+-- it as an extra key whose index they are told:
+--   ver   the version Postgres gave them (a push of an older one changes nothing)
+--   plan  the plan they come from ('' = the free defaults)
+--   "f|<feature>"  msgpack {t = 'boolean' | 'limit' | 'config', e = 1 | 0 (enabled),
+--                           l = limit (-1 unlimited), u = usage, v = value}
+-- The gate of a feature: nil when the hash is not cached, else the feature with
+-- ok = 1 (allowed) or ok = 0 and why = not_included | disabled | limit_reached.
+local function entitlement_gate(key_index, feature)
+  if redis.call('EXISTS', KEYS[key_index]) == 0 then return nil end
+  local raw = redis.call('HGET', KEYS[key_index], 'f|' .. feature)
+  if not raw then return {t = '', ok = 0, why = 'not_included'} end
+  local f = unpack(raw)
+  f.ok = 1
+  if f.t == 'boolean' and f.e ~= 1 then
+    f.ok, f.why = 0, 'disabled'
+  elseif f.t == 'limit' and f.l >= 0 and f.u >= f.l then
+    f.ok, f.why = 0, 'limit_reached'
+  end
+  return f
+end
+
+-- A charge's reply with the gate it passed (payload field `ent`).
+local function with_gate(r, gate)
+  if r[1] ~= OK and r[1] ~= REPLAY then return r end
+  local p = unpack(r[2])
+  p.ent = gate
+  return {r[1], pack(p)}
+end

@@ -23,7 +23,8 @@ from hotpath.client import HotPath, Unavailable
 from hotpath.servers import open_redis
 from ledger.store import POSTGRES_DOWN, Ledger
 from meter import handlers, openapi
-from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, REDIS, SOURCES
+from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, REDIS, SOURCES, SPEND_RATES
+from meter.forecasts import SpendRates
 from meter.sources import GrantSources
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,7 @@ def create_app(config: Config) -> web.Application:
                 app[HOT] = hot
                 app[AUTH] = Authenticator(ledger, config.jwt_secret, SharedCredentials(redis, config.redis_key_prefix))
                 app[SOURCES] = GrantSources(ledger)
+                app[SPEND_RATES] = SpendRates(ledger)
                 # What exists now lives as long as the process: keep it out of every
                 # garbage collection from here on (they run every few hundred requests).
                 gc.freeze()

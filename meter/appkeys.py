@@ -9,6 +9,7 @@ from api.auth import Authenticator
 from core.config import Config
 from hotpath.client import HotPath
 from ledger.store import Ledger
+from meter.forecasts import SpendRates
 from meter.sources import GrantSources
 
 CONFIG = web.AppKey("config", Config)
@@ -17,3 +18,4 @@ LEDGER = web.AppKey("ledger", Ledger)
 HOT = web.AppKey("hotpath", HotPath)
 AUTH = web.AppKey("auth", Authenticator)
 SOURCES = web.AppKey("grant_sources", GrantSources)
+SPEND_RATES = web.AppKey("spend_rates", SpendRates)

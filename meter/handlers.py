@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from accounts import admin
+from accounts import admin, entitlements
 from api.auth import refuse_viewer, require_admin
 from api.errors import ApiError, from_validation, invalid
 from api.requests import idempotency_key
@@ -20,10 +20,11 @@ from core.errors import OutcomeUnknown
 from core.http import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from core.money import PrecisionError, format_credits, to_credits, to_milli
 from hotpath.client import BatchItem, Result, fingerprint, new_id, now_ms, period_bounds
-from ledger.store import Conflict, Credential, LedgerReads, NotFound, StoredResponse
+from ledger.entitlements import Entitlement, EntitlementStore, LimitReached, NotALimit
+from ledger.store import POSTGRES_DOWN, Conflict, Credential, Department, LedgerReads, NotFound, StoredResponse
 from lua import Status
 from meter import schemas as s
-from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, SOURCES
+from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, SOURCES, SPEND_RATES
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder(decimal_format="number")
@@ -465,8 +466,12 @@ def _dept_param(request: web.Request, cred: Credential) -> str:
     return department_for(cred, raw)
 
 
-def _budget(dept_id: str, d: dict[str, Any]) -> s.DepartmentBudget:
+def _budget(dept_id: str, d: dict[str, Any], soft: Department | None = None) -> s.DepartmentBudget:
+    """The cache's view of a department's period; `soft`: its row when its budget is soft
+    (the cache enforces no limit then, so the limit is the row's)."""
     limit = int(d["limit"])
+    if soft is not None and soft.limit is not None:
+        limit = soft.limit
     spent = int(d["spent"])
     return s.DepartmentBudget(
         id=dept_id,
@@ -474,7 +479,23 @@ def _budget(dept_id: str, d: dict[str, Any]) -> s.DepartmentBudget:
         period=d["period"],
         spent=credits(spent),
         remaining=None if limit < 0 else credits(max(0, limit - spent)),
+        mode="soft" if soft is not None else "hard",
+        alert_percent=soft.alert_percent if soft is not None else None,
     )
+
+
+async def _soft_budget(request: web.Request, org: str, dept_id: str, d: dict[str, Any]) -> Department | None:
+    """The department's row when the cache enforces no limit and its budget may be soft
+    (read from Postgres only then; while it cannot answer, shown as the cache has it)."""
+    if int(d["limit"]) >= 0:
+        return None
+    try:
+        dept = await request.app[LEDGER].department(org, dept_id)
+    except NotFound:
+        return None
+    except POSTGRES_DOWN:
+        return None
+    return dept if dept.mode == "soft" else None
 
 
 async def balance(request: web.Request) -> web.Response:
@@ -485,6 +506,9 @@ async def balance(request: web.Request) -> web.Response:
     p = ok_or(result, department_param="department_id")
     grants = p["grants"]
     sources = await request.app[SOURCES].lookup(org, [g["id"] for g in grants])
+    spend = await request.app[SPEND_RATES].recent(org)
+    runs_out = None if spend is None else spend.runs_out_at(int(p["available"]), dt.datetime.now(dt.UTC))
+    soft = await _soft_budget(request, org, dept, p["dept"]) if dept else None
     return respond(
         s.BalanceResponse(
             organization_id=org,
@@ -500,7 +524,8 @@ async def balance(request: web.Request) -> web.Response:
                 )
                 for g in grants
             ],
-            department=_budget(dept, p["dept"]) if dept else None,
+            department=_budget(dept, p["dept"], soft) if dept else None,
+            runs_out_at=None if runs_out is None else runs_out.strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
     )
 
@@ -610,7 +635,7 @@ def _dept_id(request: web.Request) -> str:
 async def _limit_view(request: web.Request, cred: Credential, dept_id: str) -> s.LimitView:
     result = await request.app[HOT].balance(cred.organization_id, cred.id, department_id=dept_id)
     p = ok_or(result, department_param="department_id")
-    budget = _budget(dept_id, p["dept"])
+    budget = _budget(dept_id, p["dept"], await _soft_budget(request, cred.organization_id, dept_id, p["dept"]))
     start, end = period_bounds(budget.period, now_ms())
     return s.LimitView(
         department_id=dept_id,
@@ -620,6 +645,8 @@ async def _limit_view(request: web.Request, cred: Credential, dept_id: str) -> s
         remaining=budget.remaining,
         period_start=start.strftime("%Y-%m-%dT%H:%M:%SZ"),
         period_end=end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        mode=budget.mode,
+        alert_percent=budget.alert_percent,
     )
 
 
@@ -637,11 +664,25 @@ async def put_limits(request: web.Request) -> web.Response:
     dept_id = _dept_id(request)
     body = await decode(request, s.LimitRequest)
     limit = None if body.limit is None else milli(body.limit, "$.limit")
+    alert_percent = body.alert_percent
+    if body.mode == "hard" and alert_percent is not None:
+        raise invalid("alert_percent is for soft budgets (mode: soft)", "$.alert_percent")
+    if body.mode == "soft":
+        if limit is None:
+            raise invalid("a soft budget needs a limit to alert at", "$.limit")
+        alert_percent = alert_percent or s.SOFT_ALERT_PERCENT_DEFAULT
     await _request_token(request, cred)
     org = cred.organization_id
     try:
         await admin.set_department_limit(
-            request.app[LEDGER], request.app[HOT], org, dept_id, limit=limit, period=body.period
+            request.app[LEDGER],
+            request.app[HOT],
+            org,
+            dept_id,
+            limit=limit,
+            period=body.period,
+            mode=body.mode,
+            alert_percent=alert_percent,
         )
     except NotFound:
         raise ApiError(404, "not_found", "no such department", "department_id") from None
@@ -747,6 +788,166 @@ async def transactions(request: web.Request) -> web.Response:
             has_more=more,
         )
     )
+
+
+# -- entitlements (issue 13) -------------------------------------------------------
+_CHARGE_REASONS: dict[Status, s.CheckReason] = {
+    Status.INSUFFICIENT_CREDITS: "insufficient_credits",
+    Status.DEPARTMENT_LIMIT: "department_limit_exceeded",
+    Status.CAP_EXCEEDED: "key_cap_exceeded",
+}
+
+
+def _remaining(limit: int, usage: int) -> int | None:
+    return None if limit < 0 else max(0, limit - usage)
+
+
+def _check_response(feature: str, gate: dict[str, Any], *, charge: s.CheckCharge | None = None) -> s.CheckResponse:
+    """The gate a script read (lib.lua, entitlement_gate) as the API answers it."""
+    kind = gate.get("t") or None
+    allowed = int(gate.get("ok", 0)) == 1
+    body = s.CheckResponse(allowed=allowed, feature=feature, reason=None if allowed else gate.get("why"), type=kind)
+    if kind == "boolean":
+        body.enabled = int(gate["e"]) == 1
+    elif kind == "limit":
+        limit, usage = int(gate["l"]), int(gate["u"])
+        body.limit = None if limit < 0 else limit
+        body.usage = usage
+        body.remaining = _remaining(limit, usage)
+    elif kind == "config":
+        body.value = str(gate["v"])
+    body.charge = charge
+    return body
+
+
+async def check(request: web.Request) -> web.Response:
+    app = request.app
+    cred = await app[AUTH](request)
+    body = await decode(request, s.CheckRequest)
+    store = EntitlementStore(app[LEDGER])
+    org = cred.organization_id
+    if body.action is None:
+        result = await entitlements.check(store, app[HOT], org, cred.id, feature=body.feature)
+        gate = ok_or(result, department_param="$.department_id")["ent"]
+        return respond(_check_response(body.feature, gate))
+    refuse_viewer(cred)
+    key, assigned = key_or_assigned(request)
+    dept = department_for(cred, body.department_id)
+    fp = "" if key is None else fingerprint("check", body.feature, body.action, body.units, dept, body.metadata)
+    result = await with_key(
+        entitlements.check_consume(
+            store,
+            app[HOT],
+            org,
+            cred.id,
+            feature=body.feature,
+            action=body.action,
+            units=body.units,
+            department_id=dept,
+            metadata=pack_metadata(body.metadata),
+            idempotency_key=key,
+            fp=fp,
+            assigned=assigned,
+        ),
+        key,
+    )
+    if result.status is Status.FEATURE_DENIED:
+        return respond(_check_response(body.feature, result.payload))
+    reason = _CHARGE_REASONS.get(result.status)
+    if reason is not None:  # the feature allows it; the credits do not: nothing charged
+        gate = await entitlements.check(store, app[HOT], org, "", feature=body.feature)
+        refused = _check_response(body.feature, gate.payload.get("ent", {}))
+        refused.allowed, refused.reason = False, reason
+        return respond(refused)
+    p = ok(result)
+    charge = s.CheckCharge(
+        id=p["id"],
+        action=body.action,
+        units=body.units,
+        credits=credits(int(p["credits"])),
+        balance=credits(int(p["balance"])),
+        available=credits(int(p["available"])),
+    )
+    gate = dict(p.get("ent") or {})
+    gate["ok"] = 1  # charged: allowed (a replay says so whatever the features say now)
+    return mark_replay(respond(_check_response(body.feature, gate, charge=charge)), result)
+
+
+def _entitlement_view(e: Entitlement, plan_id: str) -> s.EntitlementView:
+    f = e.feature
+    source: s.FeatureSource = "override" if e.overridden else ("plan" if plan_id else "free")
+    view = s.EntitlementView(feature=f.feature, type=f.type, source=source)
+    if f.type == "boolean":
+        view.enabled = f.enabled
+    elif f.type == "limit":
+        view.limit = f.limit
+        view.usage = e.usage
+        view.remaining = None if f.limit is None else max(0, f.limit - e.usage)
+    else:
+        view.value = f.value
+    return view
+
+
+async def list_entitlements(request: web.Request) -> web.Response:
+    cred = await request.app[AUTH](request)
+    await _request_token(request, cred)
+    ents = await EntitlementStore(request.app[LEDGER]).effective(cred.organization_id)
+    return respond(
+        s.EntitlementList(
+            plan_id=ents.plan_id or None, data=[_entitlement_view(e, ents.plan_id) for e in ents.features]
+        )
+    )
+
+
+async def change_usage(request: web.Request) -> web.Response:
+    app = request.app
+    cred = await app[AUTH](request)
+    refuse_viewer(cred)
+    try:
+        feature = msgspec.convert(request.match_info["feature"], s.Feature)
+    except msgspec.ValidationError:
+        raise ApiError(404, "not_found", "no such feature", "feature") from None
+    body = await decode(request, s.UsageChangeRequest)
+    key = idempotency_key(request)
+    await _request_token(request, cred)
+    store = EntitlementStore(app[LEDGER])
+    try:
+        change = await entitlements.change_usage(
+            store,
+            app[HOT],
+            cred.organization_id,
+            feature,
+            body.delta,
+            key=key,
+            fingerprint=fingerprint("usage", feature, body.delta),
+        )
+    except LimitReached as exc:
+        raise ApiError(
+            402,
+            "entitlement_limit_reached",
+            f"{feature}: {exc.usage} used of {exc.limit}; {exc.delta} more would pass the plan's limit",
+            "$.delta",
+        ) from None
+    except NotALimit as exc:
+        if exc.type is None:
+            raise ApiError(404, "not_found", str(exc), "feature") from None
+        raise invalid(str(exc), "feature") from None
+    except ValueError:
+        raise ApiError(
+            409, "idempotency_conflict", "idempotency key reused with different parameters", IDEMPOTENCY_HEADER
+        ) from None
+    response = respond(
+        s.UsageChangeResponse(
+            feature=change.feature,
+            delta=change.delta,
+            usage=change.usage,
+            limit=change.limit,
+            remaining=None if change.limit is None else max(0, change.limit - change.usage),
+        )
+    )
+    if change.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    return response
 
 
 @dataclass(frozen=True)
@@ -883,5 +1084,33 @@ OPERATIONS = (
         s.LimitView,
         admin=True,
         errors=(400, 401, 403, 404, 413, 429, 503),
+    ),
+    Operation(
+        "GET",
+        "/api/credits/entitlements",
+        list_entitlements,
+        "The organization's features: its plan's (or the free defaults) with its overrides, and usage",
+        response=s.EntitlementList,
+        errors=(401, 429, 503),
+    ),
+    Operation(
+        "POST",
+        "/api/credits/check",
+        check,
+        "May this credential use a feature (from the cache); with an action, charge it too, atomically",
+        s.CheckRequest,
+        s.CheckResponse,
+        idempotent=True,
+        errors=(400, 401, 403, 404, 409, 413, 429, 503),
+    ),
+    Operation(
+        "POST",
+        "/api/credits/entitlements/{feature}/usage",
+        change_usage,
+        "Count usage of a limit feature (delta may be negative); refused past the limit",
+        s.UsageChangeRequest,
+        s.UsageChangeResponse,
+        idempotent=True,
+        errors=(400, 401, 402, 403, 404, 409, 413, 429, 503),
     ),
 )

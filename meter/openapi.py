@@ -18,7 +18,7 @@ VERSION = "0.1.0"
 _STATUS_TEXT = {
     400: "invalid_request or unknown_action",
     401: "unauthenticated",
-    402: "insufficient_credits, department_limit_exceeded or key_cap_exceeded",
+    402: "insufficient_credits, department_limit_exceeded, key_cap_exceeded or entitlement_limit_reached",
     403: "forbidden",
     404: "not_found",
     409: "idempotency_conflict, reservation_closed or conflict",

@@ -82,9 +82,19 @@ class DepartmentRequest(Body):
     name: Annotated[str, Meta(min_length=1, max_length=200, pattern=NO_NUL)]
 
 
+BudgetMode = Annotated[
+    Literal["hard", "soft"],
+    Meta(description="hard: a charge past the limit is refused; soft: charged, with an alert at alert_percent"),
+]
+AlertPercent = Annotated[int, Meta(ge=1, le=100, description="a soft budget alerts once per period at this share")]
+SOFT_ALERT_PERCENT_DEFAULT = 80
+
+
 class LimitRequest(Body):
     limit: Credits | None
     period: Period
+    mode: BudgetMode = "hard"
+    alert_percent: AlertPercent | None = None  # soft only; default 80
 
 
 # -- responses ---------------------------------------------------------------------
@@ -101,6 +111,8 @@ class DepartmentBudget(Body):
     period: Period
     spent: Credits
     remaining: Credits | None
+    mode: BudgetMode = "hard"
+    alert_percent: int | None = None
 
 
 class BalanceResponse(Body):
@@ -110,6 +122,10 @@ class BalanceResponse(Body):
     available: Credits
     grants: list[GrantView]
     department: DepartmentBudget | None = None
+    runs_out_at: Annotated[
+        str | None,
+        Meta(description="when available credits run out at the recent rate of spend (null: idle, no spend lately)"),
+    ] = None
 
 
 class UseResponse(Body):
@@ -184,6 +200,8 @@ class LimitView(Body):
     remaining: Credits | None
     period_start: str
     period_end: str
+    mode: BudgetMode = "hard"
+    alert_percent: int | None = None
 
 
 Timestamp = Annotated[dt.datetime, Meta(tz=True, description="ISO 8601 with a time zone, e.g. 2026-11-23T12:00:00Z")]
@@ -269,3 +287,83 @@ class TransactionList(Body):
 class Health(Body):
     status: str
     checks: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+# -- entitlements (issue 13) ---------------------------------------------------------
+Feature = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$", description="feature name (api_access, projects)")]
+FeatureType = Literal["boolean", "limit", "config"]
+FeatureSource = Literal["plan", "free", "override"]
+CheckReason = Literal[
+    "not_included",
+    "disabled",
+    "limit_reached",
+    "insufficient_credits",
+    "department_limit_exceeded",
+    "key_cap_exceeded",
+]
+
+
+class CheckRequest(Body):
+    """A feature alone, or with an action to charge when the feature allows it (one step)."""
+
+    feature: Feature
+    action: Action | None = None
+    units: Units = 1
+    department_id: DepartmentId | None = None
+    metadata: Metadata | None = None
+
+
+class CheckCharge(Body):
+    id: str
+    action: str
+    units: int
+    credits: Credits
+    balance: Credits
+    available: Credits
+
+
+class CheckResponse(Body):
+    """allowed: false with a reason when refused (nothing charged). limit features: limit
+    (null = unlimited), usage, remaining (null = unlimited); boolean: enabled; config: value."""
+
+    allowed: bool
+    feature: str
+    reason: CheckReason | None = None
+    type: FeatureType | None = None
+    enabled: bool | None = None
+    limit: int | None = None
+    usage: int | None = None
+    remaining: int | None = None
+    value: str | None = None
+    charge: CheckCharge | None = None
+
+
+class EntitlementView(Body):
+    """One feature of the organization. source: its plan, the free defaults (no plan), or
+    an override set by operations for this organization."""
+
+    feature: str
+    type: FeatureType
+    source: FeatureSource
+    enabled: bool | None = None
+    limit: int | None = None
+    usage: int | None = None
+    remaining: int | None = None
+    value: str | None = None
+
+
+class EntitlementList(Body):
+    plan_id: str | None
+    data: list[EntitlementView]
+
+
+class UsageChangeRequest(Body):
+    delta: Annotated[int, Meta(ge=-1_000_000_000, le=1_000_000_000, description="units to add (negative: remove)")]
+
+
+class UsageChangeResponse(Body):
+    feature: str
+    delta: int
+    usage: int
+    limit: int | None
+    remaining: int | None

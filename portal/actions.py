@@ -23,7 +23,7 @@ from msgspec import Meta
 from accounts import admin
 from api.errors import ApiError, from_validation, invalid
 from billing import schemas as s
-from billing.handlers import idempotent_with_key, method_view, respond, subscription_view
+from billing.handlers import idempotent_with_key, method_view, respond, save_auto_topup, subscription_view
 from core.http import IDEMPOTENCY_HEADER
 from core.money import PrecisionError, to_credits, to_milli
 from ledger.store import Conflict, NotFound
@@ -197,6 +197,30 @@ async def purchase(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther(f"/portal/buy?payment={_json_of(response)['payment_id']}")
 
 
+class AutoTopupForm(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = False  # a checkbox: absent when not ticked
+    threshold: credit_schemas.Credits
+    package_id: s.CatalogId
+    max_per_month: Annotated[int, Meta(ge=1, le=1000)]
+    monthly_cap_cents: s.Cents
+
+
+async def set_auto_topup(request: web.Request) -> web.StreamResponse:
+    """The API's PUT /auto-topup, from the Buy credits page (same checks, same door)."""
+    p = Portal.of(request)
+    p.require_admin()
+    form = await fields(request, AutoTopupForm)
+    body = s.AutoTopupRequest(
+        enabled=form.enabled,
+        threshold=form.threshold,
+        package_id=form.package_id,
+        max_per_month=form.max_per_month,
+        monthly_cap_cents=form.monthly_cap_cents,
+    )
+    await save_auto_topup(p.ledger, p.catalog, p.store, p.org, body)
+    raise back("/portal/buy", "auto_topup")
+
+
 # -- payment methods ---------------------------------------------------------------------
 async def setup_intent(request: web.Request) -> web.StreamResponse:
     """A SetupIntent's client secret for Stripe Elements (the card never reaches us)."""
@@ -341,8 +365,10 @@ async def set_limit(request: web.Request) -> web.StreamResponse:
 
 # -- alerts ------------------------------------------------------------------------------
 class AlertForm(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    threshold: credit_schemas.Credits
+    threshold: credit_schemas.Credits = decimal.Decimal(0)
     url: Annotated[str, Meta(pattern=r"^https?://[^\s]+$", max_length=2048)]
+    # also low when fewer days than this are left at the recent rate of spend
+    days_left: decimal.Decimal | None = None  # 0.01 to 365, exact to 0.01 (the ledger checks the range)
 
 
 async def set_alert(request: web.Request) -> web.StreamResponse:
@@ -350,7 +376,12 @@ async def set_alert(request: web.Request) -> web.StreamResponse:
     p.require_admin()
     body = await fields(request, AlertForm)
     try:
-        secret = await p.ledger.set_alert(p.org, threshold=milli(body.threshold, "$.threshold"), webhook_url=body.url)
+        days_left = body.days_left
+        if days_left is not None and (not days_left.is_finite() or days_left != round(days_left, 2)):
+            raise invalid("days left are a number exact to 0.01", "$.days_left")
+        secret = await p.ledger.set_alert(
+            p.org, threshold=milli(body.threshold, "$.threshold"), webhook_url=body.url, days_left=body.days_left
+        )
     except ValueError as exc:
         raise invalid(str(exc)) from None
     return await pages.render_page(request, "alerts.html", secret=secret)
@@ -382,6 +413,7 @@ def routes() -> list[web.RouteDef]:
         web.post("/plans/cancel", cancel),
         web.post("/plans/resume", resume),
         web.post("/buy", purchase),
+        web.post("/auto-topup", set_auto_topup),
         web.post("/payment-methods/setup-intent", setup_intent),
         web.post("/payment-methods", add_card),
         web.post("/payment-methods/{payment_method_id}/default", default_card),

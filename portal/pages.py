@@ -16,7 +16,7 @@ from aiohttp import web
 
 from api.errors import ApiError, invalid
 from billing.appkeys import BILLING_CONFIG, PORTAL_SESSIONS
-from billing.handlers import payment_view
+from billing.handlers import auto_topup_view, payment_view
 from billing.portal_sessions import ENTRY_PATH
 from billing.store import PAGE_LIMIT_MAX, InvalidCursor, PaymentMethodRow
 from core.money import to_credits
@@ -93,6 +93,7 @@ NOTICES = {
     "alert_deleted": "Alert removed.",
     "alert_test": "A test event is on its way to your alert URL (signed, like a real alert).",
     "purchase": "Payment received: the credits are in your balance.",
+    "auto_topup": "Automatic top-up saved.",
 }
 
 
@@ -447,6 +448,7 @@ async def buy(request: web.Request) -> dict[str, Any]:
         "stripe_js_url": p.billing.stripe_js_url,
         "payment": payment,
         "notice": notice(request),
+        "auto_topup": await auto_topup_view(p.ledger, p.org),
     }
 
 

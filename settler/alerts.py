@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import decimal
 import hashlib
 import hmac
 import logging
@@ -28,7 +29,7 @@ import aiohttp
 import msgspec
 
 from core.money import to_credits
-from hotpath.client import HotPath
+from hotpath.client import HotPath, now_ms, period_bounds
 from ledger.settlement import AlertStore
 from lua import Status
 
@@ -64,10 +65,16 @@ class Alerts:
         self.session = session
 
     async def check(self, organizations: Iterable[str] | None = None) -> int:
-        """Compare available credits with each configured threshold; record and send
-        every crossing. Returns the number of crossings."""
-        configs = await self.store.alert_configs(None if organizations is None else list(organizations))
-        return await self.check_configs(configs)
+        """Compare available credits with each configured threshold (an amount, and/or
+        days left at the recent rate of spend); record and send every crossing. With
+        `organizations` (those a batch just charged), their soft department budgets too.
+        Returns the number of crossings."""
+        orgs = None if organizations is None else list(organizations)
+        configs = await self.store.alert_configs(orgs)
+        crossings = await self.check_configs(configs)
+        if orgs:
+            crossings += await self.check_budgets(orgs)
+        return crossings
 
     async def check_configs(self, configs: list[dict[str, Any]]) -> int:
         crossings = 0
@@ -78,7 +85,17 @@ class Alerts:
                 continue
             available = int(result.payload["available"])
             threshold = int(cfg["threshold"])
-            state = "low" if available < threshold else "ok"
+            days_wanted: decimal.Decimal | None = cfg.get("days_left")
+            now = dt.datetime.now(dt.UTC)
+            days_left = runs_out_at = None
+            if days_wanted is not None:
+                spend = await self.store.recent_spend(org)
+                days_left = spend.days_left(available, now)
+                runs_out_at = spend.runs_out_at(available, now)
+            low = available < threshold or (
+                days_left is not None and days_wanted is not None and days_left < days_wanted
+            )
+            state = "low" if low else "ok"
             if state == cfg["state"]:
                 continue
             event_type = "balance.low" if state == "low" else "balance.recovered"
@@ -88,8 +105,12 @@ class Alerts:
                 "organization_id": org,
                 "available": to_credits(available),
                 "threshold": to_credits(threshold),
-                "created_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "created_at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             }
+            if days_wanted is not None:
+                event["days_left_threshold"] = days_wanted
+                event["days_left"] = days_left
+                event["runs_out_at"] = None if runs_out_at is None else runs_out_at.strftime("%Y-%m-%dT%H:%M:%SZ")
             delivery = await self.store.alert_crossed(org, cfg["state"], state, event_type, _encode(event).decode())
             if delivery is not None:
                 crossings += 1
@@ -102,6 +123,55 @@ class Alerts:
                         "threshold": threshold,
                     },
                 )
+                await self._deliver(delivery)
+        return crossings
+
+    async def check_budgets(self, organizations: list[str]) -> int:
+        """Soft department budgets: once per period, when the period's spend reaches
+        alert_percent of the limit, a `department.budget_alert` (charging goes on)."""
+        crossings = 0
+        for d in await self.store.soft_departments(organizations):
+            org, dept = str(d["organization_id"]), str(d["id"])
+            result = await self.hot.balance(org, department_id=dept)
+            if result.status is not Status.OK or "dept" not in result.payload:
+                continue
+            spent = int(result.payload["dept"]["spent"])
+            budget, percent = int(d["limit_amount"]), int(d["alert_percent"] or 100)
+            if spent * 100 < budget * percent:
+                continue
+            start, end = period_bounds(d["period"], now_ms())
+            event = {
+                "id": f"evt_{uuid.uuid4().hex}",
+                "type": "department.budget_alert",
+                "organization_id": org,
+                "department_id": dept,
+                "department": d["name"],
+                "mode": "soft",
+                "limit": to_credits(budget),
+                "spent": to_credits(spent),
+                "alert_percent": percent,
+                "period": d["period"],
+                "period_start": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "period_end": end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "created_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            }
+            delivery = await self.store.department_alerted(
+                org,
+                dept,
+                period_start=start,
+                alert_percent=percent,
+                spent=spent,
+                budget=budget,
+                payload=_encode(event).decode(),
+            )
+            if delivery is None:
+                continue  # announced already this period
+            crossings += 1
+            log.warning(
+                "department_budget_alert",
+                extra={"organization_id": org, "department_id": dept, "spent": spent, "limit": budget},
+            )
+            if delivery:
                 await self._deliver(delivery)
         return crossings
 

@@ -18,6 +18,11 @@ Exactly once per run: the charge's idempotency key is derived from LangChain's
 ``run_id`` (a UUID per model run), so a callback delivered twice charges once.
 A run that reports no usage charges nothing (and is logged at DEBUG).
 
+A feature gate: with ``feature="api_access"`` the handler asks the sidecar before each
+model run starts (``check``) and raises ``FeatureNotEntitled`` when the organization's
+plan does not allow it, so the model is never called (LangChain propagates the error
+because ``raise_error`` is True).
+
 ``raise_error`` is True by default: a refused charge (``InsufficientCredits``, ...)
 propagates out of the chain instead of LangChain's default of logging callback errors,
 because an agent that cannot pay should stop. Pass ``raise_error=False`` to only log.
@@ -33,7 +38,7 @@ from uuid import UUID
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.outputs import ChatGeneration, LLMResult
 
-from credits_sdk import models
+from credits_sdk import errors, models
 from credits_sdk.aio import AsyncCreditsClient
 from credits_sdk.sync import CreditsClient
 
@@ -105,11 +110,25 @@ class CreditsCallbackHandler(BaseCallbackHandler):
         metadata: models.MetadataInput | None = None,
         key_prefix: str = "langchain:",
         raise_error: bool = True,
+        feature: str | None = None,
     ) -> None:
         self.client = client
         self.charges = _Charges(input_action, output_action, metadata, key_prefix)
         self.raise_error = raise_error
+        self.feature = feature
         self.last_charge: models.BatchResult | None = None
+
+    def _gate(self) -> None:
+        if self.feature is not None:
+            check = self.client.check(self.feature)
+            if not check.allowed:
+                raise errors.FeatureNotEntitled(self.feature, check.reason, check)
+
+    def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], **kwargs: Any) -> None:
+        self._gate()
+
+    def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[Any]], **kwargs: Any) -> None:
+        self._gate()
 
     def on_llm_end(
         self, response: LLMResult, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
@@ -131,11 +150,25 @@ class AsyncCreditsCallbackHandler(AsyncCallbackHandler):
         metadata: models.MetadataInput | None = None,
         key_prefix: str = "langchain:",
         raise_error: bool = True,
+        feature: str | None = None,
     ) -> None:
         self.client = client
         self.charges = _Charges(input_action, output_action, metadata, key_prefix)
         self.raise_error = raise_error
+        self.feature = feature
         self.last_charge: models.BatchResult | None = None
+
+    async def _gate(self) -> None:
+        if self.feature is not None:
+            check = await self.client.check(self.feature)
+            if not check.allowed:
+                raise errors.FeatureNotEntitled(self.feature, check.reason, check)
+
+    async def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], **kwargs: Any) -> None:
+        await self._gate()
+
+    async def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[Any]], **kwargs: Any) -> None:
+        await self._gate()
 
     async def on_llm_end(
         self, response: LLMResult, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any

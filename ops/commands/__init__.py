@@ -4,6 +4,17 @@ one line in GROUPS."""
 
 from __future__ import annotations
 
-from ops.commands import accounts, alerts, dev, partitions, portal, quarantine, reconcile, services
+from ops.commands import (
+    accounts,
+    alerts,
+    autotopup,
+    dev,
+    entitlements,
+    partitions,
+    portal,
+    quarantine,
+    reconcile,
+    services,
+)
 
-GROUPS = (dev, services, accounts, alerts, reconcile, quarantine, portal, partitions)
+GROUPS = (dev, services, accounts, alerts, autotopup, entitlements, reconcile, quarantine, portal, partitions)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import decimal
 
 from accounts import admin
 from core.config import Config
@@ -25,9 +26,14 @@ from ops.runtime import Services
 
 def register(sub: Subparsers) -> None:
     al = sub.add_parser("alert", help="low-balance alerts").add_subparsers(dest="alert_command", required=True)
-    als = al.add_parser("set", help="alert when available credits fall below a threshold (signed webhook)")
+    als = al.add_parser(
+        "set", help="alert when available credits fall below a threshold, or N days are left (signed webhook)"
+    )
     als.add_argument("--org", required=True, type=identifier)
-    als.add_argument("--threshold", type=credits_amount, required=True, help="credits")
+    als.add_argument("--threshold", type=credits_amount, help="credits (default 0: days only)")
+    als.add_argument(
+        "--days-left", type=days, help="also alert when fewer days than this are left at the recent rate of spend"
+    )
     als.add_argument("--url", required=True, help="where the signed webhook is POSTed")
     json_flag(als)
     als.set_defaults(fn=cmd_alert_set)
@@ -45,16 +51,38 @@ def register(sub: Subparsers) -> None:
     alt.set_defaults(fn=cmd_alert_test)
 
 
+def days(text: str) -> decimal.Decimal:
+    try:
+        value = decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    if not value.is_finite() or not decimal.Decimal("0.01") <= value <= 365 or value != round(value, 2):
+        raise argparse.ArgumentTypeError(f"days must be between 0.01 and 365, to 0.01: {text!r}")
+    return value
+
+
 def cmd_alert_set(config: Config, args: argparse.Namespace) -> int:
+    if args.threshold is None and args.days_left is None:
+        raise admin.AdminError("give --threshold, --days-left or both")
+    threshold = args.threshold or 0
+
     async def run(s: Services) -> int:
         if not await s.ledger.organization_exists(args.org):
             raise LookupError(f"organization {args.org}")
         try:
-            secret = await s.ledger.set_alert(args.org, threshold=args.threshold, webhook_url=args.url)
+            secret = await s.ledger.set_alert(
+                args.org, threshold=threshold, webhook_url=args.url, days_left=args.days_left
+            )
         except ValueError as exc:
             raise admin.AdminError(str(exc)) from None
         write_json(
-            {"organization_id": args.org, "threshold": show_credits(args.threshold), "url": args.url, "secret": secret}
+            {
+                "organization_id": args.org,
+                "threshold": show_credits(threshold),
+                "days_left": None if args.days_left is None else str(args.days_left),
+                "url": args.url,
+                "secret": secret,
+            }
         )
         return 0
 
@@ -73,6 +101,7 @@ def cmd_alert_list(config: Config, args: argparse.Namespace) -> int:
                 "organization_id": a.organization_id,
                 "organization": a.organization_name,
                 "threshold": show_credits(a.threshold),
+                "days_left": None if a.days_left is None else str(a.days_left),
                 "url": a.webhook_url,
                 "state": a.state,
                 "deliveries_pending": a.deliveries_pending,
@@ -84,8 +113,8 @@ def cmd_alert_list(config: Config, args: argparse.Namespace) -> int:
         if args.json:
             write_json({"data": rows})
         else:
-            columns = ["organization_id", "organization", "threshold", "state", "url", "deliveries_pending"]
-            write_text(table(rows, [*columns, "last_error"]))
+            columns = ["organization_id", "organization", "threshold", "days_left", "state", "url"]
+            write_text(table(rows, [*columns, "deliveries_pending", "last_error"]))
         return 0
 
     return run_with_services(config, run)

@@ -69,7 +69,8 @@ def billing_config(stripe_keys: LocalStripeKeys) -> BillingConfig:
         publishable_key=stripe_keys.publishable_key,
         flavor=StripeFlavor.LOCALSTRIPE,
     )
-    return replace(configured, webhook_sweep_interval_s=0.25, webhook_workers=2)
+    # Automatic top-ups run when a test ticks them (tests/e2e/test_auto_topup.py), not on a timer.
+    return replace(configured, webhook_sweep_interval_s=0.25, webhook_workers=2, auto_topup_interval_s=0)
 
 
 @pytest.fixture(scope="session")

@@ -382,7 +382,15 @@ async def test_department_limits_over_http(client: Client, ledger: Ledger, hot: 
     status, lim = await get(client, f"/api/credits/departments/{dept['id']}/limits", org.admin_key)
     assert (lim["spent"], lim["remaining"]) == (4, 1)
     status, bal = await get(client, f"/api/credits/balance?department_id={dept['id']}", org.admin_key)
-    assert bal["department"] == {"id": dept["id"], "limit": 5, "period": "week", "spent": 4, "remaining": 1}
+    assert bal["department"] == {
+        "id": dept["id"],
+        "limit": 5,
+        "period": "week",
+        "spent": 4,
+        "remaining": 1,
+        "mode": "hard",  # (soft budgets: tests/e2e/test_forecasts_api.py)
+        "alert_percent": None,
+    }
     r = await client.put(
         f"/api/credits/departments/{dept['id']}/limits",
         json={"limit": None, "period": "month"},

@@ -32,6 +32,11 @@ PAIRS: list[tuple[type[msgspec.Struct], str]] = [
     (models.CostList, "CostList"),
     (models.UsageEvent, "UsageEvent"),
     (models.UsagePage, "UsageList"),
+    (models.FeatureCheck, "CheckResponse"),
+    (models.CheckCharge, "CheckCharge"),
+    (models.Entitlement, "EntitlementView"),
+    (models.EntitlementList, "EntitlementList"),
+    (models.UsageChange, "UsageChangeResponse"),
     (models.ErrorDetail, "ErrorDetail"),
     (models.ErrorBody, "ErrorBody"),
 ]
