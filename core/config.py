@@ -28,6 +28,7 @@ class Durability(enum.Enum):
 
 APP_ROLE = "credits_app"
 SETTLER_ROLE = "credits_settler"
+CONSOLE_ROLE = "credits_console"  # the ops console's reads across organizations (read only)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Config:
     app_db_password: str = "credits_app"  # noqa: S105 - dev default, set APP_DB_PASSWORD
     settler_database_url: str | None = None  # the settlement role
     settler_db_password: str = "credits_settler"  # noqa: S105 - dev default, set SETTLER_DB_PASSWORD
+    console_database_url: str | None = None  # the console's read-only role
+    console_db_password: str = "credits_console"  # noqa: S105 - dev default, set CONSOLE_DB_PASSWORD
     data_dir: pathlib.Path = pathlib.Path(".data")
     jwt_secret: str | None = None
     usage_partitions: int = 16
@@ -62,6 +65,7 @@ class Config:
     ops_alert_secret: str | None = None  # their signing secret
     settle_batch_entries: int = 500
     settlement_lag_alert_s: float = 5.0
+    operator_email: str | None = None  # CREDITS_OPERATOR: whom the CLI's audit rows name (else the OS user)
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -82,6 +86,12 @@ class Config:
         if self.settler_database_url:
             return self.settler_database_url
         return self._role_dsn(SETTLER_ROLE, self.settler_db_password)
+
+    def console_dsn(self) -> str:
+        """The URL the ops console reads with: its own read-only role, never the owner."""
+        if self.console_database_url:
+            return self.console_database_url
+        return self._role_dsn(CONSOLE_ROLE, self.console_db_password)
 
     def _role_dsn(self, role: str, password: str) -> str:
         if self.database_url is None:
@@ -179,7 +189,9 @@ def _ops_token(env: Mapping[str, str]) -> str | None:
 
 # Passwords anyone can read in this repository: for the embedded stack and a local
 # Postgres only (checked in load()).
-DEV_PASSWORDS = frozenset({"credits_app", "credits_settler", "change-me-app", "change-me-settler"})
+DEV_PASSWORDS = frozenset(
+    {"credits_app", "credits_settler", "credits_console", "change-me-app", "change-me-settler", "change-me-console"}
+)
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", ""})
 
 
@@ -253,6 +265,8 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         app_db_password=_role_password(env, "APP_DB_PASSWORD", "credits_app", "APP_DATABASE_URL"),
         settler_database_url=_url(env, "SETTLER_DATABASE_URL", ("postgres", "postgresql")),
         settler_db_password=_role_password(env, "SETTLER_DB_PASSWORD", "credits_settler", "SETTLER_DATABASE_URL"),
+        console_database_url=_url(env, "CONSOLE_DATABASE_URL", ("postgres", "postgresql")),
+        console_db_password=_role_password(env, "CONSOLE_DB_PASSWORD", "credits_console", "CONSOLE_DATABASE_URL"),
         data_dir=pathlib.Path(env.get("CREDITS_DATA_DIR", ".data")),
         jwt_secret=jwt_secret,
         usage_partitions=_int(env, "USAGE_PARTITIONS", 16, 1, 1024),
@@ -277,4 +291,5 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         ops_alert_secret=_ops_alert_secret(env),
         settle_batch_entries=_int(env, "SETTLE_BATCH_ENTRIES", 500, 1, 10_000),
         settlement_lag_alert_s=_float(env, "SETTLEMENT_LAG_ALERT_S", 5.0, 0.1),
+        operator_email=(env.get("CREDITS_OPERATOR") or "").strip().lower() or None,
     )

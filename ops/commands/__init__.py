@@ -4,6 +4,6 @@ one line in GROUPS."""
 
 from __future__ import annotations
 
-from ops.commands import accounts, alerts, dev, partitions, portal, quarantine, reconcile, services
+from ops.commands import accounts, alerts, dev, operators, partitions, portal, quarantine, reconcile, services
 
-GROUPS = (dev, services, accounts, alerts, reconcile, quarantine, portal, partitions)
+GROUPS = (dev, services, accounts, alerts, reconcile, quarantine, portal, partitions, operators)

@@ -56,10 +56,12 @@ def test_config_defaults_and_errors_name_the_variable() -> None:
             "DURABILITY": "local",
             "APP_DB_PASSWORD": "app pass/@",
             "SETTLER_DB_PASSWORD": "settler-pass",
+            "CONSOLE_DB_PASSWORD": "console-pass",
         }
     )
     assert not c.embedded and c.durability is Durability.LOCAL
     assert c.app_dsn() == "postgresql://credits_app:app%20pass%2F%40@h:5/db"
+    assert c.console_dsn() == "postgresql://credits_console:console-pass@h:5/db"
     for env, name in [
         ({"REDIS_URL": "http://x"}, "REDIS_URL"),
         ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
@@ -151,10 +153,19 @@ def test_well_known_role_passwords_only_for_a_local_postgres() -> None:
         load({**remote, "APP_DB_PASSWORD": "s3cret-of-our-own"})
     with pytest.raises(ConfigError, match="development password"):
         load({**remote, "APP_DB_PASSWORD": "change-me-app", "SETTLER_DB_PASSWORD": "x" * 20})
-    ok = load({**remote, "APP_DB_PASSWORD": "a" * 20, "SETTLER_DB_PASSWORD": "b" * 20})
-    assert ok.app_db_password == "a" * 20
+    with pytest.raises(ConfigError, match="CONSOLE_DB_PASSWORD"):
+        load({**remote, "APP_DB_PASSWORD": "a" * 20, "SETTLER_DB_PASSWORD": "b" * 20})
+    ok = load({**remote, "APP_DB_PASSWORD": "a" * 20, "SETTLER_DB_PASSWORD": "b" * 20, "CONSOLE_DB_PASSWORD": "c" * 20})
+    assert ok.app_db_password == "a" * 20 and ok.console_db_password == "c" * 20
     # The role's own URL carries its password: nothing to check here.
-    load({**remote, "APP_DATABASE_URL": "postgresql://credits_app:x@db/credits", "SETTLER_DB_PASSWORD": "b" * 20})
+    load(
+        {
+            **remote,
+            "APP_DATABASE_URL": "postgresql://credits_app:x@db/credits",
+            "SETTLER_DB_PASSWORD": "b" * 20,
+            "CONSOLE_DATABASE_URL": "postgresql://credits_console:y@db/credits",
+        }
+    )
     load({"DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/test"})  # a Postgres on this machine
     load({})  # the embedded stack
 
