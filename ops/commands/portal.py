@@ -25,10 +25,12 @@ def register(sub: Subparsers) -> None:
 
 
 def mounts() -> tuple[Callable[[web.Application], None], ...]:
-    """The web rooms the billing service serves: the customer portal under /portal."""
+    """The web rooms the billing service serves: the customer portal under /portal,
+    the ops console under /console."""
+    from portal import console
     from portal.app import mount
 
-    return (mount,)
+    return (mount, console.mount)
 
 
 async def portal_link(
