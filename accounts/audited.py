@@ -9,6 +9,7 @@ happened; a repeat of a reference is a `replayed` row that moved nothing.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from dataclasses import replace
 from typing import Any
 
@@ -191,3 +192,36 @@ async def repair_cache(ledger: Ledger, hot: HotPath, actor: Actor, organization_
     )
     await record(ledger.pool, actor, entry)
     return difference
+
+
+ANOMALY_ACTIONS = {"acknowledged": "anomaly.acknowledge", "dismissed": "anomaly.dismiss", "open": "anomaly.reopen"}
+
+
+async def decide_anomaly(
+    ledger: Ledger, actor: Actor, organization_id: str, anomaly_id: str, *, state: str, note: str = ""
+) -> bool:
+    """Acknowledge or dismiss a usage anomaly (settler/anomalies.py). False: no such
+    finding in this organization, or it has that state already."""
+    if state not in ANOMALY_ACTIONS:
+        raise admin.AdminError("a finding is acknowledged, dismissed, or open again")
+    if len(note) > 500:
+        raise admin.AdminError("a note has at most 500 characters")
+    await check_actor(ledger.pool, actor)
+    async with ledger.tenant(organization_id) as conn:
+        found = await conn.fetchval(
+            "UPDATE usage_anomalies SET state = $2, decided_by = $3, decided_at = now(), note = $4, updated_at = now()"
+            " WHERE id = $1 AND state <> $2 RETURNING id",
+            uuid.UUID(anomaly_id),
+            state,
+            actor.label,
+            note,
+        )
+    entry = AuditEntry(
+        ANOMALY_ACTIONS[state],
+        "applied" if found else "replayed",
+        organization_id,
+        target=f"anomaly:{anomaly_id}",
+        reason=note,
+    )
+    await record(ledger.pool, actor, entry)
+    return found is not None

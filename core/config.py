@@ -6,6 +6,7 @@ environment after start.
 
 from __future__ import annotations
 
+import decimal
 import enum
 import os
 import pathlib
@@ -66,6 +67,13 @@ class Config:
     settle_batch_entries: int = 500
     settlement_lag_alert_s: float = 5.0
     operator_email: str | None = None  # CREDITS_OPERATOR: whom the CLI's audit rows name (else the OS user)
+    # The usage audit (settler/anomalies.py): an hour's spend beyond FACTOR x the mean
+    # hourly spend of the BASELINE_HOURS before it (and at least MIN_CREDITS per hour).
+    anomaly_factor: float = 5.0
+    anomaly_baseline_hours: int = 7 * 24
+    anomaly_min_history_hours: int = 24
+    anomaly_min_credits: int = 10_000  # millicredits per hour
+    anomaly_interval_s: float = 300.0
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -211,6 +219,19 @@ def _role_password(env: Mapping[str, str], name: str, default: str, url_name: st
     return password
 
 
+def _anomaly_floor(env: Mapping[str, str]) -> int:
+    """ANOMALY_MIN_CREDITS: credits per hour below which no hour is a spike (exact)."""
+    raw = env.get("ANOMALY_MIN_CREDITS", "") or "10"
+    try:
+        value = decimal.Decimal(raw)
+    except decimal.InvalidOperation:
+        raise ConfigError(f"ANOMALY_MIN_CREDITS: expected a number of credits, got {raw!r}") from None
+    milli = value * 1000
+    if milli != milli.to_integral_value() or not 0 < milli <= 10**12:
+        raise ConfigError(f"ANOMALY_MIN_CREDITS: credits to 0.001, more than 0, got {raw!r}")
+    return int(milli)
+
+
 def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
     """CORS_ORIGINS: a comma-separated list of origins (scheme://host[:port])."""
     raw = env.get("CORS_ORIGINS", "")
@@ -292,4 +313,9 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         settle_batch_entries=_int(env, "SETTLE_BATCH_ENTRIES", 500, 1, 10_000),
         settlement_lag_alert_s=_float(env, "SETTLEMENT_LAG_ALERT_S", 5.0, 0.1),
         operator_email=(env.get("CREDITS_OPERATOR") or "").strip().lower() or None,
+        anomaly_factor=_float(env, "ANOMALY_FACTOR", 5.0, 1.5, 1000.0),
+        anomaly_baseline_hours=_int(env, "ANOMALY_BASELINE_HOURS", 7 * 24, 6, 90 * 24),
+        anomaly_min_history_hours=_int(env, "ANOMALY_MIN_HISTORY_HOURS", 24, 1, 90 * 24),
+        anomaly_min_credits=_anomaly_floor(env),
+        anomaly_interval_s=_float(env, "ANOMALY_INTERVAL_S", 300.0, 10.0, 3600.0),
     )

@@ -11,6 +11,7 @@ credits token --org ORG ...      a frontend JWT (role admin|viewer|agent, --ttl)
 credits grant|grant void|adjust|balance  credits with a reason (audited); an organization's balance
 credits operator create|link|list|revoke  operators of the ops console (one-time sign-in links)
 credits audit [--org ORG]        the operators' action log
+credits anomalies list|scan|ack|dismiss  the usage audit: spikes of spend against their baseline
 credits alert set|list|delete|test  low-balance alerts
 credits reconcile                Redis against the ledger
 credits partitions show|resize   where the usage partitions live; change their number (offline)

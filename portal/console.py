@@ -76,7 +76,13 @@ SECRET = web.RequestKey("operator_cookie", str)
 SESSIONS = web.AppKey("operator_sessions", OperatorSessions)
 READS = web.AppKey("console_reads", ConsoleReads)
 
-NAV = (("organizations", "Organizations"), ("audit", "Audit"), ("health", "Health"), ("password", "Password"))
+NAV = (
+    ("organizations", "Organizations"),
+    ("anomalies", "Usage audit"),
+    ("audit", "Audit"),
+    ("health", "Health"),
+    ("password", "Password"),
+)
 FURNITURE = {
     "brand": "Ops console",
     "nav_label": "Console",
@@ -106,6 +112,9 @@ NOTICES = {
     "repair": "The cache was rebuilt from the ledger.",
     "repair_clean": "The cache agrees with the ledger: nothing to repair.",
     "retry": "The event is due again: the billing worker retries it within a second.",
+    "acknowledged": "Finding acknowledged.",
+    "dismissed": "Finding dismissed.",
+    "open": "Finding open again.",
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -531,6 +540,38 @@ async def retry_event(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther("/console/health?notice=retry")
 
 
+# -- the usage audit -------------------------------------------------------------------------
+async def anomalies_page(request: web.Request) -> web.StreamResponse:
+    from settler.anomalies import STATES, anomalies
+
+    state = request.query.get("state", "open")
+    if state not in (*STATES, "all"):
+        raise FormError("State: open, acknowledged, dismissed or all")
+    config: Config = request.config_dict[CONFIG]
+    rows = await anomalies(request.app[READS].pool, state=None if state == "all" else state)
+    return render(
+        request, "console/anomalies.html", "anomalies", "Usage audit", rows=rows, state=state, states=STATES,
+        config=config,
+    )  # fmt: skip
+
+
+async def decide_anomaly(request: web.Request) -> web.StreamResponse:
+    org_id = _org_id(request)
+    decision = request.match_info["decision"]
+    if decision not in ("acknowledged", "dismissed", "open"):
+        raise web.HTTPNotFound()
+    try:
+        anomaly_id = str(uuid.UUID(request.match_info["anomaly"]))
+    except ValueError:
+        raise web.HTTPNotFound() from None
+    form = await request.post()
+    note = str(form.get("note", "")).strip()
+    await audited.decide_anomaly(
+        request.config_dict[LEDGER], actor(request), org_id, anomaly_id, state=decision, note=note
+    )
+    raise web.HTTPSeeOther(f"/console/anomalies?notice={decision}")
+
+
 # -- the app -------------------------------------------------------------------------------
 def mount(app: web.Application) -> None:
     """Add the ops console under /console to the billing application `app` (which
@@ -572,6 +613,8 @@ def mount(app: web.Application) -> None:
             web.get("/audit.csv", audit_csv),
             web.get("/health", health),
             web.post("/health/events/{org}/{event}/retry", retry_event),
+            web.get("/anomalies", anomalies_page),
+            web.post("/anomalies/{org}/{anomaly}/{decision}", decide_anomaly),
         ]
     )
     app.add_subapp(PREFIX, sub)

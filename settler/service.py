@@ -251,7 +251,14 @@ class Settler:
             Job("watch_lag", 1.0, self.watch_lag),
             Job("alerts", 1.0, self.alerts_tick),
             Job("reconcile", 30.0, self.reconcile),
+            Job("anomalies", self.config.anomaly_interval_s, self.scan_anomalies),
         )
+
+    async def scan_anomalies(self) -> int:
+        """The usage audit (settler/anomalies.py): new findings of this hour and the last."""
+        from settler.anomalies import AnomalyDetector, Method
+
+        return await AnomalyDetector(self.settlement.pool, Method.of(self.config)).scan()
 
     async def schedule(self, stop: asyncio.Event) -> None:
         """Run each periodic job once per its interval across all settlers: whoever

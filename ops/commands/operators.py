@@ -4,6 +4,7 @@ credits operator create --email E [--name N]   an operator; prints a one-time si
 credits operator link --email E                 a new sign-in link (a forgotten password)
 credits operator list | revoke --email E        who may sign in; disable one (sessions end)
 credits audit [--org ORG] [--action credits.] [--actor E] [--limit N] [--json]
+credits anomalies list|scan|ack|dismiss|reopen  the usage audit's findings (settler/anomalies.py)
 
 Making an operator, who can act on every organization, takes the database owner's URL
 (DATABASE_URL, or the stack's); the audit trail is read through the console's
@@ -21,9 +22,11 @@ from core.config import Config
 from ledger.operators import LINK_TTL_S, Actor, AuditFilter, OperatorAdmin, audit_rows
 from ops.commands.common import (
     Subparsers,
+    cli_actor,
     identifier,
     iso,
     json_flag,
+    operator_flag,
     run_with_services,
     show_credits,
     table,
@@ -67,6 +70,7 @@ def register(sub: Subparsers) -> None:
     au.add_argument("--limit", type=int, default=50, help=f"at most this many rows (1-{AUDIT_LIMIT_MAX}, default 50)")
     json_flag(au)
     au.set_defaults(fn=cmd_audit)
+    register_anomalies(sub)
 
 
 def console_url(config: Config, token: str) -> str:
@@ -210,6 +214,104 @@ def cmd_audit(config: Config, args: argparse.Namespace) -> int:
         else:
             columns = ["id", "at", "actor", "via", "action", "organization_id", "amount", "outcome", "reason"]
             write_text(table(rows, columns))
+        return 0
+
+    return run_with_services(config, run)
+
+
+# -- the usage audit -------------------------------------------------------------------------
+def register_anomalies(sub: Subparsers) -> None:
+    an = sub.add_parser("anomalies", help="the usage audit: hours of spend far above their baseline").add_subparsers(
+        dest="anomalies_command", required=True
+    )
+    al = an.add_parser("list", help="findings, newest first")
+    al.add_argument("--org", type=identifier)
+    al.add_argument("--state", choices=["open", "acknowledged", "dismissed"])
+    json_flag(al)
+    al.set_defaults(fn=cmd_anomalies_list)
+    sc = an.add_parser("scan", help="look for spikes now (the settler does every ANOMALY_INTERVAL_S)")
+    json_flag(sc)
+    sc.set_defaults(fn=cmd_anomalies_scan)
+    for name, state in (("ack", "acknowledged"), ("dismiss", "dismissed"), ("reopen", "open")):
+        d = an.add_parser(name, help=f"mark a finding {state} (audited)")
+        d.add_argument("--org", required=True, type=identifier)
+        d.add_argument("--id", required=True, type=identifier, help="the finding's id")
+        d.add_argument("--note", default="")
+        operator_flag(d)
+        json_flag(d)
+        d.set_defaults(fn=cmd_anomalies_decide, state=state)
+
+
+def anomaly_view(a: Any) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "organization_id": a.organization_id,
+        "organization": a.organization,
+        "scope": a.scope,
+        "api_key_id": a.credential_id,
+        "api_key_name": a.key_name,
+        "hour": iso(a.hour),
+        "spend": show_credits(a.spend),
+        "baseline_per_hour": show_credits(a.baseline),
+        "baseline_hours": a.baseline_hours,
+        "threshold_factor": a.threshold_factor,
+        "state": a.state,
+        "decided_by": a.decided_by,
+        "note": a.note or None,
+    }
+
+
+def cmd_anomalies_list(config: Config, args: argparse.Namespace) -> int:
+    from ledger.console_reads import ConsoleReads
+    from settler.anomalies import anomalies
+
+    async def run(s: Services) -> int:
+        reads = await ConsoleReads.connect(s.config.console_dsn(), max_size=1)
+        try:
+            found = await anomalies(reads.pool, state=args.state, organization_id=args.org)
+        finally:
+            await reads.close()
+        rows = [anomaly_view(a) for a in found]
+        if args.json:
+            write_json({"data": rows})
+        else:
+            columns = ["id", "organization", "scope", "api_key_id", "hour", "spend", "baseline_per_hour", "state"]
+            write_text(table(rows, columns))
+        return 0
+
+    return run_with_services(config, run)
+
+
+def cmd_anomalies_scan(config: Config, args: argparse.Namespace) -> int:
+    from ledger.settlement import Settlement
+    from settler.anomalies import AnomalyDetector, Method
+
+    async def run(s: Services) -> int:
+        settlement = await Settlement.connect(s.config.settler_dsn(), min_size=1, max_size=1)
+        try:
+            new = await AnomalyDetector(settlement.pool, Method.of(s.config)).scan()
+        finally:
+            await settlement.close()
+        if args.json:
+            write_json({"new_findings": new})
+        else:
+            write_text(f"{new} new finding(s) (credits anomalies list --state open)")
+        return 0
+
+    return run_with_services(config, run)
+
+
+def cmd_anomalies_decide(config: Config, args: argparse.Namespace) -> int:
+    from accounts import audited
+
+    async def run(s: Services) -> int:
+        changed = await audited.decide_anomaly(
+            s.ledger, cli_actor(s.config, args), args.org, args.id, state=args.state, note=args.note
+        )
+        if args.json:
+            write_json({"id": args.id, "state": args.state, "changed": changed})
+        else:
+            write_text(f"finding {args.id}: {args.state}" + ("" if changed else " (already, or not found)"))
         return 0
 
     return run_with_services(config, run)

@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
 SCREENSHOTS = pathlib.Path(__file__).resolve().parents[2] / ".data" / "screenshots" / "console"
 PASSWORD = "a long console passphrase"
+CREDIT = 1000
 
 
 class Operator(Person):
@@ -224,5 +225,48 @@ async def test_tenant_credentials_open_no_console_page(chromium: Any, console_cl
             allow_redirects=False,
         )
         assert posted.status == 401
+    finally:
+        await p.context.close()
+
+
+async def test_an_operator_acknowledges_a_usage_finding(
+    chromium: Any, console_client: Client, migrated: Config, org: Org
+) -> None:
+    from playwright.async_api import expect
+
+    from ledger.settlement import Settlement
+    from settler.anomalies import AnomalyDetector
+    from tests.integration.test_anomalies import HOUR, METHOD, NOW, steady, traffic
+
+    await traffic(migrated, org.id, org.admin_key_id, {**steady(4 * CREDIT, seed=11), HOUR: 250 * CREDIT})
+    settlement = await Settlement.connect(migrated.settler_dsn(), min_size=1, max_size=1)
+    try:
+        assert await AnomalyDetector(settlement.pool, METHOD).scan(NOW) >= 2
+    finally:
+        await settlement.close()
+    org_name = await owner_value(migrated, "SELECT name FROM organizations WHERE id = $1", uuid.UUID(org.id))
+    base = str(console_client.server.make_url("")).rstrip("/")
+    _, entry = await new_operator(migrated)
+    p = await open_person(chromium, "anomalies")
+    try:
+        page = p.page
+        await page.goto(base + entry)
+        await nav(p, "Usage audit")
+        findings = page.get_by_role("region", name="Usage findings").get_by_role("row").filter(has_text=org_name)
+        await expect(findings).to_have_count(2)
+        await expect(findings.filter(has_text="API key")).to_contain_text("250")
+        await p.shot("01-usage-audit")
+        await (
+            page.get_by_role("button", name=f"Acknowledge the finding of {org_name}", exact=False)
+            .filter(has_text="Acknowledge")
+            .first.click()
+        )
+        await expect(page.get_by_role("status")).to_have_text("Finding acknowledged.")
+        await expect(findings).to_have_count(1)
+        await page.get_by_label("State").select_option("acknowledged")
+        await page.get_by_role("button", name="Show").click()
+        await expect(findings.first).to_contain_text("acknowledged")
+        await p.shot("02-acknowledged")
+        assert p.problems == []
     finally:
         await p.context.close()

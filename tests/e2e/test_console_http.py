@@ -177,3 +177,37 @@ async def test_a_failed_webhook_event_is_retried_from_the_health_page(
     state = await owner_value(migrated, "SELECT status FROM stripe_events WHERE id = $1", event_id)
     assert state in ("pending", "processing", "failed", "done")  # due again: the worker has it
     assert ("webhook.retry", "applied") in await audit_of(migrated, org)
+
+
+async def test_usage_findings_are_listed_and_decided(console_client: Client, migrated: Config, org: Org) -> None:
+    from ledger.settlement import Settlement
+    from settler.anomalies import AnomalyDetector
+    from tests.integration.test_anomalies import HOUR, METHOD, NOW, steady, traffic
+
+    key = str(uuid.uuid4())
+    await traffic(migrated, org.id, key, {**steady(5 * CREDIT, seed=9), HOUR: 300 * CREDIT})
+    settlement = await Settlement.connect(migrated.settler_dsn(), min_size=1, max_size=1)
+    try:
+        assert await AnomalyDetector(settlement.pool, METHOD).scan(NOW) >= 2
+    finally:
+        await settlement.close()
+    anomaly_id = str(
+        await owner_value(
+            migrated,
+            "SELECT id FROM usage_anomalies WHERE organization_id = $1 AND scope = 'api_key'",
+            uuid.UUID(org.id),
+        )
+    )
+    session, b, _ = await signed_in(console_client, migrated)
+    async with session:
+        status, text, _ = await b.get("/console/anomalies")
+        assert status == 200 and anomaly_id in text and key[:13] in text
+        status, _, r = await b.post(f"/console/anomalies/{org.id}/{anomaly_id}/acknowledged", {"note": "load test"})
+        assert status == 303 and r.headers["Location"] == "/console/anomalies?notice=acknowledged"
+        status, text, _ = await b.get("/console/anomalies?state=acknowledged")
+        assert anomaly_id in text and "load test" in text
+        assert (await b.get("/console/anomalies?state=bogus"))[0] == 400
+    assert await owner_value(migrated, "SELECT state FROM usage_anomalies WHERE id = $1", uuid.UUID(anomaly_id)) == (
+        "acknowledged"
+    )
+    assert ("anomaly.acknowledge", "applied") in await audit_of(migrated, org)
