@@ -20,6 +20,7 @@ import csv
 import datetime as dt
 import decimal
 import io
+import json
 import logging
 import pathlib
 import uuid
@@ -520,12 +521,16 @@ async def health(request: web.Request) -> web.StreamResponse:
         partitions.append({"partition": p, "unsettled": entries, "lag_s": age_s, "length": length, "pending": pending})
     raw = await redis.hgetall(f"{config.redis_key_prefix}:settler:reconcile:drifts")  # type: ignore[misc]
     drifts = {k.decode() if isinstance(k, bytes) else str(k): int(v) for k, v in raw.items()}
+    last_raw = await redis.get(f"{config.redis_key_prefix}:settler:reconcile:last")
+    last = json.loads(last_raw) if last_raw else None
+    last_at = dt.datetime.fromisoformat(last["at"]) if last else None
     reads: ConsoleReads = request.app[READS]
     state = await reads.health()
     names = await reads.organization_names(list(drifts))
     return render(
         request, "console/health.html", "health", "Health", partitions=partitions, drifts=drifts, names=names,
-        lag_alert_s=config.settlement_lag_alert_s, **state,
+        lag_alert_s=config.settlement_lag_alert_s, last_at=last_at, last_checked=last["checked"] if last else 0,
+        **state,
     )  # fmt: skip
 
 

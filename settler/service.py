@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import socket
@@ -383,6 +384,11 @@ class Settler:
             await self.redis.hset(drifts_key, mapping=found)  # type: ignore[misc]
         known = await self.redis.hvals(drifts_key)  # type: ignore[misc]
         DRIFT.set(sum(abs(int(v)) for v in known))
+        # When it last ran, for the ops console's health page (which shows the drifts too).
+        await self.redis.set(
+            self._key("reconcile:last"),
+            json.dumps({"at": dt.datetime.now(dt.UTC).isoformat(), "checked": len(organizations)}),
+        )
         for d in report.drifts:
             log.error(
                 "reconciliation_drift",

@@ -168,10 +168,20 @@ async def test_a_failed_webhook_event_is_retried_from_the_health_page(
         uuid.UUID(org.id),
     )
     assert conn_value == event_id
+    from dataclasses import replace
+
+    from settler.service import Settler
+
+    settler = await Settler.open(replace(migrated, settler_port=0))
+    try:
+        await settler.reconcile()  # one round, as the settlers' periodic job runs it
+    finally:
+        await settler.close()
     session, b, _ = await signed_in(console_client, migrated)
     async with session:
         status, text, _ = await b.get("/console/health")
         assert status == 200 and event_id in text and "handler failed" in text
+        assert "The settlers last reconciled" in text
         status, _, r = await b.post(f"/console/health/events/{org.id}/{event_id}/retry", {})
         assert status == 303 and r.headers["Location"] == "/console/health?notice=retry"
     state = await owner_value(migrated, "SELECT status FROM stripe_events WHERE id = $1", event_id)
