@@ -18,9 +18,12 @@ from typing import Any
 from accounts import admin, audited
 from api.auth import issue_jwt
 from core.config import Config
+from ledger.operators import AuditEntry
 from ledger.settlement import OperatorReads, Settlement
 from ops.commands.common import (
     Subparsers,
+    acting,
+    audit,
     cli_actor,
     credits_amount,
     identifier,
@@ -67,6 +70,7 @@ def register(sub: Subparsers) -> None:
     kc.add_argument("--cap", type=credits_amount, help="lifetime spending cap in credits")
     kc.add_argument("--rate", type=float, help="requests per second (0 = unlimited)")
     kc.add_argument("--burst", type=float, help="token bucket size")
+    operator_flag(kc)
     json_flag(kc)
     kc.set_defaults(fn=cmd_key_create)
     kr = key.add_parser("revoke", help="revoke an API key")
@@ -88,6 +92,7 @@ def register(sub: Subparsers) -> None:
     t.add_argument("--ttl", type=ttl_seconds, default=3600, help="lifetime: 90s, 15m, 1h (default), 7d; at most 30d")
     t.add_argument("--subject", help="the user the token stands for (claim sub; default: a new id)")
     t.add_argument("--department", type=identifier, help="claim department_id: the token charges that department")
+    operator_flag(t)
     json_flag(t)
     t.set_defaults(fn=cmd_token)
 
@@ -237,6 +242,7 @@ def cmd_org_show(config: Config, args: argparse.Namespace) -> int:
 # -- keys -------------------------------------------------------------------------------
 def cmd_key_create(config: Config, args: argparse.Namespace) -> int:
     async def run(s: Services) -> int:
+        actor = await acting(s, args)
         key = await admin.create_key(
             s.ledger,
             s.hot,
@@ -248,6 +254,8 @@ def cmd_key_create(config: Config, args: argparse.Namespace) -> int:
             rate_limit_per_s=args.rate,
             rate_limit_burst=args.burst,
         )
+        detail = {"role": args.role, "name": args.name, "department_id": args.department, "cap": args.cap}
+        await audit(s, actor, AuditEntry("key.create", "applied", args.org, target=f"key:{key.id}", detail=detail))
         write_json({"organization_id": args.org, "key_id": key.id, "api_key": key.secret, "role": args.role})
         return 0
 
@@ -317,6 +325,7 @@ def cmd_token(config: Config, args: argparse.Namespace) -> int:
         if args.department is not None:
             await s.ledger.department(args.org, args.department)  # NotFound: a LookupError
         secret = _jwt_secret(s.config)
+        actor = await acting(s, args)
         subject = args.subject or f"cli-{secrets.token_hex(6)}"
         token = issue_jwt(
             secret,
@@ -326,6 +335,8 @@ def cmd_token(config: Config, args: argparse.Namespace) -> int:
             ttl_s=args.ttl,
             department_id=args.department,
         )
+        detail = {"role": args.role, "ttl_s": args.ttl, "department_id": args.department}
+        await audit(s, actor, AuditEntry("token.issue", "applied", args.org, target=f"jwt:{subject}", detail=detail))
         if args.json:
             write_json(
                 {"token": token, "organization_id": args.org, "role": args.role, "subject": subject, "ttl_s": args.ttl}

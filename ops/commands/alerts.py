@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import urllib.parse
 
 from accounts import admin
 from core.config import Config
+from ledger.operators import AuditEntry
 from ledger.settlement import OperatorReads, Settlement
 from ledger.store import NotFound
 from ops.commands.common import (
     Subparsers,
+    acting,
+    audit,
     credits_amount,
     identifier,
     iso,
     json_flag,
+    operator_flag,
     run_with_services,
     show_credits,
     table,
@@ -29,6 +34,7 @@ def register(sub: Subparsers) -> None:
     als.add_argument("--org", required=True, type=identifier)
     als.add_argument("--threshold", type=credits_amount, required=True, help="credits")
     als.add_argument("--url", required=True, help="where the signed webhook is POSTed")
+    operator_flag(als)
     json_flag(als)
     als.set_defaults(fn=cmd_alert_set)
     all_ = al.add_parser("list", help="the alerts of every organization (or one), with their deliveries")
@@ -37,6 +43,7 @@ def register(sub: Subparsers) -> None:
     all_.set_defaults(fn=cmd_alert_list)
     ald = al.add_parser("delete", help="stop alerting an organization (waiting deliveries are dropped)")
     ald.add_argument("--org", required=True, type=identifier)
+    operator_flag(ald)
     json_flag(ald)
     ald.set_defaults(fn=cmd_alert_delete)
     alt = al.add_parser("test", help="send a signed alert.test event to the organization's alert URL")
@@ -45,14 +52,24 @@ def register(sub: Subparsers) -> None:
     alt.set_defaults(fn=cmd_alert_test)
 
 
+def _origin(url: str) -> str:
+    """Where an alert goes, for the audit trail: scheme and host only (the path and
+    query of a webhook URL are often its secret)."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def cmd_alert_set(config: Config, args: argparse.Namespace) -> int:
     async def run(s: Services) -> int:
         if not await s.ledger.organization_exists(args.org):
             raise LookupError(f"organization {args.org}")
+        actor = await acting(s, args)
         try:
             secret = await s.ledger.set_alert(args.org, threshold=args.threshold, webhook_url=args.url)
         except ValueError as exc:
             raise admin.AdminError(str(exc)) from None
+        entry = AuditEntry("alert.set", "applied", args.org, amount=args.threshold, detail={"url": _origin(args.url)})
+        await audit(s, actor, entry)
         write_json(
             {"organization_id": args.org, "threshold": show_credits(args.threshold), "url": args.url, "secret": secret}
         )
@@ -93,9 +110,11 @@ def cmd_alert_list(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_alert_delete(config: Config, args: argparse.Namespace) -> int:
     async def run(s: Services) -> int:
+        actor = await acting(s, args)
         deleted = await s.ledger.delete_alert(args.org)
         if not deleted:
             raise LookupError(f"organization {args.org} has no alert set")
+        await audit(s, actor, AuditEntry("alert.delete", "applied", args.org))
         if args.json:
             write_json({"organization_id": args.org, "deleted": True})
         else:

@@ -17,7 +17,7 @@ from typing import Any
 from accounts.admin import AdminError
 from core.config import Config
 from core.money import PrecisionError, to_credits, to_milli
-from ledger.operators import Actor, OperatorError
+from ledger.operators import Actor, AuditEntry, OperatorError, check_actor, record
 from ops.runtime import Services, connect, servers
 
 Subparsers = Any  # argparse's _SubParsersAction, which typeshed keeps private
@@ -73,6 +73,19 @@ def cli_actor(config: Config, args: argparse.Namespace) -> Actor:
         return Actor.cli(getattr(args, "operator", None) or config.operator_email)
     except OperatorError as exc:
         raise AdminError(str(exc)) from None
+
+
+async def acting(s: Services, args: argparse.Namespace) -> Actor:
+    """The command's actor, checked (an operator it names must be active) before the
+    command does anything in its name."""
+    actor = cli_actor(s.config, args)
+    await check_actor(s.ledger.pool, actor)
+    return actor
+
+
+async def audit(s: Services, actor: Actor, entry: AuditEntry) -> None:
+    """The audit row of what the command did (ledger/operators.py)."""
+    await record(s.ledger.pool, actor, entry)
 
 
 def identifier(text: str) -> str:

@@ -6,11 +6,23 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import socket
+import subprocess
 import uuid
 
 from core.config import Config
-from tests.e2e.test_cli import run
+from tests.conftest import JWT_SECRET
+from tests.e2e.test_cli import CLI, run
+
+
+def with_secret(config: Config, *args: str) -> subprocess.CompletedProcess[str]:
+    """As `run`, with the JWT secret the token and portal-link commands sign with."""
+    env = {**os.environ, "REDIS_URL": config.redis_url or "", "DATABASE_URL": config.database_url or "",
+           "JWT_SECRET": JWT_SECRET, "LOG_LEVEL": "WARNING"}  # fmt: skip
+    proc = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc
 
 
 def _json(config: Config, *args: str) -> dict:  # type: ignore[type-arg]
@@ -66,3 +78,29 @@ def test_operator_commands_and_an_audited_grant_void_and_revoke(migrated: Config
     assert _json(migrated, "balance", "--org", org, "--json")["balance"] == "100"  # the void settles later
     missing = run(migrated, "grant", "--org", org, "--amount", "1", check=False)
     assert missing.returncode == 1 and "--reason" in missing.stderr
+
+
+def test_credentials_alerts_and_quarantine_commands_are_audited(migrated: Config) -> None:
+    org = _json(migrated, "org", "create", "--name", "Audited too")["organization_id"]
+    key = _json(migrated, "key", "create", "--org", org, "--role", "agent", "--name", "bot")["key_id"]
+    with_secret(migrated, "token", "--org", org, "--role", "viewer", "--subject", "alice", "--ttl", "15m")
+    _json(migrated, "alert", "set", "--org", org, "--threshold", "20", "--url", "https://hooks.example/x/s3cret")
+    run(migrated, "alert", "delete", "--org", org)
+    link = json.loads(with_secret(migrated, "portal-link", "--org", org, "--role", "viewer").stdout)
+    assert "/portal/enter/" in link["url"]
+    rows = _json(migrated, "audit", "--org", org, "--json")["data"]
+    assert [(r["action"], r["target"]) for r in reversed(rows)] == [
+        ("key.create", f"key:{key}"),
+        ("token.issue", "jwt:alice"),
+        ("alert.set", None),
+        ("alert.delete", None),
+        ("portal_link.create", rows[0]["target"]),
+    ]
+    assert rows[0]["target"].startswith("link:") and rows[0]["detail"] == {"role": "viewer"}
+    alert_set = next(r for r in rows if r["action"] == "alert.set")
+    assert alert_set["amount"] == "20" and alert_set["detail"] == {"url": "https://hooks.example"}  # never the path
+    assert "s3cret" not in json.dumps(rows)
+    missing = run(migrated, "deadletter", "replay", "999999999", "--reason", "try", check=False)
+    assert missing.returncode == 1
+    refused = _json(migrated, "audit", "--action", "deadletter.", "--limit", "1", "--json")["data"][0]
+    assert refused["target"] == "deadletter:999999999" and refused["outcome"] == "refused"
