@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 SEARCH_LIMIT_MAX = 200
-SPEND_DAYS = 30
+SPEND_DAYS = 30  # "the last 30 days": today (UTC) and the 29 before
 ENTRIES_SHOWN = 50
 
 
@@ -62,7 +62,7 @@ class ConsoleReads:
                 " (SELECT e.created_at FROM ledger_entries e WHERE e.organization_id = o.id"
                 "   ORDER BY e.id DESC LIMIT 1) AS last_activity,"
                 " (SELECT coalesce(sum(h.credits), 0) FROM usage_hourly h WHERE h.organization_id = o.id"
-                "   AND h.hour >= now() - make_interval(days => $4)) AS spend"
+                "   AND h.hour >= date_trunc('day', now(), 'UTC') - make_interval(days => $4 - 1)) AS spend"
                 " FROM organizations o"
                 " WHERE ($1::uuid IS NOT NULL AND o.id = $1) OR ($1::uuid IS NULL AND o.name ILIKE $2)"
                 " ORDER BY o.created_at DESC, o.id LIMIT $3",
@@ -139,9 +139,10 @@ class ConsoleReads:
                     " FROM credit_adjustments WHERE organization_id = $1 ORDER BY created_at DESC LIMIT 50"
                 ),
                 "usage_by_day": await rows(
-                    "SELECT date_trunc('day', hour, 'UTC') AS day, sum(credits)::bigint AS credits,"
+                    "SELECT date_trunc('day', hour, 'UTC') AS day, action, sum(credits)::bigint AS credits,"
                     " sum(events)::bigint AS events FROM usage_hourly WHERE organization_id = $1"
-                    " AND hour >= now() - make_interval(days => $2) GROUP BY 1 ORDER BY 1",
+                    " AND hour >= date_trunc('day', now(), 'UTC') - make_interval(days => $2 - 1)"
+                    " GROUP BY 1, 2 ORDER BY 1, 2",
                     SPEND_DAYS,
                 ),
             }

@@ -35,7 +35,7 @@ from accounts import admin, audited
 from billing.appkeys import CONFIG, HOT, LEDGER, REDIS
 from core.config import Config
 from core.errors import Unavailable
-from core.money import PrecisionError, to_milli
+from core.money import PrecisionError, to_credits, to_milli
 from hotpath.client import HotPath
 from ledger.console_reads import ConsoleReads
 from ledger.operators import (
@@ -293,6 +293,33 @@ async def organizations(request: web.Request) -> web.StreamResponse:
     )
 
 
+def usage_chart(rows: list[dict[str, Any]], now: dt.datetime) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The organization's last 30 days: per day totals (the table), and credits per day
+    stacked by action (the chart, as the portal's usage.js draws it)."""
+    from ledger.console_reads import SPEND_DAYS
+
+    today = now.astimezone(dt.UTC).date()
+    dates = [today - dt.timedelta(days=SPEND_DAYS - 1 - i) for i in range(SPEND_DAYS)]
+    by_action: dict[str, dict[dt.date, int]] = {}
+    totals: dict[dt.date, list[int]] = {d: [0, 0] for d in dates}
+    for r in rows:
+        day = r["day"].astimezone(dt.UTC).date()
+        if day not in totals:
+            continue
+        by_action.setdefault(r["action"] or "reservation", {})[day] = int(r["credits"])
+        totals[day][0] += int(r["credits"])
+        totals[day][1] += int(r["events"])
+    days = [{"day": d, "credits": c, "events": e} for d, (c, e) in totals.items() if c or e]
+    chart = {
+        "labels": [d.strftime("%-d %b") for d in dates],
+        "datasets": [
+            {"label": action, "data": [float(to_credits(per.get(d, 0))) for d in dates]}
+            for action, per in sorted(by_action.items())
+        ],
+    }
+    return days, chart
+
+
 def _org_id(request: web.Request) -> str:
     try:
         return str(uuid.UUID(request.match_info["org"]))
@@ -307,7 +334,7 @@ async def organization(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound()
     cache = await _cache(request.config_dict[HOT], org_id)
     audit = await audit_rows(request.app[READS].pool, AuditFilter(organization_id=org_id), limit=20)
-    day_max = max((int(d["credits"]) for d in org["usage_by_day"]), default=0)
+    days, chart = usage_chart(org["usage_by_day"], dt.datetime.now(dt.UTC))
     return render(
         request,
         "console/organization.html",
@@ -316,7 +343,8 @@ async def organization(request: web.Request) -> web.StreamResponse:
         org=org,
         cache=cache,
         audit=audit,
-        day_max=day_max,
+        days=days,
+        chart=chart,
         reference=f"console-{uuid.uuid4().hex[:12]}",
         now=dt.datetime.now(dt.UTC),
     )

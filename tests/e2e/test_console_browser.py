@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import datetime as dt
 import io
 import pathlib
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from core.config import Config
+from portal.format import credits as format_credits
 from tests.conftest import Org
 
 pytest.register_assert_rewrite("tests.e2e.billing_fixtures", "tests.e2e.portal_support", "tests.e2e.console_support")
@@ -100,6 +102,16 @@ async def test_an_operator_grants_credits_and_sees_them_everywhere(
         await page.get_by_role("button", name="Sign in").click()
         await expect(page.get_by_role("status")).to_have_text("Signed in.")
 
+        # A few days of usage (generated, as settlement rolls it up), for the search and the chart.
+        from settler.anomalies import hour_of
+        from tests.integration.test_anomalies import steady, traffic
+
+        now = hour_of(dt.datetime.now(dt.UTC))
+        await traffic(migrated, org.id, org.admin_key_id, {**steady(2 * CREDIT, hours=72, seed=7, until=now), now: 0})
+        spent = await owner_value(
+            migrated, "SELECT sum(credits) FROM usage_hourly WHERE organization_id = $1", uuid.UUID(org.id)
+        )
+
         # Find the organization by name, open it.
         org_name = await owner_value(migrated, "SELECT name FROM organizations WHERE id = $1", uuid.UUID(org.id))
         search = page.get_by_role("search", name="Find an organization")
@@ -107,10 +119,14 @@ async def test_an_operator_grants_credits_and_sees_them_everywhere(
         await search.get_by_role("button", name="Search").click()
         found = page.get_by_role("region", name="Organizations found").get_by_role("row").filter(has_text=org_name)
         await expect(found).to_contain_text("100")
+        await expect(found.get_by_role("cell").nth(5)).to_have_text(format_credits(spent))
         await p.shot("03-organizations")
         await found.get_by_role("link", name=org_name).click()
         await expect(page.get_by_role("heading", name=org_name, level=1)).to_be_visible()
         await expect(page.get_by_test_id("cache-balance")).to_have_text("100")
+        await expect(page.get_by_role("img", name="Credits per day, stacked by action")).to_be_visible()
+        datasets = await page.evaluate("() => window.Chart?.getChart('usage-chart')?.data.datasets.map(d => d.label)")
+        assert datasets == ["generate_content"], p.problems
 
         # Grant 250 with a reason: a confirmation first, then the balance, the ledger and the audit.
         await grant(p, "250", "support ticket 42", "ticket-42")
