@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp_jinja2
+import asyncpg
 import jinja2
 from aiohttp import web
 
@@ -193,7 +194,12 @@ async def console_middleware(request: web.Request, handler: Handler) -> web.Stre
     except (admin.AdminError, OperatorError) as exc:
         response = error(request, 409 if "only" in str(exc) else 400, "Not done", f"{exc}. Nothing was changed.")
     except Exception as exc:
-        if isinstance(exc, (Unavailable, *POSTGRES_DOWN)):
+        if isinstance(exc, asyncpg.exceptions.InvalidAuthorizationSpecificationError):  # a wrong role password
+            log.error("console_role_refused", extra={"error": str(exc), "path": request.path})
+            response = error(
+                request, 503, "Unavailable", "The console cannot sign in to the database (CONSOLE_DB_PASSWORD)."
+            )
+        elif isinstance(exc, (Unavailable, *POSTGRES_DOWN)):
             log.warning("console_dependency_unavailable", extra={"error": str(exc), "path": request.path})
             response = error(request, 503, "Unavailable", "A backing service is unreachable; nothing changed.")
         else:
@@ -621,7 +627,9 @@ def mount(app: web.Application) -> None:
     env.filters.update(format.FILTERS)
 
     async def resources(sub: web.Application) -> AsyncIterator[None]:
-        reads = await ConsoleReads.connect(config.console_dsn(), min_size=1, max_size=4)
+        # min_size=0: billing starts (and takes payments) even when the console's role
+        # cannot connect; the console's pages then say so.
+        reads = await ConsoleReads.connect(config.console_dsn(), min_size=0, max_size=4)
         sub[READS] = reads
         sub[SESSIONS] = OperatorSessions(reads.pool)
         try:

@@ -38,4 +38,3 @@ CREATE POLICY console ON usage_anomalies FOR SELECT TO credits_console USING (tr
 GRANT SELECT, INSERT, UPDATE (spend, baseline, baseline_hours, updated_at) ON usage_anomalies TO credits_settler;
 GRANT SELECT, UPDATE (state, decided_by, decided_at, note, updated_at) ON usage_anomalies TO credits_app;
 GRANT SELECT ON usage_anomalies TO credits_console;
-GRANT SELECT ON usage_hourly TO credits_settler;

@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from billing.appkeys import HOT, LEDGER
+from billing.config import BillingConfig
 from core.config import Config
 from hotpath.client import HotPath
 from ledger.store import Ledger
@@ -221,3 +222,27 @@ async def test_usage_findings_are_listed_and_decided(console_client: Client, mig
         "acknowledged"
     )
     assert ("anomaly.acknowledge", "applied") in await audit_of(migrated, org)
+
+
+async def test_billing_serves_without_the_console_role_and_the_console_says_why(
+    migrated: Config, billing_config: BillingConfig
+) -> None:
+    from dataclasses import replace
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from billing.app import create_app
+    from portal import console
+    from portal.app import mount as mount_portal
+
+    assert migrated.database_url is not None
+    # A role the server refuses (with trust auth, a wrong password would still be let in).
+    refused_dsn = migrated.console_dsn().replace("credits_console:", "credits_nobody:")
+    wrong = replace(migrated, console_database_url=refused_dsn)
+    async with TestClient(TestServer(create_app(wrong, billing_config, mounts=(mount_portal, console.mount)))) as c:
+        assert (await c.get("/readyz")).status == 200  # billing itself runs
+        assert (await c.get("/console/organizations", allow_redirects=False)).status == 303  # no cookie: no query
+        r = await c.get(
+            "/console/organizations", headers={"Cookie": "credits_console=" + "x" * 43}, allow_redirects=False
+        )
+        assert r.status == 503 and "CONSOLE_DB_PASSWORD" in await r.text()
