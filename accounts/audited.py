@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from accounts import admin
 from hotpath.client import HotPath
@@ -169,15 +170,32 @@ async def revoke_key(
     return revoked
 
 
-async def repair_cache(ledger: Ledger, hot: HotPath, actor: Actor, organization_id: str, *, reason: str) -> int | None:
-    """Rebuild one organization's cache from the ledger (settler.reconcile.repair):
-    the difference repaired in millicredits, None when there was none."""
-    from settler import reconcile
+class Repaired(Protocol):
+    """What a repair reports (settler.reconcile.Drift)."""
 
+    @property
+    def difference(self) -> int: ...
+
+    @property
+    def cache(self) -> int: ...
+
+    @property
+    def ledger(self) -> int: ...
+
+
+Repair = Callable[[HotPath, Ledger, str], Awaitable["Repaired | None"]]
+
+
+async def repair_cache(
+    ledger: Ledger, hot: HotPath, actor: Actor, organization_id: str, *, reason: str, repair: Repair
+) -> int | None:
+    """Rebuild one organization's cache from the ledger with `repair` (the settler's
+    reconcile.repair, handed in by the CLI and the console: accounts sits below the
+    settler): the difference repaired in millicredits, None when there was none."""
     base = AuditEntry("cache.repair", "applied", organization_id, reason=reason)
     await check_actor(ledger.pool, actor)
     try:
-        drift = await reconcile.repair(hot, ledger, organization_id)
+        drift = await repair(hot, ledger, organization_id)
     except (RuntimeError, LookupError) as exc:
         await _refused(ledger, actor, base, exc)
         raise admin.AdminError(str(exc)) from None

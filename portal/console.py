@@ -459,7 +459,9 @@ async def act(request: web.Request) -> web.StreamResponse:
         revoked = await audited.revoke_key(ledger, hot, who, org_id, target, reason=reason)
         notice = "revoke" if revoked else "revoke_replayed"
     else:
-        repaired = await audited.repair_cache(ledger, hot, who, org_id, reason=reason)
+        from settler import reconcile
+
+        repaired = await audited.repair_cache(ledger, hot, who, org_id, reason=reason, repair=reconcile.repair)
         notice = "repair" if repaired is not None else "repair_clean"
     raise web.HTTPSeeOther(f"/console/organizations/{org_id}?notice={notice}")
 

@@ -43,7 +43,9 @@ def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
             if args.repair:
                 actor = cli_actor(s.config, args)
                 for d in report.drifts:
-                    await audited.repair_cache(s.ledger, s.hot, actor, d.organization_id, reason=args.reason)
+                    await audited.repair_cache(
+                        s.ledger, s.hot, actor, d.organization_id, reason=args.reason, repair=reconcile.repair
+                    )
                     repaired.append(d.organization_id)
         finally:
             await settlement.close()

@@ -184,7 +184,7 @@ async def test_an_operator_grants_credits_and_sees_them_everywhere(
 
         await nav(p, "Health")
         await expect(page.get_by_role("region", name="Settlement per partition")).to_be_visible()
-        await expect(page.get_by_test_id("drift")).to_be_visible()
+        await expect(page.get_by_role("heading", name="Reconciliation")).to_be_visible()
         await p.shot("07-health")
 
         # CSRF: a form without the session's token is refused, and grants nothing.
