@@ -421,6 +421,9 @@ async def act(request: web.Request) -> web.StreamResponse:
         except ValueError:
             raise FormError("Which grant or key: not an id") from None
     if form.get("confirmed") != "yes":
+        if reference is None and what in ("grant", "adjust"):  # fixed now, so that confirming twice acts once
+            reference = f"console-{uuid.uuid4().hex[:12]}"
+            form["reference"] = reference
         org = await request.app[READS].organization(org_id)
         if org is None:
             raise web.HTTPNotFound()

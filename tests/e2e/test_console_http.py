@@ -5,6 +5,7 @@ changes nothing; the health page's retry button; links and sessions refused."""
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import pytest
@@ -59,6 +60,17 @@ async def test_every_credit_form_confirms_acts_once_and_is_audited(
         assert tuple(row) == (30_500, 3, True)
         assert await cache_balance(hot, org) == 130_500
 
+        # A form whose reference was cleared gets one at its confirmation: confirming twice grants once.
+        status, text, _ = await b.post(page + "/grant", {"amount": "1", "reason": "no ref", "reference": ""})
+        generated = re.search(r'name="reference" value="(console-[0-9a-f]{12})"', text)
+        assert status == 200 and generated, text
+        for _ in range(2):
+            confirmed = {"amount": "1", "reason": "no ref", "reference": generated.group(1), "confirmed": "yes"}
+            assert (await b.post(page + "/grant", confirmed))[0] == 303
+        assert await cache_balance(hot, org) == 131_500
+        status, _, _ = await b.confirm(page + "/adjust", {"amount": "1", "reason": "undo", "reference": "a-0"})
+        assert status == 303 and await cache_balance(hot, org) == 130_500
+
         # Take 10.5 away; then more than is available: refused, nothing taken, on record.
         status, _, r = await b.confirm(page + "/adjust", {"amount": "10.5", "reason": "overage", "reference": "a-1"})
         assert status == 303 and r.headers["Location"].endswith("notice=adjust")
@@ -95,6 +107,9 @@ async def test_every_credit_form_confirms_acts_once_and_is_audited(
 
         assert (await audit_of(migrated, org)) == [
             ("credits.grant", "applied"),
+            ("credits.grant", "applied"),
+            ("credits.grant", "replayed"),
+            ("credits.adjust", "applied"),
             ("credits.adjust", "applied"),
             ("credits.adjust", "refused"),
             ("credits.adjust", "applied"),  # the repeat of a-1: applied once, answered again
