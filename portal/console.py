@@ -242,6 +242,18 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     raise response
 
 
+async def enter_page(request: web.Request) -> web.StreamResponse:
+    """The link's page: a button, so that a mail scanner fetching the link (a GET)
+    does not use it up; the browser's POST redeems it."""
+    token = request.match_info["token"]
+    if not token.startswith("op1_") or len(token) > 200:
+        status, message = REFUSED_LINKS["malformed"]
+        return error(request, status, "This link cannot be used", message)
+    response = render(request, "console/enter.html", "sign-in", "Sign in to the ops console", token=token)
+    response.headers["Referrer-Policy"] = "no-referrer"  # the token is in this page's address
+    return response
+
+
 async def enter(request: web.Request) -> web.StreamResponse:
     try:
         started = await request.app[SESSIONS].redeem(
@@ -648,7 +660,8 @@ def mount(app: web.Application) -> None:
             web.get("/", to_organizations),
             web.get("/sign-in", sign_in_page),
             web.post("/sign-in", sign_in),
-            web.get("/enter/{token}", enter),
+            web.get("/enter/{token}", enter_page),
+            web.post("/enter/{token}", enter),
             web.post("/sign-out", sign_out),
             web.get("/password", password_page),
             web.post("/password", set_password),

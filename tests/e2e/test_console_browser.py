@@ -80,6 +80,8 @@ async def test_an_operator_grants_credits_and_sees_them_everywhere(
 
         # The one-time link: a session, then a password.
         await page.goto(base + entry)
+        await p.shot("02-link")
+        await page.get_by_role("button", name="Continue to the console").click()
         await expect(page).to_have_url(base + "/console/password?notice=signed_in")
         await expect(page.get_by_role("banner")).to_contain_text(email)
         await page.get_by_label("New password").fill(PASSWORD)
@@ -89,6 +91,7 @@ async def test_an_operator_grants_credits_and_sees_them_everywhere(
         await page.get_by_role("button", name="Sign out").click()
         await expect(page).to_have_url(base + "/console/sign-in")
         await page.goto(base + entry)  # a link works once
+        await page.get_by_role("button", name="Continue to the console").click()
         await expect(page.get_by_text("has been used already")).to_be_visible()
         await p.shot("02-link-used")
 
@@ -267,6 +270,7 @@ async def test_an_operator_acknowledges_a_usage_finding(
     try:
         page = p.page
         await page.goto(base + entry)
+        await page.get_by_role("button", name="Continue to the console").click()
         await nav(p, "Usage audit")
         findings = page.get_by_role("region", name="Usage findings").get_by_role("row").filter(has_text=org_name)
         await expect(findings).to_have_count(2)
