@@ -353,6 +353,9 @@ async def organization(request: web.Request) -> web.StreamResponse:
     cache = await _cache(request.config_dict[HOT], org_id)
     audit = await audit_rows(request.app[READS].pool, AuditFilter(organization_id=org_id), limit=20)
     days, chart = usage_chart(org["usage_by_day"], dt.datetime.now(dt.UTC))
+    from settler.anomalies import anomalies
+
+    findings = await anomalies(request.app[READS].pool, organization_id=org_id, limit=10)
     return render(
         request,
         "console/organization.html",
@@ -363,6 +366,7 @@ async def organization(request: web.Request) -> web.StreamResponse:
         audit=audit,
         days=days,
         chart=chart,
+        findings=findings,
         reference=f"console-{uuid.uuid4().hex[:12]}",
         now=dt.datetime.now(dt.UTC),
     )

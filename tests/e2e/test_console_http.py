@@ -227,6 +227,8 @@ async def test_usage_findings_are_listed_and_decided(console_client: Client, mig
     async with session:
         status, text, _ = await b.get("/console/anomalies")
         assert status == 200 and anomaly_id in text and key[:13] in text
+        status, text, _ = await b.get(f"/console/organizations/{org.id}")
+        assert status == 200 and "Usage findings" in text and f"API key {key}" in text
         status, _, r = await b.post(f"/console/anomalies/{org.id}/{anomaly_id}/acknowledged", {"note": "load test"})
         assert status == 303 and r.headers["Location"] == "/console/anomalies?notice=acknowledged"
         status, text, _ = await b.get("/console/anomalies?state=acknowledged")
