@@ -429,6 +429,25 @@ class OperatorSessions:
         async with self.pool.acquire() as conn:
             return bool(await conn.fetchval("SELECT operator_set_password($1, $2, $3)", _hash(cookie), hashed, source))
 
+    async def sessions_of(self, operator_id: str) -> list[dict[str, Any]]:
+        """An operator's live sessions, newest first."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id, method, source, user_agent, created_at, expires_at FROM operator_sessions"
+                " WHERE operator_id = $1 AND revoked_at IS NULL AND expires_at > now() ORDER BY created_at DESC",
+                uuid.UUID(operator_id),
+            )
+        return [{**dict(r), "id": str(r["id"])} for r in rows]
+
+    async def end_own(self, cookie: str, session_id: str, *, source: str) -> bool:
+        """End another session of the cookie's operator (never someone else's)."""
+        async with self.pool.acquire() as conn:
+            return bool(
+                await conn.fetchval(
+                    "SELECT operator_end_own_session($1, $2, $3)", _hash(cookie), uuid.UUID(session_id), source
+                )
+            )
+
     async def end(self, cookie: str, *, source: str) -> bool:
         async with self.pool.acquire() as conn:
             return bool(await conn.fetchval("SELECT operator_end_session($1, $2)", _hash(cookie), source))

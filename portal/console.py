@@ -114,6 +114,8 @@ NOTICES = {
     "repair": "The cache was rebuilt from the ledger.",
     "repair_clean": "The cache agrees with the ledger: nothing to repair.",
     "retry": "The event is due again: the billing worker retries it within a second.",
+    "session_ended": "That session has ended.",
+    "session_gone": "That session had ended already.",
     "acknowledged": "Finding acknowledged.",
     "dismissed": "Finding dismissed.",
     "open": "Finding open again.",
@@ -276,7 +278,19 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
 
 
 async def password_page(request: web.Request) -> web.StreamResponse:
-    return render(request, "console/password.html", "password", "Password")
+    sessions = await request.app[SESSIONS].sessions_of(request[SESSION].operator_id)
+    return render(request, "console/password.html", "password", "Password", sessions=sessions)
+
+
+async def end_session(request: web.Request) -> web.StreamResponse:
+    try:
+        session_id = str(uuid.UUID(request.match_info["session"]))
+    except ValueError:
+        raise web.HTTPNotFound() from None
+    if session_id == request[SESSION].id:
+        raise FormError("This is the session you are using: sign out instead")
+    ended = await request.app[SESSIONS].end_own(request[SECRET], session_id, source=source(request))
+    raise web.HTTPSeeOther("/console/password?notice=" + ("session_ended" if ended else "session_gone"))
 
 
 async def set_password(request: web.Request) -> web.StreamResponse:
@@ -669,6 +683,7 @@ def mount(app: web.Application) -> None:
             web.post("/sign-out", sign_out),
             web.get("/password", password_page),
             web.post("/password", set_password),
+            web.post("/sessions/{session}/end", end_session),
             web.get("/organizations", organizations),
             web.get("/organizations/{org}", organization),
             web.post("/organizations/{org}/{action}", act),

@@ -293,14 +293,38 @@ BEGIN
   RETURN true;
 END $$;
 
+-- An operator ends another of their own sessions (a browser left signed in elsewhere):
+-- only from a live session of the same operator.
+CREATE FUNCTION operator_end_own_session(p_secret_hash bytea, p_session uuid, p_source text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+DECLARE v_op operators%ROWTYPE;
+BEGIN
+  SELECT o.* INTO v_op FROM operator_sessions s JOIN operators o ON o.id = s.operator_id
+   WHERE s.secret_hash = p_secret_hash AND s.revoked_at IS NULL AND s.expires_at > now() AND o.disabled_at IS NULL;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  UPDATE operator_sessions SET revoked_at = now()
+   WHERE id = p_session AND operator_id = v_op.id AND revoked_at IS NULL;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  INSERT INTO operator_audit (actor, operator_id, via, action, target, outcome, source)
+  VALUES ('operator:' || v_op.email, v_op.id, 'console', 'operator.session_end', 'session:' || p_session, 'applied',
+          coalesce(p_source, ''));
+  RETURN true;
+END $$;
+
 REVOKE ALL ON FUNCTION record_audit(text, text, text, text, uuid, text, bigint, text, text, text, jsonb, text),
   operator_create(text, text, text), operator_active(text),
   operator_redeem_link(bytea, bytea, text, integer, text, text), operator_password_hash(text),
   operator_password_session(uuid, text, bytea, text, integer, text, text), operator_set_password(bytea, text, text),
-  operator_end_session(bytea, text) FROM PUBLIC;
+  operator_end_session(bytea, text), operator_end_own_session(bytea, uuid, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION record_audit(text, text, text, text, uuid, text, bigint, text, text, text, jsonb, text)
   TO credits_app, credits_console;
 GRANT EXECUTE ON FUNCTION operator_active(text) TO credits_app, credits_console;
 GRANT EXECUTE ON FUNCTION operator_redeem_link(bytea, bytea, text, integer, text, text),
   operator_password_hash(text), operator_password_session(uuid, text, bytea, text, integer, text, text),
-  operator_set_password(bytea, text, text), operator_end_session(bytea, text) TO credits_console;
+  operator_set_password(bytea, text, text), operator_end_session(bytea, text),
+  operator_end_own_session(bytea, uuid, text) TO credits_console;

@@ -262,3 +262,55 @@ async def test_billing_serves_without_the_console_role_and_the_console_says_why(
             "/console/organizations", headers={"Cookie": "credits_console=" + "x" * 43}, allow_redirects=False
         )
         assert r.status == 503 and "CONSOLE_DB_PASSWORD" in await r.text()
+
+
+async def test_an_operator_ends_their_other_sessions_only(console_client: Client, migrated: Config) -> None:
+    import aiohttp
+    import asyncpg
+
+    from ledger.operators import OperatorAdmin
+    from tests.e2e.console_support import OperatorBrowser
+
+    first_http, first, email = await signed_in(console_client, migrated)
+    _, someone_else, _ = await signed_in(console_client, migrated)
+    async with first_http, aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as second_http:
+        conn = await asyncpg.connect(migrated.database_url)
+        try:
+            link = await OperatorAdmin(conn).link(email, created_by="test")
+        finally:
+            await conn.close()
+        second = OperatorBrowser(second_http, first.base)
+        assert (await second.post("/console/enter/" + link.token, {}, csrf=False))[0] == 303
+        assert (await second.get("/console/organizations"))[0] == 200
+        sessions = await owner_value(
+            migrated,
+            "SELECT array_agg(s.id ORDER BY s.created_at) FROM operator_sessions s JOIN operators o"
+            " ON o.id = s.operator_id WHERE o.email = $1 AND s.revoked_at IS NULL",
+            email,
+        )
+        mine, seconds = str(sessions[0]), str(sessions[1])
+        status, text, _ = await first.get("/console/password")
+        assert status == 200 and "This one" in text and text.count("/end") == 1
+        assert (await first.post(f"/console/sessions/{mine}/end", {}))[0] == 400  # sign out instead
+        others = await owner_value(
+            migrated,
+            "SELECT s.id FROM operator_sessions s JOIN operators o ON o.id = s.operator_id"
+            " WHERE o.email <> $1 AND s.revoked_at IS NULL LIMIT 1",
+            email,
+        )
+        status, _, r = await first.post(f"/console/sessions/{others}/end", {})
+        assert status == 303 and r.headers["Location"].endswith("notice=session_gone")  # not theirs: untouched
+        assert await owner_value(migrated, "SELECT revoked_at FROM operator_sessions WHERE id = $1", others) is None
+        status, _, r = await first.post(f"/console/sessions/{seconds}/end", {})
+        assert r.headers["Location"].endswith("notice=session_ended")
+        status, _, r = await second.get("/console/organizations")
+        assert status == 303 and r.headers["Location"] == "/console/sign-in"
+        assert (await first.get("/console/organizations"))[0] == 200
+    await someone_else.session.close()
+    assert (
+        await owner_value(
+            migrated, "SELECT count(*) FROM operator_audit WHERE action = 'operator.session_end' AND actor = $1",
+            f"operator:{email}",
+        )
+        == 1
+    )  # fmt: skip
