@@ -14,6 +14,8 @@ from hotpath.client import HotPath
 from ledger.store import Adjustment, Conflict, Cost, Department, GrantResult, Ledger, NewKey
 from lua import Status
 
+PRIORITY_MAX = 899  # credit_grants.priority CHECK
+
 
 class AdminError(ValueError):
     pass
@@ -136,12 +138,18 @@ async def grant(
     reference: str | None = None,
     expires_at: dt.datetime | None = None,
     source: str = "admin",
+    priority: int | None = None,
 ) -> GrantResult:
-    """Ledger first (survives Redis being down), then the outbox push."""
+    """Ledger first (survives Redis being down), then the outbox push. `priority`
+    orders burn-down (lower is spent first; default: the source's, 20 for admin)."""
     if amount <= 0:
         raise AdminError("a grant must be positive")
     if not reason.strip():
         raise AdminError("a reason is required")
+    if priority is not None and not 0 <= priority <= PRIORITY_MAX:
+        raise AdminError(f"a priority is between 0 and {PRIORITY_MAX}")
+    if expires_at is not None and expires_at <= dt.datetime.now(dt.UTC):
+        raise AdminError("the expiry must be in the future")
     result = await ledger.grant(
         organization_id,
         amount=amount,
@@ -149,6 +157,7 @@ async def grant(
         reference=reference or str(uuid.uuid4()),
         reason=reason,
         expires_at=expires_at,
+        priority=priority,
     )
     await push_pending(ledger, hot, organization_id)
     return result

@@ -6,6 +6,7 @@ environment after start.
 
 from __future__ import annotations
 
+import decimal
 import enum
 import os
 import pathlib
@@ -28,6 +29,7 @@ class Durability(enum.Enum):
 
 APP_ROLE = "credits_app"
 SETTLER_ROLE = "credits_settler"
+CONSOLE_ROLE = "credits_console"  # the ops console's reads across organizations (read only)
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class Config:
     app_db_password: str = "credits_app"  # noqa: S105 - dev default, set APP_DB_PASSWORD
     settler_database_url: str | None = None  # the settlement role
     settler_db_password: str = "credits_settler"  # noqa: S105 - dev default, set SETTLER_DB_PASSWORD
+    console_database_url: str | None = None  # the console's read-only role
+    console_db_password: str = "credits_console"  # noqa: S105 - dev default, set CONSOLE_DB_PASSWORD
     data_dir: pathlib.Path = pathlib.Path(".data")
     jwt_secret: str | None = None
     usage_partitions: int = 16
@@ -62,6 +66,14 @@ class Config:
     ops_alert_secret: str | None = None  # their signing secret
     settle_batch_entries: int = 500
     settlement_lag_alert_s: float = 5.0
+    operator_email: str | None = None  # CREDITS_OPERATOR: whom the CLI's audit rows name (else the OS user)
+    # The usage audit (settler/anomalies.py): an hour's spend beyond FACTOR x the mean
+    # hourly spend of the BASELINE_HOURS before it (and at least MIN_CREDITS per hour).
+    anomaly_factor: float = 5.0
+    anomaly_baseline_hours: int = 7 * 24
+    anomaly_min_history_hours: int = 24
+    anomaly_min_credits: int = 10_000  # millicredits per hour
+    anomaly_interval_s: float = 300.0
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -82,6 +94,12 @@ class Config:
         if self.settler_database_url:
             return self.settler_database_url
         return self._role_dsn(SETTLER_ROLE, self.settler_db_password)
+
+    def console_dsn(self) -> str:
+        """The URL the ops console reads with: its own read-only role, never the owner."""
+        if self.console_database_url:
+            return self.console_database_url
+        return self._role_dsn(CONSOLE_ROLE, self.console_db_password)
 
     def _role_dsn(self, role: str, password: str) -> str:
         if self.database_url is None:
@@ -179,7 +197,9 @@ def _ops_token(env: Mapping[str, str]) -> str | None:
 
 # Passwords anyone can read in this repository: for the embedded stack and a local
 # Postgres only (checked in load()).
-DEV_PASSWORDS = frozenset({"credits_app", "credits_settler", "change-me-app", "change-me-settler"})
+DEV_PASSWORDS = frozenset(
+    {"credits_app", "credits_settler", "credits_console", "change-me-app", "change-me-settler", "change-me-console"}
+)
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", ""})
 
 
@@ -197,6 +217,19 @@ def _role_password(env: Mapping[str, str], name: str, default: str, url_name: st
                 f" set a password of your own (or {url_name})"
             )
     return password
+
+
+def _anomaly_floor(env: Mapping[str, str]) -> int:
+    """ANOMALY_MIN_CREDITS: credits per hour below which no hour is a spike (exact)."""
+    raw = env.get("ANOMALY_MIN_CREDITS", "") or "10"
+    try:
+        value = decimal.Decimal(raw)
+    except decimal.InvalidOperation:
+        raise ConfigError(f"ANOMALY_MIN_CREDITS: expected a number of credits, got {raw!r}") from None
+    milli = value * 1000
+    if milli != milli.to_integral_value() or not 0 < milli <= 10**12:
+        raise ConfigError(f"ANOMALY_MIN_CREDITS: credits to 0.001, more than 0, got {raw!r}")
+    return int(milli)
 
 
 def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
@@ -253,6 +286,8 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         app_db_password=_role_password(env, "APP_DB_PASSWORD", "credits_app", "APP_DATABASE_URL"),
         settler_database_url=_url(env, "SETTLER_DATABASE_URL", ("postgres", "postgresql")),
         settler_db_password=_role_password(env, "SETTLER_DB_PASSWORD", "credits_settler", "SETTLER_DATABASE_URL"),
+        console_database_url=_url(env, "CONSOLE_DATABASE_URL", ("postgres", "postgresql")),
+        console_db_password=_role_password(env, "CONSOLE_DB_PASSWORD", "credits_console", "CONSOLE_DATABASE_URL"),
         data_dir=pathlib.Path(env.get("CREDITS_DATA_DIR", ".data")),
         jwt_secret=jwt_secret,
         usage_partitions=_int(env, "USAGE_PARTITIONS", 16, 1, 1024),
@@ -277,4 +312,10 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         ops_alert_secret=_ops_alert_secret(env),
         settle_batch_entries=_int(env, "SETTLE_BATCH_ENTRIES", 500, 1, 10_000),
         settlement_lag_alert_s=_float(env, "SETTLEMENT_LAG_ALERT_S", 5.0, 0.1),
+        operator_email=(env.get("CREDITS_OPERATOR") or "").strip().lower() or None,
+        anomaly_factor=_float(env, "ANOMALY_FACTOR", 5.0, 1.5, 1000.0),
+        anomaly_baseline_hours=_int(env, "ANOMALY_BASELINE_HOURS", 7 * 24, 6, 90 * 24),
+        anomaly_min_history_hours=_int(env, "ANOMALY_MIN_HISTORY_HOURS", 24, 1, 90 * 24),
+        anomaly_min_credits=_anomaly_floor(env),
+        anomaly_interval_s=_float(env, "ANOMALY_INTERVAL_S", 300.0, 10.0, 3600.0),
     )

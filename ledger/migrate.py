@@ -17,7 +17,7 @@ import logging
 import asyncpg
 import scramp
 
-from core.config import APP_ROLE, SETTLER_ROLE
+from core.config import APP_ROLE, CONSOLE_ROLE, SETTLER_ROLE
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,16 @@ def migration_files() -> list[tuple[str, str]]:
     return files
 
 
-async def migrate(dsn: str, *, app_password: str, settler_password: str) -> list[str]:
-    """Apply pending migrations; return the names applied by this call."""
+async def migrate(
+    dsn: str,
+    *,
+    app_password: str,
+    settler_password: str,
+    console_password: str = "credits_console",  # noqa: S107 - the dev default
+) -> list[str]:
+    """Apply pending migrations; return the names applied by this call. The console
+    role's password defaults to the development one (Config.console_db_password): the
+    services and `credits migrate` pass the configured one."""
     conn = await asyncpg.connect(dsn)
     applied: list[str] = []
     try:
@@ -113,7 +121,8 @@ async def migrate(dsn: str, *, app_password: str, settler_password: str) -> list
             # The roles are cluster-wide and their passwords come from configuration.
             # Only a SCRAM verifier reaches the server, never the password: a statement
             # log (log_statement = ddl) would keep a plaintext one.
-            for role, password in ((APP_ROLE, app_password), (SETTLER_ROLE, settler_password)):
+            roles = ((APP_ROLE, app_password), (SETTLER_ROLE, settler_password), (CONSOLE_ROLE, console_password))
+            for role, password in roles:
                 await _set_password(conn, role, password)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)

@@ -5,10 +5,13 @@ credits dev card [--kind 3ds]    a test card on the stack's local Stripe stand-i
 credits serve meter|settler|billing  one service
 credits migrate [--embedded]     apply SQL migrations (safe to repeat)
 credits catalog sync             create in Stripe what the billing catalog lacks
-credits org create|list          organizations
+credits org create|list|show     organizations
 credits key create|revoke|list   API keys (role agent|admin, department, cap, rate)
 credits token --org ORG ...      a frontend JWT (role admin|viewer|agent, --ttl)
-credits grant|adjust|balance     credits with a reason; an organization's balance
+credits grant|grant void|adjust|balance  credits with a reason (audited); an organization's balance
+credits operator create|link|list|revoke  operators of the ops console (one-time sign-in links)
+credits audit [--org ORG]        the operators' action log
+credits anomalies list|scan|ack|dismiss  the usage audit: spikes of spend against their baseline
 credits alert set|list|delete|test  low-balance alerts
 credits reconcile                Redis against the ledger
 credits partitions show|resize   where the usage partitions live; change their number (offline)
@@ -28,6 +31,7 @@ from accounts import admin
 from core import config as config_module
 from core import logs
 from core.config import ConfigError
+from ledger.operators import OperatorError
 from ops.commands import GROUPS
 from ops.stack import NoStack
 
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(level, config.log_format, service=service)
     try:
         result: int = args.fn(config, args)
-    except (admin.AdminError, ConfigError, NoStack) as exc:
+    except (admin.AdminError, OperatorError, ConfigError, NoStack) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
     except LookupError as exc:

@@ -227,6 +227,9 @@ def announcement(s: DevStack) -> list[Entry]:
             s.portal_url,
             "the demo organization's portal, single use; more: credits portal-link",
         ),
+        Entry(
+            "console_url", "console", f"{billing}/console", "operators: credits operator create --email you@example.com"
+        ),
         Entry("data_dir", "data", str(s.config.data_dir)),
     ]
     return entries

@@ -34,7 +34,10 @@ async def connect(config: Config, *, run_migrations: bool = True) -> AsyncIterat
     assert config.redis_url is not None and config.database_url is not None
     if run_migrations:
         await migrate(
-            config.database_url, app_password=config.app_db_password, settler_password=config.settler_db_password
+            config.database_url,
+            app_password=config.app_db_password,
+            settler_password=config.settler_db_password,
+            console_password=config.console_db_password,
         )
     ledger = await Ledger.connect(config.app_dsn(), min_size=1, max_size=4)
     try:

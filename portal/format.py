@@ -28,6 +28,19 @@ NAV = (
 )
 
 
+# What base.html and error.html name per web app (the ops console has its own).
+PORTAL_FURNITURE = {
+    "brand": "Billing portal",
+    "nav_label": "Portal",
+    "nav_base": "/portal/",
+    "sign_out_action": "/portal/sign-out",
+    "home_url": "/portal/overview",
+    "home_label": "Go to the overview",
+    "sign_in_url": "/portal/sign-in",
+    "sign_in_label": "How to open the portal",
+}
+
+
 def credits(milli: int | None) -> str:
     """Millicredits as credits, grouped, exact: 1234500 -> '1,234.5'."""
     if milli is None:
@@ -77,10 +90,13 @@ FILTERS: dict[str, Callable[..., str]] = {
 
 def context(request: web.Request) -> dict[str, Any]:
     session = request.get(SESSION)
+    is_admin = session is not None and session.role == "admin"
     return {
+        **PORTAL_FURNITURE,
+        "role_label": "Admin" if is_admin else "Viewer: read only",
         "nav": NAV,
         "session": session,
-        "is_admin": session is not None and session.role == "admin",
+        "is_admin": is_admin,
         "csrf_field": CSRF_FIELD,
         "csrf_token": session.csrf_token if session is not None else "",
         "return_url": session.return_url if session is not None else None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hmac
 import urllib.parse
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -21,6 +23,7 @@ def _origin(url: str) -> str:
 
 
 STRIPE_JS_ORIGIN = "https://js.stripe.com"
+STATIC_PREFIX = "/portal/static/"  # the web room's assets (the ops console uses them too)
 
 
 def content_security_policy(billing: BillingConfig) -> str:
@@ -70,12 +73,21 @@ def secure_headers(request: web.Request, response: web.StreamResponse) -> None:
         headers["X-Frame-Options"] = frame_options
     headers["X-Content-Type-Options"] = "nosniff"
     headers.setdefault("Referrer-Policy", "same-origin")
-    if not request.path.startswith("/portal/static/"):
+    if not request.path.startswith(STATIC_PREFIX):
         headers["Cache-Control"] = "no-store"  # private pages, and a key or secret shown once
 
 
-def html_error(request: web.Request, status: int, title: str, message: str) -> web.Response:
-    ctx = {**format.context(request), "page": "error", "title": title, "message": message, "status": status}
+def html_error(
+    request: web.Request,
+    status: int,
+    title: str,
+    message: str,
+    *,
+    context: Callable[[web.Request], dict[str, Any]] = format.context,
+) -> web.Response:
+    """An error page, with the furniture of the web app it is in (the portal's, or the
+    ops console's `context`)."""
+    ctx = {**context(request), "page": "error", "title": title, "message": message, "status": status}
     return aiohttp_jinja2.render_template("error.html", request, ctx, status=status)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import socket
@@ -251,7 +252,14 @@ class Settler:
             Job("watch_lag", 1.0, self.watch_lag),
             Job("alerts", 1.0, self.alerts_tick),
             Job("reconcile", 30.0, self.reconcile),
+            Job("anomalies", self.config.anomaly_interval_s, self.scan_anomalies),
         )
+
+    async def scan_anomalies(self) -> int:
+        """The usage audit (settler/anomalies.py): new findings of this hour and the last."""
+        from settler.anomalies import AnomalyDetector, Method
+
+        return await AnomalyDetector(self.settlement.pool, Method.of(self.config)).scan()
 
     async def schedule(self, stop: asyncio.Event) -> None:
         """Run each periodic job once per its interval across all settlers: whoever
@@ -376,6 +384,11 @@ class Settler:
             await self.redis.hset(drifts_key, mapping=found)  # type: ignore[misc]
         known = await self.redis.hvals(drifts_key)  # type: ignore[misc]
         DRIFT.set(sum(abs(int(v)) for v in known))
+        # When it last ran, for the ops console's health page (which shows the drifts too).
+        await self.redis.set(
+            self._key("reconcile:last"),
+            json.dumps({"at": dt.datetime.now(dt.UTC).isoformat(), "checked": len(organizations)}),
+        )
         for d in report.drifts:
             log.error(
                 "reconciliation_drift",

@@ -103,6 +103,17 @@ class EventStore:
                 give_up,
             )
 
+    async def requeue(self, org: str, event_id: str) -> bool:
+        """An operator's retry (the ops console): a failed or waiting event is due now,
+        for one more attempt. False: no such event, or it is done."""
+        async with self.ledger.tenant(org) as conn:
+            found = await conn.fetchval(
+                "UPDATE stripe_events SET status = 'pending', next_attempt_at = now()"
+                " WHERE id = $1 AND status IN ('failed', 'pending') RETURNING id",
+                event_id,
+            )
+        return found is not None
+
     async def state(self, org: str, event_id: str) -> EventState | None:
         async with self.ledger.tenant(org) as conn:
             row = await conn.fetchrow("SELECT status, attempts, last_error FROM stripe_events WHERE id = $1", event_id)

@@ -10,6 +10,7 @@ from ops.commands import (
     autotopup,
     dev,
     entitlements,
+    operators,
     partitions,
     portal,
     quarantine,
@@ -17,4 +18,16 @@ from ops.commands import (
     services,
 )
 
-GROUPS = (dev, services, accounts, alerts, autotopup, entitlements, reconcile, quarantine, portal, partitions)
+GROUPS = (
+    dev,
+    services,
+    accounts,
+    alerts,
+    autotopup,
+    entitlements,
+    reconcile,
+    quarantine,
+    portal,
+    partitions,
+    operators,
+)

@@ -1,8 +1,12 @@
 """Organizations, API keys, frontend tokens and credits:
 
-credits org create|list      credits key create|revoke|list
+credits org create|list|show  credits key create|revoke|list
 credits token --org ORG --role admin|viewer|agent --ttl 1h
-credits grant|adjust|balance
+credits grant|grant void|adjust|balance
+
+The money commands (grant, grant void, adjust, key revoke) go through accounts.audited,
+as the ops console does: each writes an audit row naming the operator (--operator, or
+CREDITS_OPERATOR) or the system user who ran it.
 """
 
 from __future__ import annotations
@@ -11,16 +15,21 @@ import argparse
 import secrets
 from typing import Any
 
-from accounts import admin
+from accounts import admin, audited
 from api.auth import issue_jwt
 from core.config import Config
+from ledger.operators import AuditEntry
 from ledger.settlement import OperatorReads, Settlement
 from ops.commands.common import (
     Subparsers,
+    acting,
+    audit,
+    cli_actor,
     credits_amount,
     identifier,
     iso,
     json_flag,
+    operator_flag,
     run_with_services,
     show_credits,
     table,
@@ -47,6 +56,10 @@ def register(sub: Subparsers) -> None:
     ol.add_argument("--after", type=identifier, help="the last id of the previous page")
     json_flag(ol)
     ol.set_defaults(fn=cmd_org_list)
+    os_ = org.add_parser("show", help="one organization: balances (cache and ledger), grants, keys, plan, spend")
+    os_.add_argument("--org", required=True, type=identifier)
+    json_flag(os_)
+    os_.set_defaults(fn=cmd_org_show)
 
     key = sub.add_parser("key", help="API keys").add_subparsers(dest="key_command", required=True)
     kc = key.add_parser("create", help="create an API key")
@@ -57,11 +70,14 @@ def register(sub: Subparsers) -> None:
     kc.add_argument("--cap", type=credits_amount, help="lifetime spending cap in credits")
     kc.add_argument("--rate", type=float, help="requests per second (0 = unlimited)")
     kc.add_argument("--burst", type=float, help="token bucket size")
+    operator_flag(kc)
     json_flag(kc)
     kc.set_defaults(fn=cmd_key_create)
     kr = key.add_parser("revoke", help="revoke an API key")
     kr.add_argument("--org", required=True, type=identifier)
     kr.add_argument("--key", required=True, type=identifier, help="the key id")
+    kr.add_argument("--reason", default="", help="why (kept in the audit trail)")
+    operator_flag(kr)
     json_flag(kr)
     kr.set_defaults(fn=cmd_key_revoke)
     kl = key.add_parser("list", help="an organization's API keys (never their secrets)")
@@ -76,23 +92,37 @@ def register(sub: Subparsers) -> None:
     t.add_argument("--ttl", type=ttl_seconds, default=3600, help="lifetime: 90s, 15m, 1h (default), 7d; at most 30d")
     t.add_argument("--subject", help="the user the token stands for (claim sub; default: a new id)")
     t.add_argument("--department", type=identifier, help="claim department_id: the token charges that department")
+    operator_flag(t)
     json_flag(t)
     t.set_defaults(fn=cmd_token)
 
-    g = sub.add_parser("grant", help="grant credits (ledger first, then the cache)")
-    g.add_argument("--org", required=True, type=identifier)
-    g.add_argument("--amount", type=credits_amount, required=True, help="credits, e.g. 12.5")
-    g.add_argument("--reason", required=True)
+    g = sub.add_parser("grant", help="grant credits (ledger first, then the cache); `grant void` takes one back")
+    # Required, but checked by cmd_grant: `credits grant void ...` names none of them.
+    g.add_argument("--org", type=identifier, help="required")
+    g.add_argument("--amount", type=credits_amount, help="credits, e.g. 12.5 (required)")
+    g.add_argument("--reason", help="required; kept in the ledger and the audit trail")
     g.add_argument("--reference", help="idempotency reference: the same one grants once")
     g.add_argument("--expires-at", type=timestamp)
+    g.add_argument("--priority", type=int, help=f"burn-down order, 0-{admin.PRIORITY_MAX}, lower first (default 20)")
+    operator_flag(g)
     json_flag(g)
     g.set_defaults(fn=cmd_grant)
+    gsub = g.add_subparsers(dest="grant_command")
+    gv = gsub.add_parser("void", help="take away what an unspent grant has left (a grant given by mistake)")
+    gv.add_argument("--org", required=True, type=identifier)
+    gv.add_argument("--grant", required=True, type=identifier, help="the grant id (credits org show)")
+    gv.add_argument("--reason", required=True)
+    gv.add_argument("--reference", help="idempotency reference (default: void:<grant id>)")
+    operator_flag(gv)
+    json_flag(gv)
+    gv.set_defaults(fn=cmd_grant_void)
 
     a = sub.add_parser("adjust", help="adjust credits up (grant) or down (debit, never below zero)")
     a.add_argument("--org", required=True, type=identifier)
     a.add_argument("--amount", type=credits_amount, required=True, help="signed credits, e.g. -5")
     a.add_argument("--reason", required=True)
     a.add_argument("--reference", help="idempotency reference: the same one adjusts once")
+    operator_flag(a)
     json_flag(a)
     a.set_defaults(fn=cmd_adjust)
 
@@ -144,9 +174,75 @@ def cmd_org_list(config: Config, args: argparse.Namespace) -> int:
     return run_with_services(config, run)
 
 
+def cmd_org_show(config: Config, args: argparse.Namespace) -> int:
+    from ledger.console_reads import ConsoleReads
+
+    async def run(s: Services) -> int:
+        reads = await ConsoleReads.connect(s.config.console_dsn(), max_size=1)
+        try:
+            org = await reads.organization(args.org)
+        finally:
+            await reads.close()
+        if org is None:
+            raise LookupError(f"organization {args.org}")
+        b = await admin.balance(s.ledger, s.hot, args.org)
+        live = [sub for sub in org["subscriptions"] if sub["ended_at"] is None]
+        view = {
+            "id": org["id"],
+            "name": org["name"],
+            "created_at": iso(org["created_at"]),
+            "balance": {
+                "cache": show_credits(b.cache_balance),
+                "reserved": show_credits(b.cache_reserved),
+                "available": show_credits(b.cache_available),
+                "ledger": show_credits(b.ledger_balance),
+            },
+            "plan": live[0]["plan_id"] if live else None,
+            "spend_30d": show_credits(sum(int(d["credits"]) for d in org["usage_by_day"])),
+            "grants": [
+                {
+                    "id": str(g["id"]),
+                    "source": g["source"],
+                    "amount": show_credits(int(g["amount"])),
+                    "remaining": show_credits(int(g["remaining"])),
+                    "priority": g["priority"],
+                    "expires_at": iso(g["expires_at"]),
+                    "reason": g["reason"],
+                }
+                for g in org["grants"]
+            ],
+            "keys": [
+                {
+                    "id": str(k["id"]),
+                    "prefix": k["prefix"],
+                    "name": k["name"],
+                    "role": k["role"],
+                    "revoked_at": iso(k["revoked_at"]),
+                }
+                for k in org["keys"]
+            ],
+            "departments": [{"id": str(d["id"]), "name": d["name"]} for d in org["departments"]],
+        }
+        if args.json:
+            write_json(view)
+        else:
+            write_text(
+                f"{view['name']}  {view['id']}  plan {view['plan'] or '-'}  spent {view['spend_30d']} in 30 days"
+            )
+            write_text("  ".join(f"{k} {v}" for k, v in view["balance"].items()))
+            write_text(
+                "grants:\n" + table(view["grants"], ["id", "source", "amount", "remaining", "priority", "expires_at"])
+            )
+            write_text("keys:\n" + table(view["keys"], ["id", "prefix", "name", "role", "revoked_at"]))
+        return 0
+
+    return run_with_services(config, run)
+
+
 # -- keys -------------------------------------------------------------------------------
 def cmd_key_create(config: Config, args: argparse.Namespace) -> int:
     async def run(s: Services) -> int:
+        actor = await acting(s, args)
         key = await admin.create_key(
             s.ledger,
             s.hot,
@@ -158,6 +254,8 @@ def cmd_key_create(config: Config, args: argparse.Namespace) -> int:
             rate_limit_per_s=args.rate,
             rate_limit_burst=args.burst,
         )
+        detail = {"role": args.role, "name": args.name, "department_id": args.department, "cap": args.cap}
+        await audit(s, actor, AuditEntry("key.create", "applied", args.org, target=f"key:{key.id}", detail=detail))
         write_json({"organization_id": args.org, "key_id": key.id, "api_key": key.secret, "role": args.role})
         return 0
 
@@ -166,7 +264,8 @@ def cmd_key_create(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_key_revoke(config: Config, args: argparse.Namespace) -> int:
     async def run(s: Services) -> int:
-        revoked = await admin.revoke_key(s.ledger, s.hot, args.org, args.key)
+        actor = cli_actor(s.config, args)
+        revoked = await audited.revoke_key(s.ledger, s.hot, actor, args.org, args.key, reason=args.reason)
         write_json({"key_id": args.key, "revoked": True, "was_active": revoked})
         return 0
 
@@ -226,6 +325,7 @@ def cmd_token(config: Config, args: argparse.Namespace) -> int:
         if args.department is not None:
             await s.ledger.department(args.org, args.department)  # NotFound: a LookupError
         secret = _jwt_secret(s.config)
+        actor = await acting(s, args)
         subject = args.subject or f"cli-{secrets.token_hex(6)}"
         token = issue_jwt(
             secret,
@@ -235,6 +335,8 @@ def cmd_token(config: Config, args: argparse.Namespace) -> int:
             ttl_s=args.ttl,
             department_id=args.department,
         )
+        detail = {"role": args.role, "ttl_s": args.ttl, "department_id": args.department}
+        await audit(s, actor, AuditEntry("token.issue", "applied", args.org, target=f"jwt:{subject}", detail=detail))
         if args.json:
             write_json(
                 {"token": token, "organization_id": args.org, "role": args.role, "subject": subject, "ttl_s": args.ttl}
@@ -249,16 +351,21 @@ def cmd_token(config: Config, args: argparse.Namespace) -> int:
 # -- credits -------------------------------------------------------------------------------
 def cmd_grant(config: Config, args: argparse.Namespace) -> int:
     async def run(s: Services) -> int:
+        missing = [f"--{n}" for n in ("org", "amount", "reason") if getattr(args, n) is None]
+        if missing:
+            raise admin.AdminError(f"credits grant needs {', '.join(missing)}")
         if args.amount <= 0:
             raise admin.AdminError("--amount must be positive (use `credits adjust` to take credits away)")
-        g = await admin.grant(
+        g = await audited.grant(
             s.ledger,
             s.hot,
+            cli_actor(s.config, args),
             args.org,
             amount=args.amount,
             reason=args.reason,
             reference=args.reference,
             expires_at=args.expires_at,
+            priority=args.priority,
         )
         write_json({"grant_id": g.grant_id, "created": g.created, "ledger_balance": show_credits(g.balance_after)})
         return 0
@@ -268,11 +375,38 @@ def cmd_grant(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_adjust(config: Config, args: argparse.Namespace) -> int:
     async def run(s: Services) -> int:
-        out = await admin.adjust(
-            s.ledger, s.hot, args.org, amount=args.amount, reason=args.reason, reference=args.reference
+        out = await audited.adjust(
+            s.ledger,
+            s.hot,
+            cli_actor(s.config, args),
+            args.org,
+            amount=args.amount,
+            reason=args.reason,
+            reference=args.reference,
         )
         out["amount"] = show_credits(int(out["amount"]))
         write_json(out)
+        return 0
+
+    return run_with_services(config, run)
+
+
+def cmd_grant_void(config: Config, args: argparse.Namespace) -> int:
+    async def run(s: Services) -> int:
+        out = await audited.void_grant(
+            s.ledger,
+            s.hot,
+            cli_actor(s.config, args),
+            args.org,
+            args.grant,
+            reason=args.reason,
+            reference=args.reference,
+        )
+        view = {**out, "amount": show_credits(int(out["amount"]))}
+        if args.json:
+            write_json(view)
+        else:
+            write_text(f"voided grant {args.grant}: {view['amount']} credits taken back")
         return 0
 
     return run_with_services(config, run)

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import argparse
 import decimal
+import urllib.parse
 
 from accounts import admin
 from core.config import Config
+from ledger.operators import AuditEntry
 from ledger.settlement import OperatorReads, Settlement
 from ledger.store import NotFound
 from ops.commands.common import (
     Subparsers,
+    acting,
+    audit,
     credits_amount,
     identifier,
     iso,
     json_flag,
+    operator_flag,
     run_with_services,
     show_credits,
     table,
@@ -35,6 +40,7 @@ def register(sub: Subparsers) -> None:
         "--days-left", type=days, help="also alert when fewer days than this are left at the recent rate of spend"
     )
     als.add_argument("--url", required=True, help="where the signed webhook is POSTed")
+    operator_flag(als)
     json_flag(als)
     als.set_defaults(fn=cmd_alert_set)
     all_ = al.add_parser("list", help="the alerts of every organization (or one), with their deliveries")
@@ -43,6 +49,7 @@ def register(sub: Subparsers) -> None:
     all_.set_defaults(fn=cmd_alert_list)
     ald = al.add_parser("delete", help="stop alerting an organization (waiting deliveries are dropped)")
     ald.add_argument("--org", required=True, type=identifier)
+    operator_flag(ald)
     json_flag(ald)
     ald.set_defaults(fn=cmd_alert_delete)
     alt = al.add_parser("test", help="send a signed alert.test event to the organization's alert URL")
@@ -61,6 +68,13 @@ def days(text: str) -> decimal.Decimal:
     return value
 
 
+def _origin(url: str) -> str:
+    """Where an alert goes, for the audit trail: scheme and host only (the path and
+    query of a webhook URL are often its secret)."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def cmd_alert_set(config: Config, args: argparse.Namespace) -> int:
     if args.threshold is None and args.days_left is None:
         raise admin.AdminError("give --threshold, --days-left or both")
@@ -69,12 +83,16 @@ def cmd_alert_set(config: Config, args: argparse.Namespace) -> int:
     async def run(s: Services) -> int:
         if not await s.ledger.organization_exists(args.org):
             raise LookupError(f"organization {args.org}")
+        actor = await acting(s, args)
         try:
             secret = await s.ledger.set_alert(
                 args.org, threshold=threshold, webhook_url=args.url, days_left=args.days_left
             )
         except ValueError as exc:
             raise admin.AdminError(str(exc)) from None
+        detail = {"url": _origin(args.url), "days_left": None if args.days_left is None else str(args.days_left)}
+        entry = AuditEntry("alert.set", "applied", args.org, amount=args.threshold, detail=detail)
+        await audit(s, actor, entry)
         write_json(
             {
                 "organization_id": args.org,
@@ -122,9 +140,11 @@ def cmd_alert_list(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_alert_delete(config: Config, args: argparse.Namespace) -> int:
     async def run(s: Services) -> int:
+        actor = await acting(s, args)
         deleted = await s.ledger.delete_alert(args.org)
         if not deleted:
             raise LookupError(f"organization {args.org} has no alert set")
+        await audit(s, actor, AuditEntry("alert.delete", "applied", args.org))
         if args.json:
             write_json({"organization_id": args.org, "deleted": True})
         else:

@@ -22,11 +22,15 @@ from billing.handlers import auto_topup_view, save_auto_topup
 from billing.store import BillingStore
 from core.config import Config
 from core.money import to_credits
+from ledger.operators import AuditEntry
 from ops.commands.common import (
     Subparsers,
+    acting,
+    audit,
     credits_amount,
     identifier,
     json_flag,
+    operator_flag,
     run_with_services,
     table,
     write_json,
@@ -55,6 +59,7 @@ def register(sub: Subparsers) -> None:
     st.add_argument("--monthly-cap-cents", type=int, required=True)
     st.add_argument("--disable", action="store_true", help="keep the settings, start no top-up")
     json_flag(st)
+    operator_flag(st)
     st.set_defaults(fn=cmd_set)
 
 
@@ -95,10 +100,15 @@ def cmd_set(config: Config, args: argparse.Namespace) -> int:
     async def run(s: Services) -> int:
         if not await s.ledger.organization_exists(args.org):
             raise LookupError(f"organization {args.org}")
+        actor = await acting(s, args)
         try:
             await save_auto_topup(s.ledger, Catalog(s.ledger.pool), BillingStore(s.ledger), args.org, body)
         except ApiError as exc:
             raise admin.AdminError(f"{exc.message} ({exc.param})" if exc.param else exc.message) from None
+        detail = {k: v for k, v in raw.items() if k != "threshold"}
+        await audit(
+            s, actor, AuditEntry("autotopup.set", "applied", args.org, amount=int(raw["threshold"]), detail=detail)
+        )
         view = _to_builtins(await auto_topup_view(s.ledger, args.org))
         if args.json:
             write_json(view)

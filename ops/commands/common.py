@@ -14,8 +14,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from accounts.admin import AdminError
 from core.config import Config
 from core.money import PrecisionError, to_credits, to_milli
+from ledger.operators import Actor, AuditEntry, OperatorError, check_actor, record
 from ops.runtime import Services, connect, servers
 
 Subparsers = Any  # argparse's _SubParsersAction, which typeshed keeps private
@@ -54,6 +56,36 @@ def _cell(value: Any) -> str:
 
 def json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def operator_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--operator",
+        metavar="EMAIL",
+        help="the operator the audit row names (default: CREDITS_OPERATOR, else the system user)",
+    )
+
+
+def cli_actor(config: Config, args: argparse.Namespace) -> Actor:
+    """Who a money command's audit row names: --operator, CREDITS_OPERATOR, or the OS
+    user on this host."""
+    try:
+        return Actor.cli(getattr(args, "operator", None) or config.operator_email)
+    except OperatorError as exc:
+        raise AdminError(str(exc)) from None
+
+
+async def acting(s: Services, args: argparse.Namespace) -> Actor:
+    """The command's actor, checked (an operator it names must be active) before the
+    command does anything in its name."""
+    actor = cli_actor(s.config, args)
+    await check_actor(s.ledger.pool, actor)
+    return actor
+
+
+async def audit(s: Services, actor: Actor, entry: AuditEntry) -> None:
+    """The audit row of what the command did (ledger/operators.py)."""
+    await record(s.ledger.pool, actor, entry)
 
 
 def identifier(text: str) -> str:

@@ -20,7 +20,19 @@ from typing import Any
 from accounts import admin, entitlements
 from core.config import Config
 from ledger.entitlements import FREE_SCOPE, Entitlements, EntitlementStore, Feature
-from ops.commands.common import Subparsers, identifier, json_flag, run_with_services, table, write_json, write_text
+from ledger.operators import AuditEntry
+from ops.commands.common import (
+    Subparsers,
+    acting,
+    audit,
+    identifier,
+    json_flag,
+    operator_flag,
+    run_with_services,
+    table,
+    write_json,
+    write_text,
+)
 from ops.runtime import Services
 
 
@@ -45,11 +57,13 @@ def register(sub: Subparsers) -> None:
     ps.add_argument("--plan", required=True, help=f"a plan id, or {FREE_SCOPE!r}")
     _definition_flags(ps)
     json_flag(ps)
+    operator_flag(ps)
     ps.set_defaults(fn=cmd_plan_set)
     pr = ent.add_parser("plan-remove", help="remove a feature from a plan")
     pr.add_argument("--plan", required=True)
     pr.add_argument("--feature", required=True)
     json_flag(pr)
+    operator_flag(pr)
     pr.set_defaults(fn=cmd_plan_remove)
     sh = ent.add_parser("show", help="an organization's features (plan + overrides) and usage")
     sh.add_argument("--org", required=True, type=identifier)
@@ -60,11 +74,13 @@ def register(sub: Subparsers) -> None:
     _definition_flags(st)
     st.add_argument("--reason", required=True, help="why (kept with the override)")
     json_flag(st)
+    operator_flag(st)
     st.set_defaults(fn=cmd_set)
     un = ent.add_parser("unset", help="remove an organization's override (back to its plan's)")
     un.add_argument("--org", required=True, type=identifier)
     un.add_argument("--feature", required=True)
     json_flag(un)
+    operator_flag(un)
     un.set_defaults(fn=cmd_unset)
 
 
@@ -117,7 +133,11 @@ def cmd_plan_set(config: Config, args: argparse.Namespace) -> int:
     feature = definition(args)
 
     async def run(s: Services) -> int:
+        actor = await acting(s, args)
         pushed = await entitlements.set_catalog_feature(EntitlementStore(s.ledger), s.hot, args.plan, feature)
+        await audit(
+            s, actor, AuditEntry("entitlement.plan_set", "applied", target=args.plan, detail=feature_row(feature))
+        )
         write_json({"plan": args.plan, **feature_row(feature), "organizations_updated": pushed})
         return 0
 
@@ -130,7 +150,10 @@ def cmd_plan_remove(config: Config, args: argparse.Namespace) -> int:
         known = {f.feature for f in (await store.catalog()).get(args.plan, [])}
         if args.feature not in known:
             raise LookupError(f"plan {args.plan} has no feature {args.feature}")
+        actor = await acting(s, args)
         pushed = await entitlements.remove_catalog_feature(store, s.hot, args.plan, args.feature)
+        entry = AuditEntry("entitlement.plan_remove", "applied", target=args.plan, detail={"feature": args.feature})
+        await audit(s, actor, entry)
         write_json({"plan": args.plan, "feature": args.feature, "removed": True, "organizations_updated": pushed})
         return 0
 
@@ -162,7 +185,17 @@ def cmd_set(config: Config, args: argparse.Namespace) -> int:
     async def run(s: Services) -> int:
         await _existing(s, args.org)
         store = EntitlementStore(s.ledger)
+        actor = await acting(s, args)
         await entitlements.set_override(store, s.hot, args.org, feature, reason=args.reason)
+        entry = AuditEntry(
+            "entitlement.override_set",
+            "applied",
+            args.org,
+            target=feature.feature,
+            reason=args.reason,
+            detail=feature_row(feature),
+        )
+        await audit(s, actor, entry)
         write_json(org_view(await store.effective(args.org)))
         return 0
 
@@ -173,7 +206,10 @@ def cmd_unset(config: Config, args: argparse.Namespace) -> int:
     async def run(s: Services) -> int:
         await _existing(s, args.org)
         store = EntitlementStore(s.ledger)
+        actor = await acting(s, args)
         removed = await entitlements.remove_override(store, s.hot, args.org, args.feature)
+        if removed:
+            await audit(s, actor, AuditEntry("entitlement.override_unset", "applied", args.org, target=args.feature))
         write_json({"organization_id": args.org, "feature": args.feature, "removed": removed})
         return 0
 

@@ -11,7 +11,8 @@ from aiohttp import web
 from accounts import admin
 from billing.config import BillingConfig
 from core.config import Config
-from ops.commands.common import Subparsers, identifier, write_json
+from ledger.operators import Actor, AuditEntry, check_actor, record
+from ops.commands.common import Subparsers, cli_actor, identifier, operator_flag, write_json
 from ops.dev import JWT_SECRET_FILE
 from ops.stack import servers
 
@@ -21,21 +22,31 @@ def register(sub: Subparsers) -> None:
     pl.add_argument("--org", required=True, type=identifier)
     pl.add_argument("--role", choices=["admin", "viewer"], default="admin")
     pl.add_argument("--return-url", help="shown in the portal as the way back")
+    operator_flag(pl)
     pl.set_defaults(fn=cmd_portal_link)
 
 
 def mounts() -> tuple[Callable[[web.Application], None], ...]:
-    """The web rooms the billing service serves: the customer portal under /portal."""
+    """The web rooms the billing service serves: the customer portal under /portal,
+    the ops console under /console."""
+    from portal import console
     from portal.app import mount
 
-    return (mount,)
+    return (mount, console.mount)
 
 
 async def portal_link(
-    config: Config, billing: BillingConfig, organization_id: str, role: str, return_url: str | None
+    config: Config,
+    billing: BillingConfig,
+    organization_id: str,
+    role: str,
+    return_url: str | None,
+    *,
+    actor: Actor | None = None,
 ) -> str:
     """A portal link signed as the billing service signs them (PORTAL_SECRET, else the
-    JWT secret: configured, or the one `credits dev` keeps in the data directory)."""
+    JWT secret: configured, or the one `credits dev` keeps in the data directory).
+    With an `actor`, the link is in the audit trail (`portal_link.create`)."""
     from billing.portal_sessions import ENTRY_PATH, PortalSessions, signing_key
     from ledger.store import Ledger
 
@@ -50,13 +61,22 @@ async def portal_link(
     try:
         if not await ledger.organization_exists(organization_id):
             raise admin.AdminError(f"organization {organization_id} not found")
+        if actor is not None:
+            await check_actor(ledger.pool, actor)
         sessions = PortalSessions(
             ledger,
             signing_key(billing.portal_secret, jwt_secret),
             link_ttl_s=billing.portal_link_ttl_s,
             session_ttl_s=billing.portal_session_ttl_s,
         )
-        link = await sessions.create_link(organization_id, role=role, return_url=return_url, created_by="ops:cli")
+        link = await sessions.create_link(
+            organization_id, role=role, return_url=return_url, created_by=actor.label if actor else "ops:cli"
+        )
+        if actor is not None:
+            entry = AuditEntry(
+                "portal_link.create", "applied", organization_id, target=f"link:{link.id}", detail={"role": role}
+            )
+            await record(ledger.pool, actor, entry)
     finally:
         await ledger.close()
     base = billing.billing_public_url or f"http://{config.host}:{billing.billing_port}".replace("0.0.0.0", "127.0.0.1")  # noqa: S104
@@ -68,6 +88,7 @@ def cmd_portal_link(config: Config, args: argparse.Namespace) -> int:
 
     billing = billing_config.load()
     with servers(config) as cfg:
-        url = asyncio.run(portal_link(cfg, billing, args.org, args.role, args.return_url))
+        actor = cli_actor(cfg, args)
+        url = asyncio.run(portal_link(cfg, billing, args.org, args.role, args.return_url, actor=actor))
     write_json({"organization_id": args.org, "role": args.role, "url": url, "valid_for_s": billing.portal_link_ttl_s})
     return 0

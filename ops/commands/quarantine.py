@@ -4,13 +4,26 @@ take (quarantine, see settler/quarantine.py)."""
 from __future__ import annotations
 
 import argparse
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from accounts import admin
 from core.config import Config
 from core.money import to_credits
-from ops.commands.common import Subparsers, identifier, json_flag, run_with_services, write_json, write_text
+from ledger.operators import AuditEntry
+from ops.commands.common import (
+    Subparsers,
+    acting,
+    audit,
+    identifier,
+    json_flag,
+    operator_flag,
+    run_with_services,
+    write_json,
+    write_text,
+)
 from ops.runtime import Services
 
 
@@ -33,26 +46,35 @@ def register(sub: Subparsers) -> None:
         dlr = dls.add_parser(verb, help=text)
         dlr.add_argument("id", type=int)
         dlr.add_argument("--reason", required=True)
+        operator_flag(dlr)
         dlr.set_defaults(fn=cmd_deadletter_resolve)
 
 
-def _with_settlement(config: Config, fn: Callable[[Any], Awaitable[int]]) -> int:
+def _with_settlement(config: Config, fn: Callable[[Any, Services], Awaitable[int]]) -> int:
     from ledger.settlement import Settlement
 
     async def run(s: Services) -> int:
         settlement = await Settlement.connect(s.config.settler_dsn(), max_size=2)
         try:
-            return await fn(settlement)
+            return await fn(settlement, s)
         finally:
             await settlement.close()
 
     return run_with_services(config, run)
 
 
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(str(text))
+    except ValueError:
+        return False
+    return True
+
+
 def cmd_deadletter_list(config: Config, args: argparse.Namespace) -> int:
     from settler import quarantine
 
-    async def run(settlement: Any) -> int:
+    async def run(settlement: Any, s: Services) -> int:
         rows = await settlement.dead_letters(state=args.state, organization_id=args.org, limit=args.limit)
         if args.json:
             write_json({"data": [quarantine.describe(r) for r in rows]})
@@ -72,7 +94,7 @@ def cmd_deadletter_list(config: Config, args: argparse.Namespace) -> int:
 def cmd_deadletter_show(config: Config, args: argparse.Namespace) -> int:
     from settler import quarantine
 
-    async def run(settlement: Any) -> int:
+    async def run(settlement: Any, s: Services) -> int:
         row = await settlement.dead_letter(args.id)
         if row is None:
             raise admin.AdminError(f"no dead letter {args.id}")
@@ -85,12 +107,17 @@ def cmd_deadletter_show(config: Config, args: argparse.Namespace) -> int:
 def cmd_deadletter_resolve(config: Config, args: argparse.Namespace) -> int:
     from settler import quarantine
 
-    async def run(settlement: Any) -> int:
+    async def run(settlement: Any, s: Services) -> int:
+        actor = await acting(s, args)
         act = quarantine.replay if args.deadletter_command == "replay" else quarantine.discard
+        entry = AuditEntry(f"deadletter.{args.deadletter_command}", "applied", target=f"deadletter:{args.id}")
         try:
             row = await act(settlement, args.id, reason=args.reason)
         except quarantine.QuarantineError as exc:
+            await audit(s, actor, replace(entry, outcome="refused", reason=args.reason, detail={"error": str(exc)}))
             raise admin.AdminError(str(exc)) from None
+        org = row.organization_id if row.organization_id and _is_uuid(row.organization_id) else None
+        await audit(s, actor, replace(entry, organization_id=org, amount=row.amount, reason=args.reason))
         write_json(quarantine.describe(row))
         return 0
 

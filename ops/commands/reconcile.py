@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from accounts import audited
 from core.config import Config
 from ops.commands.common import (
     Subparsers,
+    cli_actor,
     identifier,
     json_flag,
+    operator_flag,
     run_with_services,
     show_credits,
     write_json,
@@ -21,6 +24,8 @@ def register(sub: Subparsers) -> None:
     rc = sub.add_parser("reconcile", help="compare Redis with the ledger; repair from the ledger on request")
     rc.add_argument("--org", type=identifier, help="one organization (default: all)")
     rc.add_argument("--repair", action="store_true", help="rebuild drifting organizations from the ledger")
+    rc.add_argument("--reason", default="credits reconcile --repair", help="why (the audit trail keeps each repair)")
+    operator_flag(rc)
     json_flag(rc)
     rc.set_defaults(fn=cmd_reconcile)
 
@@ -36,8 +41,11 @@ def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
             report = await reconcile.run(s.redis, s.hot, settlement, orgs)
             repaired: list[str] = []
             if args.repair:
+                actor = cli_actor(s.config, args)
                 for d in report.drifts:
-                    await reconcile.repair(s.hot, settlement, d.organization_id)
+                    await audited.repair_cache(
+                        s.ledger, s.hot, actor, d.organization_id, reason=args.reason, repair=reconcile.repair
+                    )
                     repaired.append(d.organization_id)
         finally:
             await settlement.close()

@@ -68,6 +68,7 @@ async def migrate_when_reachable(config: Config, *, attempts: int = 60) -> None:
                 config.database_url or "",
                 app_password=config.app_db_password,
                 settler_password=config.settler_db_password,
+                console_password=config.console_db_password,
             )
             return
         except (
@@ -164,7 +165,12 @@ def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
     with servers(config, create=args.embedded) as cfg:
         assert cfg.database_url is not None
         applied = asyncio.run(
-            migrate(cfg.database_url, app_password=cfg.app_db_password, settler_password=cfg.settler_db_password)
+            migrate(
+                cfg.database_url,
+                app_password=cfg.app_db_password,
+                settler_password=cfg.settler_db_password,
+                console_password=cfg.console_db_password,
+            )
         )
         if config.embedded:
             stack.remember_data_dir(cfg.data_dir)

@@ -288,6 +288,7 @@ def test_dev_runs_each_service_in_its_own_supervised_process(tmp_path: Path) -> 
             announced.append(info)
             assert info["meter_url"] == f"http://127.0.0.1:{ports['--meter-port']}"
             assert info["next"] == ". .data/dev.env"
+            assert info["console_url"] == f"http://127.0.0.1:{ports['--billing-port']}/console"
             dev_env = (project / ".data" / "dev.env").read_text()
             for name in ("METER_URL", "BILLING_URL", "API_KEY", "JWT", "ORGANIZATION_ID", "STRIPE_PUBLISHABLE_KEY"):
                 assert f"export {name}=" in dev_env
@@ -325,6 +326,14 @@ def test_dev_runs_each_service_in_its_own_supervised_process(tmp_path: Path) -> 
                 entered.read()
                 assert entered.status == 303 and entered.getheader("Location") == "/portal/overview"
                 assert "HttpOnly" in (entered.getheader("Set-Cookie") or "")
+                # The ops console is served with it (its own role connected): signed out, the sign-in page.
+                conn.request("GET", "/console/organizations")
+                console = conn.getresponse()
+                console.read()
+                assert console.status == 303 and console.getheader("Location") == "/console/sign-in"
+                conn.request("GET", "/console/sign-in")
+                sign_in = conn.getresponse()
+                assert sign_in.status == 200 and b"Sign in to the ops console" in sign_in.read()
             finally:
                 conn.close()
 

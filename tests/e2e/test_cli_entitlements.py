@@ -56,6 +56,9 @@ async def test_catalog_overrides_and_the_cache(migrated: Config, hot: HotPath) -
     assert (projects["ok"], projects["l"]) == (1, -1)
     assert out(migrated, "entitlements", "unset", "--org", org, "--feature", "api_access")["removed"] is True
     assert (await gate(hot, org, "api_access"))["ok"] == 0
+    audited = [(r["action"], r["target"], r["reason"]) for r in out(migrated, "audit", "--org", org, "--json")["data"]]
+    assert ("entitlement.override_set", "api_access", "trial") in audited  # operators' changes are on record
+    assert ("entitlement.override_unset", "api_access", None) in audited
     table = run(migrated, "entitlements", "show", "--org", org).stdout
     assert "override" in table and "plan: (none: free defaults)" in table
 
@@ -86,6 +89,7 @@ async def test_autotopup_commands(migrated: Config) -> None:
     # Disabled settings need no card; enabling does (and says so).
     args = ("--threshold", "25.5", "--package", "small", "--max-per-month", "3", "--monthly-cap-cents", "3000")
     saved = out(migrated, "autotopup", "set", "--org", org, *args, "--disable", "--json")
+    assert [r["action"] for r in out(migrated, "audit", "--org", org, "--json")["data"]] == ["autotopup.set"]
     assert (saved["enabled"], saved["threshold"], saved["package_id"], saved["max_per_month"]) == (
         False,
         "25.5",  # credits print as exact decimal text, as in every command

@@ -40,7 +40,10 @@ ALLOWED: dict[str, set[str]] = {
     # The customer portal: pages of the billing service, through the API's own doors
     # (meter: only the credits API's request types, so a form is checked as the API
     # checks it). Nothing but ops imports the portal: billing.app mounts what ops hands it.
-    "portal": {"accounts", "api", "billing", "core", "hotpath", "ledger", "lua", "meter", "webhooks"},
+    # The ops console (portal/console.py) shows what settlement computes (lag per
+    # partition, reconciliation, usage findings) and repairs with reconcile.repair, as
+    # ops/commands/reconcile.py does: it reads the settler's modules, never the reverse.
+    "portal": {"accounts", "api", "billing", "core", "hotpath", "ledger", "lua", "meter", "webhooks", "settler"},
 }
 
 

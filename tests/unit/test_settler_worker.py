@@ -22,7 +22,7 @@ def settler_with(redis: Any, consumer: str) -> Settler:
 
 def test_every_job_the_settler_relies_on_is_scheduled() -> None:
     s = settler_with(fakeredis.FakeAsyncRedis(), "a")
-    assert {j.name for j in s.jobs()} == {"push_outbox", "expire_due", "watch_lag", "alerts", "reconcile"}
+    assert {j.name for j in s.jobs()} == {"push_outbox", "expire_due", "watch_lag", "alerts", "reconcile", "anomalies"}
     assert all(j.interval_s > 0 for j in s.jobs())
 
 

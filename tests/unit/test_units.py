@@ -56,10 +56,12 @@ def test_config_defaults_and_errors_name_the_variable() -> None:
             "DURABILITY": "local",
             "APP_DB_PASSWORD": "app pass/@",
             "SETTLER_DB_PASSWORD": "settler-pass",
+            "CONSOLE_DB_PASSWORD": "console-pass",
         }
     )
     assert not c.embedded and c.durability is Durability.LOCAL
     assert c.app_dsn() == "postgresql://credits_app:app%20pass%2F%40@h:5/db"
+    assert c.console_dsn() == "postgresql://credits_console:console-pass@h:5/db"
     for env, name in [
         ({"REDIS_URL": "http://x"}, "REDIS_URL"),
         ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
@@ -151,10 +153,19 @@ def test_well_known_role_passwords_only_for_a_local_postgres() -> None:
         load({**remote, "APP_DB_PASSWORD": "s3cret-of-our-own"})
     with pytest.raises(ConfigError, match="development password"):
         load({**remote, "APP_DB_PASSWORD": "change-me-app", "SETTLER_DB_PASSWORD": "x" * 20})
-    ok = load({**remote, "APP_DB_PASSWORD": "a" * 20, "SETTLER_DB_PASSWORD": "b" * 20})
-    assert ok.app_db_password == "a" * 20
+    with pytest.raises(ConfigError, match="CONSOLE_DB_PASSWORD"):
+        load({**remote, "APP_DB_PASSWORD": "a" * 20, "SETTLER_DB_PASSWORD": "b" * 20})
+    ok = load({**remote, "APP_DB_PASSWORD": "a" * 20, "SETTLER_DB_PASSWORD": "b" * 20, "CONSOLE_DB_PASSWORD": "c" * 20})
+    assert ok.app_db_password == "a" * 20 and ok.console_db_password == "c" * 20
     # The role's own URL carries its password: nothing to check here.
-    load({**remote, "APP_DATABASE_URL": "postgresql://credits_app:x@db/credits", "SETTLER_DB_PASSWORD": "b" * 20})
+    load(
+        {
+            **remote,
+            "APP_DATABASE_URL": "postgresql://credits_app:x@db/credits",
+            "SETTLER_DB_PASSWORD": "b" * 20,
+            "CONSOLE_DATABASE_URL": "postgresql://credits_console:y@db/credits",
+        }
+    )
     load({"DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/test"})  # a Postgres on this machine
     load({})  # the embedded stack
 
@@ -190,3 +201,42 @@ def test_a_stored_verifier_is_recognised_for_its_password_only() -> None:
     assert not verifier_matches(verifier, "password")
     assert not verifier_matches("md5" + "0" * 32, "pässwörd")
     assert not verifier_matches("", "pässwörd")
+
+
+def test_the_usage_audit_is_configured_exactly() -> None:
+    c = load({"ANOMALY_FACTOR": "3", "ANOMALY_MIN_CREDITS": "2.5", "ANOMALY_BASELINE_HOURS": "48"})
+    assert (c.anomaly_factor, c.anomaly_min_credits, c.anomaly_baseline_hours) == (3.0, 2500, 48)
+    for env, name in [
+        ({"ANOMALY_FACTOR": "1"}, "ANOMALY_FACTOR"),
+        ({"ANOMALY_MIN_CREDITS": "0.0001"}, "ANOMALY_MIN_CREDITS"),
+        ({"ANOMALY_MIN_CREDITS": "lots"}, "ANOMALY_MIN_CREDITS"),
+        ({"ANOMALY_BASELINE_HOURS": "2"}, "ANOMALY_BASELINE_HOURS"),
+    ]:
+        with pytest.raises(ConfigError, match=name):
+            load(env)
+
+
+def test_the_anomaly_method_judges_one_hour() -> None:
+    import datetime as dt
+
+    from settler.anomalies import Method, judge
+
+    hour = dt.datetime(2026, 6, 1, 12, tzinfo=dt.UTC)
+    method = Method(factor=5.0, baseline_hours=168, min_history_hours=24, min_credits=10_000)
+
+    def row(spend: int, before: int, hours_ago: int, credential: str | None = None) -> dict:  # type: ignore[type-arg]
+        return {
+            "organization_id": "o",
+            "credential_id": credential,
+            "spend": spend,
+            "before": before,
+            "first_hour": hour - dt.timedelta(hours=hours_ago),
+        }
+
+    found = judge(method, row(200_001, 168 * 40_000, 500), hour)  # 40/h baseline, 5x is 200
+    assert found is not None and found.baseline == 40_000 and found.baseline_hours == 168
+    assert judge(method, row(200_000, 168 * 40_000, 500), hour) is None  # not beyond the factor
+    assert judge(method, row(49_000, 0, 500), hour) is None  # under 5 x the 10-credit floor
+    assert judge(method, row(10**9, 1000, 23, "key"), hour) is None  # under a day of history
+    short = judge(method, row(500_000, 48 * 10_000, 48, "key"), hour)  # two days: the mean over those
+    assert short is not None and short.scope == "api_key" and short.baseline == 10_000 and short.baseline_hours == 48
