@@ -138,6 +138,20 @@ class ConsoleReads:
                     "SELECT id, reference, kind, amount, grant_id, reason, actor, outcome, debited, created_at"
                     " FROM credit_adjustments WHERE organization_id = $1 ORDER BY created_at DESC LIMIT 50"
                 ),
+                "auto_topup": await rows(
+                    "SELECT enabled, threshold, package_id, max_per_month, monthly_cap_cents, armed, paused_reason,"
+                    " updated_at FROM auto_topup_settings WHERE organization_id = $1"
+                ),
+                "topup_attempts": await rows(
+                    "SELECT id, status, failure_reason, package_id, credits, amount_cents, currency, created_at"
+                    " FROM auto_topup_attempts WHERE organization_id = $1 ORDER BY created_at DESC LIMIT 10"
+                ),
+                "entitlement_overrides": await rows(
+                    "SELECT o.feature, o.type, o.enabled, o.limit_value, o.value, o.reason, u.usage"
+                    " FROM organization_entitlements o LEFT JOIN entitlement_usage u"
+                    "   ON u.organization_id = o.organization_id AND u.feature = o.feature"
+                    " WHERE o.organization_id = $1 ORDER BY o.feature"
+                ),
                 "usage_by_day": await rows(
                     "SELECT date_trunc('day', hour, 'UTC') AS day, action, sum(credits)::bigint AS credits,"
                     " sum(events)::bigint AS events FROM usage_hourly WHERE organization_id = $1"

@@ -314,3 +314,34 @@ async def test_an_operator_ends_their_other_sessions_only(console_client: Client
         )
         == 1
     )  # fmt: skip
+
+
+async def test_an_organizations_page_shows_a_paused_top_up_and_its_overrides(
+    console_client: Client, migrated: Config, org: Org
+) -> None:
+    """What the features keep per organization reaches the console through its own read
+    policies (migration 0033): a top-up paused by a declined card, the failed attempt,
+    an entitlement override with its usage."""
+    org_id = uuid.UUID(org.id)
+    await owner_value(
+        migrated,
+        "WITH s AS (INSERT INTO auto_topup_settings (organization_id, enabled, threshold, package_id, max_per_month,"
+        " monthly_cap_cents, armed, paused_reason) VALUES ($1, true, 25000, 'small', 3, 3000, false, 'card_declined')"
+        " RETURNING 1), a AS (INSERT INTO auto_topup_attempts (id, organization_id, trigger_seq, package_id, credits,"
+        " amount_cents, currency, available_at_trigger, status, failure_reason) VALUES (gen_random_uuid(), $1, 1,"
+        " 'small', 100000, 990, 'usd', 20000, 'failed', 'card_declined') RETURNING 1),"
+        " o AS (INSERT INTO organization_entitlements (organization_id, feature, type, limit_value, reason)"
+        " VALUES ($1, 'projects', 'limit', 12, 'deal') RETURNING 1),"
+        " u AS (INSERT INTO entitlement_usage (organization_id, feature, usage) VALUES ($1, 'projects', 4) RETURNING 1)"
+        " SELECT (SELECT count(*) FROM s) + (SELECT count(*) FROM a)"
+        " + (SELECT count(*) FROM o) + (SELECT count(*) FROM u)",
+        org_id,
+    )
+    session, b, _ = await signed_in(console_client, migrated)
+    async with session:
+        status, text, _ = await b.get(f"/console/organizations/{org.id}")
+    assert status == 200, text
+    assert "buy small when available falls below 25 credits, at most 3 a month" in text
+    assert "Paused: card declined" in text
+    assert "100 credits for $9.90: failed (card declined)" in text
+    assert "<code>projects</code>: 12 (used 4), deal" in text
