@@ -66,7 +66,7 @@ DURABILITY_WAIT_MS = 1000  # longest WAITAOF per call; a short wait is logged, n
 # grant push waits too: its outbox row is deleted once it is confirmed. Reads (balance,
 # request tokens) do not: what they may write (an expiry whose time has come) is done
 # again, identically and with the same event ids, after a crash.
-DURABLE_OPERATIONS = frozenset({"consume", "consume_batch", "reserve", "release", "debit", "grant"})
+DURABLE_OPERATIONS = frozenset({"consume", "consume_batch", "consume_group", "reserve", "release", "debit", "grant"})
 
 FIXED_KEYS = (
     "acct",
@@ -157,6 +157,31 @@ class BatchItem(NamedTuple):
     metadata: str  # JSON text, "" = none
     idempotency_key: str | None
     fingerprint: str  # of the item's parameters; read only when it has a key
+
+
+class GroupRequest(NamedTuple):
+    """One consume of a group commit (see consume_group): what HotPath.consume takes."""
+
+    cred: str
+    action: str
+    units: int
+    department_id: str
+    metadata: str  # JSON text, "" = none
+    idempotency_key: str | None
+    fingerprint: str  # of the request's parameters; read only when it has a key
+    assigned: bool  # the key is one the sidecar assigned (kept IDEMPOTENCY_AUTO_TTL_S)
+    event_id: str  # its usage event's id (and the answer's id)
+
+
+def group_results(raw: Any) -> list[Result]:
+    """consume_group's reply {OK, status, payload, status, payload, ...} as one Result
+    per request, in order."""
+    results = []
+    for i in range(1, len(raw), 2):
+        code = raw[i]
+        payload = _decode(raw[i + 1])
+        results.append(Result(_STATUSES.get(code) or Status(code), payload if isinstance(payload, dict) else {}))
+    return results
 
 
 def batch_results(payload: dict[str, Any], items: Sequence[BatchItem]) -> list[dict[str, Any]]:
@@ -267,7 +292,7 @@ def _missing_code(exc: ResponseError) -> bool:
 
 # Operations that charge or move credits: when one of them was sent and no answer came,
 # the caller must be told it may have taken effect (OutcomeUnknown).
-CHARGING_OPERATIONS = frozenset({"consume", "consume_batch", "reserve", "release", "debit"})
+CHARGING_OPERATIONS = frozenset({"consume", "consume_batch", "consume_group", "reserve", "release", "debit"})
 
 
 class NotDurable(OutcomeUnknown):
@@ -761,11 +786,14 @@ class HotPath:
             if asking:
                 await call("ASKING")  # type: ignore[no-untyped-call]
             raw = await call(self._verb, self._names[name], len(keys), *keys, *args)  # type: ignore[no-untyped-call]
-            if name not in DURABLE_OPERATIONS or raw[0] not in (Status.OK, Status.REPLAY):
+            # consume_group: OK for the group, then each request's status.
+            decided = raw[1::2] if name == "consume_group" and raw[0] == Status.OK else raw[:1]
+            wrote = Status.OK in decided
+            if name not in DURABLE_OPERATIONS or not (wrote or Status.REPLAY in decided):
                 return raw
             replicas = 1 if self.durability is Durability.REPLICA else 0
             try:
-                if raw[0] == Status.REPLAY:
+                if not wrote:  # replays only
                     await call("SET", self._durability_probe_key(keys[0]), "1", "PX", DAY_MS)  # type: ignore[no-untyped-call]
                 acked = await call("WAITAOF", 1, replicas, DURABILITY_WAIT_MS)  # type: ignore[no-untyped-call]
             except (aioredis.RedisError, OSError) as exc:
@@ -969,6 +997,69 @@ class HotPath:
         ttl_ms = self.assigned_idempotency_ttl_ms if assigned else self.idempotency_ttl_ms
         args += (fp if idempotency_key else "", ttl_ms, "1" if atomic else "0", _encode(runs))
         return await self._call_loaded("consume_batch", org, keys, args)
+
+    async def consume_group(
+        self, org: str, requests: Sequence[GroupRequest], *, now: int | None = None
+    ) -> list[Result]:
+        """Many consumes of one organization in one call (group commit), each decided as
+        consume would decide it, in this order (lua/consume_group.lua); one Result per
+        request. Two requests with one idempotency key share its record: the later one
+        replays the earlier (or conflicts with it), as it would one call later."""
+        now = now_ms() if now is None else now
+        keys: list[str] = []
+        index: dict[str, int] = {}
+        rows: list[list[Any]] = []
+        for r in requests:
+            ki = 0
+            if r.idempotency_key is not None:
+                name = self.idempotency_key(org, r.idempotency_key)
+                found = index.get(name)
+                if found is None:
+                    keys.append(name)
+                    found = index[name] = N_ORG_KEYS + len(keys)
+                ki = found
+            rows.append(
+                [
+                    r.cred,
+                    r.action,
+                    r.units,
+                    r.department_id,
+                    r.metadata,
+                    r.event_id,
+                    ki,
+                    r.fingerprint if ki else "",
+                    1 if r.assigned else 0,
+                ]
+            )
+        day, week, month = self._period_starts(now)
+        args = (
+            org,
+            now,
+            new_id(),
+            "",
+            self.default_rate_per_s,
+            self.default_burst,
+            day,
+            week,
+            month,
+            "",
+            self.idempotency_ttl_ms,
+            self.assigned_idempotency_ttl_ms,
+            _encode(rows),
+        )
+        try:
+            raw = await self._send("consume_group", org, keys, args)
+        except (ResponseError, aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+            raw = await self._call_again(exc, "consume_group", org, keys, args)
+        if raw[0] == Status.NOT_LOADED:
+            await self._load_once(org)
+            try:
+                raw = await self._send("consume_group", org, keys, args)
+            except (ResponseError, aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+                raw = await self._call_again(exc, "consume_group", org, keys, args)
+            if raw[0] == Status.NOT_LOADED:
+                return [Result(Status.NOT_LOADED, {}) for _ in requests]
+        return group_results(raw)
 
     async def reserve(
         self,

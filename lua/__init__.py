@@ -50,6 +50,7 @@ SCRIPTS = (
     "configure",
     "consume",
     "consume_batch",
+    "consume_group",
     "debit",
     "grant",
     "load",

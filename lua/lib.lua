@@ -253,8 +253,9 @@ end
 
 -- Token bucket per credential. Returns 0 when a token was taken, otherwise the
 -- milliseconds to wait. rate (tokens/s) <= 0 means unlimited. c: cred_state(cred),
--- read in this call.
-local function rate_take(cred, default_rate, default_burst, c)
+-- read in this call, and kept current here (so it can take again); `defer`: written
+-- by rate_write later (a call that takes many tokens writes once).
+local function rate_take(cred, default_rate, default_burst, c, defer)
   local rate = tonumber(c.rate) or default_rate
   local burst = tonumber(c.burst) or default_burst
   if rate <= 0 then return 0 end
@@ -264,8 +265,20 @@ local function rate_take(cred, default_rate, default_burst, c)
   if tok < 1 then
     return math.max(1, math.ceil((1 - tok) * 1000 / rate))
   end
-  redis.call('HSET', KEYS[K_CREDS], cred .. '|tok', tok - 1, cred .. '|ts', math.max(NOW, ts))
+  c.tok, c.ts = tok - 1, math.max(NOW, ts)
+  if defer then
+    c.rate_dirty = true
+  else
+    redis.call('HSET', KEYS[K_CREDS], cred .. '|tok', c.tok, cred .. '|ts', c.ts)
+  end
   return 0
+end
+
+local function rate_write(cred, c)
+  if c.rate_dirty then
+    redis.call('HSET', KEYS[K_CREDS], cred .. '|tok', c.tok, cred .. '|ts', c.ts)
+    c.rate_dirty = false
+  end
 end
 
 -- Close one reservation: charge `used` from its allocation in order, return the rest

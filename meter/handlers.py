@@ -23,7 +23,7 @@ from hotpath.client import BatchItem, Result, fingerprint, new_id, now_ms, perio
 from ledger.store import Conflict, Credential, LedgerReads, NotFound, StoredResponse
 from lua import Status
 from meter import schemas as s
-from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, SOURCES
+from meter.appkeys import AUTH, CONFIG, CONSUMER, HOT, LEDGER, SOURCES
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder(decimal_format="number")
@@ -258,7 +258,7 @@ async def use(request: web.Request) -> web.Response:
     # The fingerprint tells a retry from a reuse of the key: no key, nothing to tell.
     fp = "" if key is None else fingerprint("use", body.action, body.units, dept, body.metadata)
     try:
-        result = await app[HOT].consume(
+        result = await app[CONSUMER].consume(
             cred.organization_id,
             cred.id,
             action=body.action,
