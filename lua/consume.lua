@@ -60,6 +60,5 @@ if charge > 0 then
 end
 emit({t = 'use', id = event_id, act = action, u = units, amt = charge, d = dept, k = cred,
       m = metadata, g = alloc, at = NOW})
-local payload = {id = event_id, credits = charge, balance = bal, available = bal - res}
-idem_store(K_IDEM, fp, payload, idem_ttl_ms)
-return reply(OK, payload)
+idem_store_charge(K_IDEM, fp, event_id, charge, bal, bal - res, idem_ttl_ms)
+return reply(OK, {id = event_id, credits = charge, balance = bal, available = bal - res})

@@ -50,14 +50,9 @@ for _, run in ipairs(runs) do
   -- What every item of the run shares: its cost, its department, a stored first result.
   local err, stored = nil, nil
   if ki > 0 then
-    local raw = redis.call('GET', KEYS[ki])
-    if raw then
-      local sep = string.find(raw, '\n', 1, true)
-      if string.sub(raw, 1, sep - 1) ~= item_fp then
-        err = IDEMPOTENCY_CONFLICT
-      else
-        stored = unpack(string.sub(raw, sep + 1))
-      end
+    local stored_fp, first = idem_read(ki)
+    if stored_fp then
+      if idem_same(stored_fp, item_fp) then stored = first else err = IDEMPOTENCY_CONFLICT end
     end
   end
   local cost = costs[a]
@@ -104,7 +99,7 @@ for _, run in ipairs(runs) do
         end
         local event_id = id_prefix .. index
         events[#events + 1] = {id = event_id, act = a, u = u, amt = charge, d = d, m = m, g = alloc}
-        if ki > 0 then stores[#stores + 1] = {ki, item_fp, {id = event_id, credits = charge}} end
+        if ki > 0 then stores[#stores + 1] = {ki, item_fp, event_id, charge} end
       else  -- the grants hold less than bal - res says (see take): refused, not overdrawn
         r = {i = index, err = INSUFFICIENT_CREDITS, need = charge, have = grants.avail}
       end
@@ -129,7 +124,7 @@ if #events > 0 then
   emit({t = 'use_batch', id = CALL_ID, k = cred, at = NOW, ev = events})
 end
 for _, s in ipairs(stores) do
-  redis.call('SET', KEYS[s[1]], s[2] .. '\n' .. pack(s[3]), 'PX', idem_ttl_ms)
+  idem_store_charge(s[1], s[2], s[3], s[4], nil, nil, idem_ttl_ms)
 end
 local payload = {b = CALL_ID, c = costs, f = failed, r = replayed, balance = bal, available = bal - res}
 idem_store(K_IDEM, fp, payload, idem_ttl_ms)

@@ -51,7 +51,7 @@ for _, q in ipairs(requests) do
   if ki > 0 then
     local f = fresh[ki]
     if f then
-      if f[1] == fp then answer(REPLAY, f[2]) else answer(IDEMPOTENCY_CONFLICT, pack({})) end
+      if idem_same(f[1], fp) then answer(REPLAY, f[2]) else answer(IDEMPOTENCY_CONFLICT, pack({})) end
       done = true
     else
       local early = idem_check(ki, fp)
@@ -124,8 +124,9 @@ for _, q in ipairs(requests) do
           mine[#mine + 1] = {id = event_id, act = action, u = units, amt = charge, d = dept, m = metadata, g = alloc}
           local packed = pack({id = event_id, credits = charge, balance = bal, available = bal - res})
           if ki > 0 then
-            redis.call('SET', KEYS[ki], fp .. '\n' .. packed, 'PX', assigned == 1 and ttl_assigned or ttl_client)
-            fresh[ki] = {fp, packed}
+            local ttl = assigned == 1 and ttl_assigned or ttl_client
+            idem_store_charge(ki, fp, event_id, charge, bal, bal - res, ttl)
+            fresh[ki] = {string.sub(fp, 1, IDEM_FP), packed}
           end
           answer(OK, packed)
         end

@@ -88,22 +88,68 @@ local function emit(event)
   redis.call('XADD', KEYS[K_STREAM], '*', 'o', ORG, 'd', pack(event))
 end
 
--- Idempotency record: "<fingerprint>\n<msgpack payload>". Returns nil when the key is
--- fresh, otherwise the reply to give (a replay of the first result, or a conflict).
-local function idem_check(key_index, fp)
-  if fp == '' then return nil end
+-- Idempotency records, compact (one string key each, kept for the key's TTL): a NUL,
+-- the length of the fingerprint kept and its first IDEM_FP characters, then the first
+-- answer in msgpack: a charge's answer {id, credits[, balance, available]} as the list
+-- of its values (the names cost as much as the values), available left out when it
+-- equals balance; any other answer as its map. Records of an earlier version
+-- ("<fingerprint>\n<msgpack map>", never starting with a NUL) are read as well.
+local IDEM_FP = 16
+
+local function idem_value(fp, answer)
+  local f = string.sub(fp, 1, IDEM_FP)
+  return '\0' .. string.char(#f) .. f .. pack(answer)
+end
+
+-- The stored fingerprint and the answer (a table), or nil when the key is fresh.
+local function idem_read(key_index)
   local stored = redis.call('GET', KEYS[key_index])
   if not stored then return nil end
-  local sep = string.find(stored, '\n', 1, true)
-  if string.sub(stored, 1, sep - 1) ~= fp then
+  if string.byte(stored, 1) ~= 0 then  -- an earlier version's
+    local sep = string.find(stored, '\n', 1, true)
+    return string.sub(stored, 1, sep - 1), unpack(string.sub(stored, sep + 1))
+  end
+  local n = string.byte(stored, 2)
+  local v = unpack(string.sub(stored, 3 + n))
+  if v[1] ~= nil then  -- a charge's answer, as a list
+    v = {id = v[1], credits = v[2], balance = v[3], available = v[4] or v[3]}
+  end
+  return string.sub(stored, 3, 2 + n), v
+end
+
+local function idem_same(stored_fp, fp)
+  return stored_fp == fp or stored_fp == string.sub(fp, 1, IDEM_FP)
+end
+
+-- nil when the key is fresh, otherwise the reply to give (a replay of the first
+-- result, or a conflict).
+local function idem_check(key_index, fp)
+  if fp == '' then return nil end
+  local stored_fp, first = idem_read(key_index)
+  if not stored_fp then return nil end
+  if not idem_same(stored_fp, fp) then
     return {IDEMPOTENCY_CONFLICT, pack({})}
   end
-  return {REPLAY, string.sub(stored, sep + 1)}
+  return {REPLAY, pack(first)}
 end
 
 local function idem_store(key_index, fp, payload, ttl_ms)
   if fp == '' then return end
-  redis.call('SET', KEYS[key_index], fp .. '\n' .. pack(payload), 'PX', ttl_ms)
+  redis.call('SET', KEYS[key_index], idem_value(fp, payload), 'PX', ttl_ms)
+end
+
+-- A charge's record: its id and credits, and the balance it left (nil: a batch item's).
+local function idem_store_charge(key_index, fp, id, credits, balance, available, ttl_ms)
+  if fp == '' then return end
+  local v
+  if balance == nil then
+    v = {id, credits}
+  elseif available == balance then
+    v = {id, credits, balance}
+  else
+    v = {id, credits, balance, available}
+  end
+  redis.call('SET', KEYS[key_index], idem_value(fp, v), 'PX', ttl_ms)
 end
 
 -- Every grant whose expiry has come leaves the balance, with an `expiration` event
