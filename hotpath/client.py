@@ -180,6 +180,8 @@ def group_results(raw: Any) -> list[Result]:
     for i in range(1, len(raw), 2):
         code = raw[i]
         payload = _decode(raw[i + 1])
+        if isinstance(payload, list) and len(payload) >= 3:  # a charge's answer, as its record keeps it
+            payload = {"id": payload[0], "credits": payload[1], "balance": payload[2], "available": payload[-1]}
         results.append(Result(_STATUSES.get(code) or Status(code), payload if isinstance(payload, dict) else {}))
     return results
 

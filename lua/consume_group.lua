@@ -16,7 +16,9 @@
             event id, ki (KEYS index of its idempotency record, 0 none), fingerprint,
             assigned (1: the sidecar's key)}
   Returns {OK, status 1, payload 1, status 2, payload 2, ...}: per request, consume.lua's
-  status and msgpack payload (a REPLAY's payload is the stored first answer). Or
+  status and msgpack payload (a REPLAY's payload is the stored first answer); a charge's
+  answer (OK, or the REPLAY of a charge of this group) comes as its idempotency record
+  keeps it, the list {id, credits, balance[, available]} (see charge_body). Or
   {NOT_LOADED, ''} for the whole group (nothing decided: load, then call again).
   The charges append one `use_batch` stream entry per credential.
 ]]
@@ -53,7 +55,7 @@ for _, q in ipairs(requests) do
     if f then
       if idem_same(f[1], fp) then answer(REPLAY, f[2]) else answer(IDEMPOTENCY_CONFLICT, pack({})) end
       done = true
-    else
+    elseif assigned ~= 1 then  -- (a key the sidecar assigned was drawn for this request: nothing to find)
       local early = idem_check(ki, fp)
       if early then answer(early[1], early[2]); done = true end
     end
@@ -122,13 +124,12 @@ for _, q in ipairs(requests) do
             events[cred] = mine
           end
           mine[#mine + 1] = {id = event_id, act = action, u = units, amt = charge, d = dept, m = metadata, g = alloc}
-          local packed = pack({id = event_id, credits = charge, balance = bal, available = bal - res})
+          local body = charge_body(event_id, charge, bal, bal - res)  -- the answer, as its record keeps it
           if ki > 0 then
-            local ttl = assigned == 1 and ttl_assigned or ttl_client
-            idem_store_charge(ki, fp, event_id, charge, bal, bal - res, ttl)
-            fresh[ki] = {string.sub(fp, 1, IDEM_FP), packed}
+            idem_store_body(ki, fp, body, assigned == 1 and ttl_assigned or ttl_client)
+            fresh[ki] = {string.sub(fp, 1, IDEM_FP), body}
           end
-          answer(OK, packed)
+          answer(OK, body)
         end
       end
     end

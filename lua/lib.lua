@@ -138,18 +138,23 @@ local function idem_store(key_index, fp, payload, ttl_ms)
   redis.call('SET', KEYS[key_index], idem_value(fp, payload), 'PX', ttl_ms)
 end
 
--- A charge's record: its id and credits, and the balance it left (nil: a batch item's).
+-- A charge's answer as a record stores it: {id, credits[, balance[, available]]}, packed
+-- (balance nil: a batch item's, which has none; available left out when it is balance).
+local function charge_body(id, credits, balance, available)
+  if balance == nil then return pack({id, credits}) end
+  if available == balance then return pack({id, credits, balance}) end
+  return pack({id, credits, balance, available})
+end
+
+local function idem_store_body(key_index, fp, body, ttl_ms)
+  if fp == '' then return end
+  local f = string.sub(fp, 1, IDEM_FP)
+  redis.call('SET', KEYS[key_index], '\0' .. string.char(#f) .. f .. body, 'PX', ttl_ms)
+end
+
 local function idem_store_charge(key_index, fp, id, credits, balance, available, ttl_ms)
   if fp == '' then return end
-  local v
-  if balance == nil then
-    v = {id, credits}
-  elseif available == balance then
-    v = {id, credits, balance}
-  else
-    v = {id, credits, balance, available}
-  end
-  redis.call('SET', KEYS[key_index], idem_value(fp, v), 'PX', ttl_ms)
+  idem_store_body(key_index, fp, charge_body(id, credits, balance, available), ttl_ms)
 end
 
 -- Every grant whose expiry has come leaves the balance, with an `expiration` event
