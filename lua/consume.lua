@@ -1,6 +1,7 @@
 --[[ Consume credits for one action, checking every budget level in one step.
   KEYS[1..12]  the organization's fixed keys (see lib.lua)
   KEYS[13]     idempotency record (only when ARGV[10] is not empty)
+  KEYS[14]     (optional) the same record's name before (see idem_twin in lib.lua)
   ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
   ARGV[4] credential id          ARGV[5] default rate (requests/s, <= 0 unlimited)
   ARGV[6] default burst          ARGV[7..9] current day / week / month start (ms)
@@ -18,6 +19,7 @@
   All checks run before any charge; a refusal charges nothing.
 ]]
 local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
+if #KEYS > K_IDEM then idem_twin(K_IDEM, K_IDEM + 1) end  -- the record's name before
 local action, units, dept = ARGV[12], tonumber(ARGV[13]), ARGV[14]
 local metadata, event_id = ARGV[15], ARGV[16]
 

@@ -7,9 +7,11 @@
   ARGV[7..9] current day / week / month start (ms)
   ARGV[10] request idempotency fingerprint ('' = none)       ARGV[11] idempotency ttl (ms)
   ARGV[12] atomic ('1' = all or none, '0' = best effort)
+  ARGV[14] KEYS index of the request record's name before (0 or absent: none)
   ARGV[13] the items in order, msgpack list of runs
            {count, action, units, department ('' none), metadata (JSON text, '' none),
-            ki = KEYS index of the item's idempotency record (0 none), item fingerprint}:
+            ki = KEYS index of the item's idempotency record (0 none), item fingerprint,
+            KEYS index of the record's name before (0 none)}:
            `count` consecutive items alike (a run with ki > 0 is one item).
            Item i (from 0) has the event id <call id>-<i>.
   Returns {status, msgpack payload}:
@@ -28,6 +30,7 @@
 local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
 local atomic = ARGV[12] == '1'
 local runs = unpack(ARGV[13])
+idem_twin(K_IDEM, tonumber(ARGV[14] or 0))  -- the request record's name before
 
 local early, c = preamble(cred, default_rate, default_burst, starts, fp)
 if early then return early end
@@ -47,6 +50,7 @@ local id_prefix = CALL_ID .. '-'
 
 for _, run in ipairs(runs) do
   local count, a, u, d, m, ki, item_fp = run[1], run[2], run[3], run[4], run[5], run[6], run[7]
+  idem_twin(ki, run[8])
   -- What every item of the run shares: its cost, its department, a stored first result.
   local err, stored = nil, nil
   if ki > 0 then

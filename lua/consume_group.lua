@@ -14,7 +14,7 @@
   ARGV[13] the requests in arrival order, msgpack list of
            {credential, action, units, department ('' none), metadata (JSON text),
             event id, ki (KEYS index of its idempotency record, 0 none), fingerprint,
-            assigned (1: the sidecar's key)}
+            assigned (1: the sidecar's key), KEYS index of the record's name before (0 none)}
   Returns {OK, status 1, payload 1, status 2, payload 2, ...}: per request, consume.lua's
   status and msgpack payload (a REPLAY's payload is the stored first answer); a charge's
   answer (OK, or the REPLAY of a charge of this group) comes as its idempotency record
@@ -48,6 +48,7 @@ end
 for _, q in ipairs(requests) do
   local cred, action, units, dept, metadata = q[1], q[2], q[3], q[4], q[5]
   local event_id, ki, fp, assigned = q[6], q[7], q[8], q[9]
+  idem_twin(ki, q[10])
   local done = false
   -- Its idempotency record: written by an earlier request of this group, or before.
   if ki > 0 then

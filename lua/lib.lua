@@ -57,6 +57,7 @@ local APPLIED_KEEP_MS = 7 * 86400000  -- how long an applied grant is remembered
 
 local ORG, NOW, CALL_ID
 local event_seq = 0
+local idem_twins = {}  -- KEYS index of a record -> KEYS index of its name before (see idem_twin)
 
 local function begin(keys, argv)
   if not unpack_list then bind_unpack_list() end
@@ -64,6 +65,7 @@ local function begin(keys, argv)
   KEYS, ARGV = keys, argv
   ORG, NOW, CALL_ID = argv[1], tonumber(argv[2]), argv[3]
   event_seq = 0
+  idem_twins = {}
 end
 
 local function num(x)
@@ -88,7 +90,10 @@ local function emit(event)
   redis.call('XADD', KEYS[K_STREAM], '*', 'o', ORG, 'd', pack(event))
 end
 
--- Idempotency records, compact (one string key each, kept for the key's TTL): a NUL,
+-- Idempotency records, compact: one string key each, kept for the key's TTL, named
+-- {prefix}:{crN}:i:<crc32 of the organization>:<digest of organization and key> (see
+-- HotPath.idempotency_key; the name before, {prefix}:{crN}:o:<org>:idem:<digest>, was
+-- twice as long). A record's value: a NUL,
 -- the length of the fingerprint kept and its first IDEM_FP characters, then the first
 -- answer in msgpack: a charge's answer {id, credits[, balance, available]} as the list
 -- of its values (the names cost as much as the values), available left out when it
@@ -101,9 +106,17 @@ local function idem_value(fp, answer)
   return '\0' .. string.char(#f) .. f .. pack(answer)
 end
 
+-- While records written under the names before may still live (HotPath passes them
+-- then), a record not found under its name is looked for under its name before: a
+-- retry across the upgrade still replays. Records are only ever written under the new name.
+local function idem_twin(key_index, twin_index)
+  if twin_index and twin_index > 0 then idem_twins[key_index] = twin_index end
+end
+
 -- The stored fingerprint and the answer (a table), or nil when the key is fresh.
 local function idem_read(key_index)
   local stored = redis.call('GET', KEYS[key_index])
+  if not stored and idem_twins[key_index] then stored = redis.call('GET', KEYS[idem_twins[key_index]]) end
   if not stored then return nil end
   if string.byte(stored, 1) ~= 0 then  -- an earlier version's
     local sep = string.find(stored, '\n', 1, true)
