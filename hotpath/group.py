@@ -17,6 +17,8 @@ answered on its own (result, idempotency record, refusal).
   charged.
 - A failure of the call (Redis unreachable, no answer) is each request's own: each gets
   its own copy of the exception (the handler writes its own key into it).
+- At most `waiting_max` requests of one organization wait; past that a request is
+  refused at once (Unavailable: never sent, nothing charged), as the pipe refuses.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import copy
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from core.errors import Unavailable
 from hotpath.client import GroupRequest, HotPath, Result, new_id
 
 GROUP_MAX = 256  # requests per call: bounds one call's script time (~2 ms) and reply
+WAITING_MAX = 16_384  # requests of one organization waiting behind its call (the pipe's own bound)
 
 
 class _Waiting(NamedTuple):
@@ -58,11 +62,19 @@ class ConsumeGroups:
     """HotPath.consume, coalescing concurrent consumes of one organization (see above).
     One per process (one event loop)."""
 
-    def __init__(self, hot: HotPath, *, max_group: int = GROUP_MAX, stats: GroupStats | None = None) -> None:
-        if max_group < 1:
-            raise ValueError("max_group must be at least 1")
+    def __init__(
+        self,
+        hot: HotPath,
+        *,
+        max_group: int = GROUP_MAX,
+        waiting_max: int = WAITING_MAX,
+        stats: GroupStats | None = None,
+    ) -> None:
+        if max_group < 1 or waiting_max < 1:
+            raise ValueError("max_group and waiting_max must be at least 1")
         self.hot = hot
         self.max_group = max_group
+        self.waiting_max = waiting_max
         self.stats = GroupStats() if stats is None else stats
         # An organization is here while a call of it is in flight; its list holds the
         # requests that arrived meanwhile, in arrival order.
@@ -99,6 +111,11 @@ class ConsumeGroups:
                 )
             finally:
                 self._next(org)
+        if len(queue) >= self.waiting_max:
+            raise Unavailable(
+                f"more than {self.waiting_max} consumes of one organization waiting for Redis",
+                answer="Redis is not keeping up with this organization's charges; nothing was charged",
+            )
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         request = GroupRequest(cred, action, units, department_id, metadata, idempotency_key, fp, assigned, new_id())
         queue.append(_Waiting(request, future))

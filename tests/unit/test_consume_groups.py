@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from core.errors import OutcomeUnknown
+from core.errors import OutcomeUnknown, Unavailable
 from hotpath.client import GroupRequest, Result
 from hotpath.group import ConsumeGroups
 from lua import Status
@@ -86,6 +86,18 @@ async def test_each_waiter_gets_its_own_exception() -> None:
         assert isinstance(exc, OutcomeUnknown)
         exc.idempotency_key = key
     assert [e.idempotency_key for e in outcomes if isinstance(e, OutcomeUnknown)] == list("abcd")
+
+
+async def test_past_the_bound_a_request_is_refused_not_queued() -> None:
+    fake = FakeHot()
+    groups = ConsumeGroups(fake, waiting_max=2)  # type: ignore[arg-type]
+    tasks = [asyncio.ensure_future(groups.consume("o", "k", action="a", units=u)) for u in range(3)]
+    await asyncio.sleep(0)  # one in flight, two waiting
+    with pytest.raises(Unavailable, match="consumes of one organization waiting"):
+        await groups.consume("o", "k", action="a", units=9)
+    fake.gate.set()
+    assert [r.payload["units"] for r in await asyncio.gather(*tasks)] == [0, 1, 2]
+    assert all(9 not in units for _, _, units in fake.calls)  # never sent
 
 
 def test_max_group_must_be_positive() -> None:
