@@ -103,7 +103,9 @@ for _, run in ipairs(runs) do
         end
         local event_id = id_prefix .. index
         events[#events + 1] = {id = event_id, act = a, u = u, amt = charge, d = d, m = m, g = alloc}
-        if ki > 0 then stores[#stores + 1] = {ki, item_fp, event_id, charge} end
+        -- Its record keeps the balance after it, as a /use's does: the key retried alone
+        -- at /use replays a whole answer.
+        if ki > 0 then stores[#stores + 1] = {ki, item_fp, event_id, charge, bal - total} end
       else  -- the grants hold less than bal - res says (see take): refused, not overdrawn
         r = {i = index, err = INSUFFICIENT_CREDITS, need = charge, have = grants.avail}
       end
@@ -128,7 +130,7 @@ if #events > 0 then
   emit({t = 'use_batch', id = CALL_ID, k = cred, at = NOW, ev = events})
 end
 for _, s in ipairs(stores) do
-  idem_store_charge(s[1], s[2], s[3], s[4], nil, nil, idem_ttl_ms)
+  idem_store_charge(s[1], s[2], s[3], s[4], s[5], s[5] - res, idem_ttl_ms)
 end
 local payload = {b = CALL_ID, c = costs, f = failed, r = replayed, balance = bal, available = bal - res}
 idem_store(K_IDEM, fp, payload, idem_ttl_ms)

@@ -275,6 +275,9 @@ async def use(request: web.Request) -> web.Response:
     if result.status is not Status.OK and result.status is not Status.REPLAY:
         raise fail(result)
     p = result.payload
+    if "balance" not in p:  # a batch item's record from before items kept their balance
+        now = (await app[HOT].balance(cred.organization_id, cred.id)).payload
+        p = {**p, "balance": now["balance"], "available": now["available"]}
     return web.Response(
         body=use_response_json(p["id"], body.action, body.units, p["credits"], p["balance"], p["available"]),
         content_type="application/json",

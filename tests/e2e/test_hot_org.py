@@ -10,10 +10,12 @@ import json
 from typing import Any
 
 import aiohttp
+import msgspec
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from accounts import admin
-from hotpath.client import HotPath
+from hotpath.client import HotPath, fingerprint
 from ledger.store import Ledger
 from tests.conftest import Org
 
@@ -96,3 +98,30 @@ async def test_each_request_keeps_its_idempotency_key(client: Client, ledger: Le
     assert charged == sum(decimal.Decimal("0.1") * (1 + k % 3) for k in range(40))
     r = await client.get("/api/credits/balance", headers={"Authorization": f"Bearer {org.admin_key}"})
     assert exact(await r.text())["available"] == 1100 - charged
+
+
+async def test_a_batch_items_key_retried_alone_at_use_replays(
+    client: Client, hot: HotPath, redis: aioredis.Redis, org: Org
+) -> None:
+    """A batch item's key shares the namespace of /use: retried alone, it replays a whole
+    answer (its record keeps the balance after it); so does a record from before items
+    kept one (the answer then says the balance now)."""
+    h = {"Authorization": f"Bearer {org.admin_key}"}
+    r = await client.post(
+        "/api/credits/use/batch", json={"items": [{"action": "tool_call", "idempotency_key": "it-1"}]}, headers=h
+    )
+    item = exact(await r.text())["results"][0]
+    r = await client.post("/api/credits/use", json={"action": "tool_call"}, headers={**h, "Idempotency-Key": "it-1"})
+    body = exact(await r.text())
+    assert r.status == 200 and r.headers.get("Idempotent-Replayed") == "true"
+    assert (body["id"], body["credits"], body["balance"]) == (
+        item["id"],
+        decimal.Decimal("0.1"),
+        decimal.Decimal("99.9"),
+    )
+    fp = fingerprint("use", "tool_call", 1, "", None)
+    old = fp.encode() + b"\n" + msgspec.msgpack.encode({"id": "b" * 32, "credits": 100})
+    await redis.set(hot.legacy_idempotency_key(org.id, "it-old"), old, px=60_000)
+    r = await client.post("/api/credits/use", json={"action": "tool_call"}, headers={**h, "Idempotency-Key": "it-old"})
+    body = exact(await r.text())
+    assert r.status == 200 and body["id"] == "b" * 32 and body["balance"] == decimal.Decimal("99.9")

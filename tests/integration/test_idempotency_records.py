@@ -129,8 +129,9 @@ async def test_a_batch_item_record_replays_alone(hot: HotPath, redis: aioredis.R
     )
     item = b.payload["results"][0]
     raw = await redis.get(hot.idempotency_key(org.id, "item-1"))
-    assert msgspec.msgpack.decode(raw[18:]) == [item["id"], CREDIT]  # a batch item's: no balance
+    assert msgspec.msgpack.decode(raw[18:]) == [item["id"], CREDIT, 99 * CREDIT]  # the balance after it
     alone = await hot.consume(
         org.id, org.admin_key_id, action="generate_content", units=1, idempotency_key="item-1", fp=fp
     )
-    assert alone.status is Status.REPLAY and alone.payload == {"id": item["id"], "credits": CREDIT}
+    assert alone.status is Status.REPLAY
+    assert alone.payload == {"id": item["id"], "credits": CREDIT, "balance": 99 * CREDIT, "available": 99 * CREDIT}
