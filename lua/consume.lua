@@ -19,7 +19,7 @@
   All checks run before any charge; a refusal charges nothing.
 ]]
 local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
-if #KEYS > K_IDEM then idem_twin(K_IDEM, K_IDEM + 1) end  -- the record's name before
+idem_twin_after(K_IDEM)  -- the record's name before, when passed
 local action, units, dept = ARGV[12], tonumber(ARGV[13]), ARGV[14]
 local metadata, event_id = ARGV[15], ARGV[16]
 

@@ -23,7 +23,7 @@ local only_grant = ARGV[11] or ''
 local starts = {day = tonumber(ARGV[12]), week = tonumber(ARGV[13]), month = tonumber(ARGV[14])}
 
 if not loaded() then return reply(NOT_LOADED, {}) end
-if #KEYS > K_IDEM then idem_twin(K_IDEM, K_IDEM + 1) end  -- the record's name before
+idem_twin_after(K_IDEM)  -- the record's name before, when passed
 local replay = idem_check(K_IDEM, fp)
 if replay then return replay end
 

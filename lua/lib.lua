@@ -113,6 +113,13 @@ local function idem_twin(key_index, twin_index)
   if twin_index and twin_index > 0 then idem_twins[key_index] = twin_index end
 end
 
+-- The same, for a record whose name before the caller passes right after it (a name
+-- before always has ':idem:' in it: a key of another kind there is not one).
+local function idem_twin_after(key_index)
+  local twin = KEYS[key_index + 1]
+  if twin and string.find(twin, ':idem:', 1, true) then idem_twins[key_index] = key_index + 1 end
+end
+
 -- The stored fingerprint and the answer (a table), or nil when the key is fresh.
 local function idem_read(key_index)
   local stored = redis.call('GET', KEYS[key_index])

@@ -19,7 +19,7 @@
     USED_EXCEEDS_HOLD {amount} | NOT_YOURS {}
 ]]
 local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
-if #KEYS > K_IDEM then idem_twin(K_IDEM, K_IDEM + 1) end  -- the record's name before
+idem_twin_after(K_IDEM)  -- the record's name before, when passed
 local rid, used, any = ARGV[12], tonumber(ARGV[13]), ARGV[14] == '1'
 
 -- (Expiry first, in the preamble: a release that arrives after the TTL finds the hold

@@ -18,7 +18,7 @@
     DEPARTMENT_LIMIT {remaining, needed} | CAP_EXCEEDED {remaining, needed}
 ]]
 local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
-if #KEYS > K_IDEM then idem_twin(K_IDEM, K_IDEM + 1) end  -- the record's name before
+idem_twin_after(K_IDEM)  -- the record's name before, when passed
 local amount, ttl_ms = tonumber(ARGV[12]), tonumber(ARGV[13])
 local dept, action, metadata, rid = ARGV[14], ARGV[15], ARGV[16], ARGV[17]
 
