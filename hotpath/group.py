@@ -79,6 +79,9 @@ class ConsumeGroups:
         # An organization is here while a call of it is in flight; its list holds the
         # requests that arrived meanwhile, in arrival order.
         self._waiting: dict[str, list[_Waiting]] = {}
+        # Bound at first use (Python 3.11 asks the OS for its pid on every
+        # get_running_loop(): a system call per request); one loop per instance.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def consume(
         self,
@@ -116,7 +119,10 @@ class ConsumeGroups:
                 f"more than {self.waiting_max} consumes of one organization waiting for Redis",
                 answer="Redis is not keeping up with this organization's charges; nothing was charged",
             )
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
         request = GroupRequest(cred, action, units, department_id, metadata, idempotency_key, fp, assigned, new_id())
         queue.append(_Waiting(request, future))
         return await future
@@ -129,7 +135,8 @@ class ConsumeGroups:
             self._waiting.pop(org, None)
             return
         group, self._waiting[org] = live[: self.max_group], live[self.max_group :]
-        task = asyncio.ensure_future(self._send(org, group))
+        loop = self._loop or asyncio.get_running_loop()
+        task = loop.create_task(self._send(org, group))
         task.add_done_callback(lambda _: self._next(org))
 
     async def _send(self, org: str, group: list[_Waiting]) -> None:
