@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from accounts import admin
 from core.config import Config
 from hotpath.client import BatchItem, GroupRequest, HotPath, fingerprint, new_id, partition_of
+from hotpath.servers import RedisConnections
 from ledger.store import Ledger
 from lua import Status
 from tests.conftest import Org
@@ -96,10 +97,10 @@ async def test_the_names_before_are_read_only_while_their_records_may_live(
 
 
 async def test_a_resize_moves_records_under_both_names(
-    hot: HotPath, redis: aioredis.Redis, ledger: Ledger, config: Config
+    redis_connections: RedisConnections, redis: aioredis.Redis, ledger: Ledger, config: Config
 ) -> None:
     prefix = f"rl{new_id()[:8]}"  # a resize moves every record of its prefix: one of its own
-    mine = HotPath.from_config(redis, ledger, replace(config, redis_key_prefix=prefix))
+    mine = HotPath.using(redis_connections, ledger, replace(config, redis_key_prefix=prefix))
     await mine.start()
     org_id, key = await admin.create_organization(ledger, f"relayout-{new_id()[:6]}")
     fp = fingerprint("use", "generate_content", 1, "", None)
@@ -113,7 +114,7 @@ async def test_a_resize_moves_records_under_both_names(
     dropped, moved_n = await mine.relayout(target)
     assert moved_n == 2 and dropped > 0
     await mine.set_layout_marks(range(mine.partitions), None)
-    moved = HotPath.from_config(redis, ledger, replace(config, redis_key_prefix=prefix, usage_partitions=target))
+    moved = HotPath.using(redis_connections, ledger, replace(config, redis_key_prefix=prefix, usage_partitions=target))
     await moved.start()
     assert await redis.exists(moved.idempotency_key(org_id, "n"), moved.legacy_idempotency_key(org_id, "o")) == 2
     assert 0 < await redis.pttl(moved.idempotency_key(org_id, "n")) <= mine.idempotency_ttl_ms
