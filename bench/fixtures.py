@@ -174,13 +174,13 @@ async def forget_org(s: Services, org: HotOrg) -> None:
 async def drop_org_cache(s: Services, org: str) -> None:
     """Remove every Redis key of the organization (fixed keys and idempotency records)."""
     await s.hot.evict(org)
-    pattern = f"cr:{s.hot.tag(org)}:o:{org}:*"
     batch: list[bytes] = []
-    async for key in s.redis.scan_iter(match=pattern, count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            await s.redis.unlink(*batch)
-            batch = []
+    for pattern in (f"cr:{s.hot.tag(org)}:o:{org}:*", s.hot.idempotency_pattern(org)):
+        async for key in s.redis.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await s.redis.unlink(*batch)
+                batch = []
     if batch:
         await s.redis.unlink(*batch)
 

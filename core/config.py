@@ -54,6 +54,7 @@ class Config:
     max_batch_items: int = 5000
     durability: Durability = Durability.ASYNC
     redis_timeout_s: float = 5.0  # longest wait for a reply on the sidecar's script connection
+    consume_coalesce: bool = True  # group commit of one organization's concurrent /use (hotpath/group.py)
     host: str = "127.0.0.1"
     meter_port: int = 8080
     log_level: str = "INFO"
@@ -300,6 +301,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         max_batch_items=_int(env, "MAX_BATCH_ITEMS", 5000, 1, 100_000),
         durability=durability,
         redis_timeout_s=_float(env, "REDIS_TIMEOUT_S", 5.0, 0.1, 120.0),
+        consume_coalesce=_bool(env, "CONSUME_COALESCE", True),
         host=env.get("HOST", "127.0.0.1"),
         meter_port=_int(env, "METER_PORT", 8080, 0, 65535),
         log_level=level,

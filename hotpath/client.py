@@ -8,6 +8,7 @@ HTTP edge.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import enum
 import functools
@@ -61,12 +62,15 @@ __all__ = [
 UNSETTLED_SCAN_MAX = 200_000
 ORG_KEYS_CACHE_MAX = 4096  # organizations whose key names are kept ready
 DAY_MS = 86_400_000
+RECORD_NAMES_MARK = "idempotency-names-since"  # see HotPath._read_record_names_mark
 DURABILITY_WAIT_MS = 1000  # longest WAITAOF per call; a short wait is logged, never undone
 # Answered OK, these wait for the fsync (DURABILITY local/replica) before answering. A
 # grant push waits too: its outbox row is deleted once it is confirmed. Reads (balance,
 # request tokens) do not: what they may write (an expiry whose time has come) is done
 # again, identically and with the same event ids, after a crash.
-DURABLE_OPERATIONS = frozenset({"consume", "consume_batch", "reserve", "release", "debit", "grant", "check_consume"})
+DURABLE_OPERATIONS = frozenset(
+    {"consume", "consume_batch", "consume_group", "reserve", "release", "debit", "grant", "check_consume"}
+)
 
 FIXED_KEYS = (
     "acct",
@@ -157,6 +161,33 @@ class BatchItem(NamedTuple):
     metadata: str  # JSON text, "" = none
     idempotency_key: str | None
     fingerprint: str  # of the item's parameters; read only when it has a key
+
+
+class GroupRequest(NamedTuple):
+    """One consume of a group commit (see consume_group): what HotPath.consume takes."""
+
+    cred: str
+    action: str
+    units: int
+    department_id: str
+    metadata: str  # JSON text, "" = none
+    idempotency_key: str | None
+    fingerprint: str  # of the request's parameters; read only when it has a key
+    assigned: bool  # the key is one the sidecar assigned (kept IDEMPOTENCY_AUTO_TTL_S)
+    event_id: str  # its usage event's id (and the answer's id)
+
+
+def group_results(raw: Any) -> list[Result]:
+    """consume_group's reply {OK, status, payload, status, payload, ...} as one Result
+    per request, in order."""
+    results = []
+    for i in range(1, len(raw), 2):
+        code = raw[i]
+        payload = _decode(raw[i + 1])
+        if isinstance(payload, list) and len(payload) >= 3:  # a charge's answer, as its record keeps it
+            payload = {"id": payload[0], "credits": payload[1], "balance": payload[2], "available": payload[-1]}
+        results.append(Result(_STATUSES.get(code) or Status(code), payload if isinstance(payload, dict) else {}))
+    return results
 
 
 def batch_results(payload: dict[str, Any], items: Sequence[BatchItem]) -> list[dict[str, Any]]:
@@ -267,7 +298,9 @@ def _missing_code(exc: ResponseError) -> bool:
 
 # Operations that charge or move credits: when one of them was sent and no answer came,
 # the caller must be told it may have taken effect (OutcomeUnknown).
-CHARGING_OPERATIONS = frozenset({"consume", "consume_batch", "reserve", "release", "debit", "check_consume"})
+CHARGING_OPERATIONS = frozenset(
+    {"consume", "consume_batch", "consume_group", "reserve", "release", "debit", "check_consume"}
+)
 
 
 class NotDurable(OutcomeUnknown):
@@ -378,6 +411,9 @@ class HotPath:
         self._sources = {name: lua.source(name) for name in lua.SCRIPTS}
         self._shas = {name: hashlib.sha1(code.encode()).hexdigest() for name, code in self._sources.items()}  # noqa: S324 (Redis names scripts by sha1)
         self._installing: asyncio.Future[None] | None = None
+        # Until start() has read when these record names were first used, look up the
+        # names before as well (safe: an extra read).
+        self._legacy_until_ms: float = float("inf")
         self._period_starts = _PeriodStarts()
         self._org_keys = functools.lru_cache(maxsize=ORG_KEYS_CACHE_MAX)(self._build_org_keys)
         self._command_head = functools.lru_cache(maxsize=4 * ORG_KEYS_CACHE_MAX)(self._pack_command_head)
@@ -448,8 +484,32 @@ class HotPath:
         return self._org_keys(organization_id)[FIXED_KEYS.index(name)]
 
     def idempotency_key(self, organization_id: str, key: str) -> str:
+        """An idempotency record's key: the partition's tag, the organization's crc32 (all
+        a resize needs to find the record's new partition), a 128-bit digest of the
+        organization and the key. 42 bytes where the name before took 93."""
+        org = organization_id.encode()
+        crc = zlib.crc32(org)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(org + b"\0" + key.encode()).digest()[:16])
+        return f"{self.key_prefix}:{{cr{crc % self.partitions}}}:i:{crc:08x}:{digest[:22].decode()}"
+
+    def legacy_idempotency_key(self, organization_id: str, key: str) -> str:
+        """The name an idempotency record had before (looked up while such records may live)."""
         digest = hashlib.sha256(key.encode()).hexdigest()[:40]
         return f"{self.key_prefix}:{self.tag(organization_id)}:o:{organization_id}:idem:{digest}"
+
+    def idempotency_pattern(self, organization_id: str) -> str:
+        """SCAN pattern of an organization's idempotency records (and of any other whose
+        crc32 is the same: for tests and tools, never to delete in production)."""
+        crc = zlib.crc32(organization_id.encode())
+        return f"{self.key_prefix}:{{cr{crc % self.partitions}}}:i:{crc:08x}:*"
+
+    def _twin(self, organization_id: str, key: str, assigned: bool = False) -> str | None:
+        """The record's name before, while records under it may live: a client's key only
+        (a key the sidecar assigns is new), until IDEMPOTENCY_TTL_S after the first start
+        with these names (see start)."""
+        if assigned or now_ms() >= self._legacy_until_ms:
+            return None
+        return self.legacy_idempotency_key(organization_id, key)
 
     def partition_key(self, partition: int, name: str) -> str:
         """Another key of a partition's slot (e.g. the settler's lease)."""
@@ -541,12 +601,11 @@ class HotPath:
         """Offline (credits partitions resize): every organization's cached state leaves
         the cache (it loads again from the ledger, under its new partition), and its
         idempotency records move to the tag of its partition among `partitions`, with
-        their time to live. One SCAN of the keyspace (of each primary). Returns
-        (keys dropped, idempotency records moved)."""
+        their time to live (records under the names before as well). One SCAN of the
+        keyspace (of each primary) per kind. Returns (keys dropped, idempotency records moved)."""
         dropped = moved = 0
-        pattern = f"{self.key_prefix}:{{cr*}}:o:*"
         for client in self._scan_clients():
-            async for raw in client.scan_iter(match=pattern, count=1000):
+            async for raw in client.scan_iter(match=f"{self.key_prefix}:{{cr*}}:o:*", count=1000):
                 key = raw.decode() if isinstance(raw, bytes) else str(raw)
                 _, sep, rest = key.partition("}:o:")
                 org, _, kind = rest.partition(":")
@@ -557,16 +616,28 @@ class HotPath:
                     dropped += 1
                     continue
                 target = f"{self.key_prefix}:{{cr{partition_of(org, partitions)}}}:o:{org}:{kind}"
-                if target == key:
+                moved += await self._move(client, key, target)
+            async for raw in client.scan_iter(match=f"{self.key_prefix}:{{cr*}}:i:*", count=1000):
+                key = raw.decode() if isinstance(raw, bytes) else str(raw)
+                _, sep, rest = key.partition("}:i:")
+                crc, _, digest = rest.partition(":")
+                if not sep or len(crc) != 8 or not digest:
                     continue
-                dump = await client.dump(key)
-                ttl_ms = await client.pttl(key)
-                if dump is None or ttl_ms == -2:  # expired meanwhile
-                    continue
-                await self.redis.restore(target, max(0, ttl_ms), dump, replace=True)  # 0: no expiry
-                await client.delete(key)
-                moved += 1
+                target = f"{self.key_prefix}:{{cr{int(crc, 16) % partitions}}}:i:{crc}:{digest}"
+                moved += await self._move(client, key, target)
         return dropped, moved
+
+    async def _move(self, client: aioredis.Redis, key: str, target: str) -> int:
+        """One key to another name (on a cluster, maybe another node), with its time to live."""
+        if target == key:
+            return 0
+        dump = await client.dump(key)
+        ttl_ms = await client.pttl(key)
+        if dump is None or ttl_ms == -2:  # expired meanwhile
+            return 0
+        await self.redis.restore(target, max(0, ttl_ms), dump, replace=True)  # 0: no expiry
+        await client.delete(key)
+        return 1
 
     async def check_layout(self) -> None:
         """Refuse to start with another partition count than the cache's: an
@@ -592,11 +663,23 @@ class HotPath:
             if self.durability is not Durability.ASYNC:
                 await self.check_servers()
             await self.check_layout()
+            await self._read_record_names_mark()
             await self._install()
             if self.mode is Mode.FUNCTIONS:
                 await self._prune_libraries()
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
             raise Unavailable(f"redis: {exc}") from exc
+
+    async def _read_record_names_mark(self) -> None:
+        """When idempotency records were first written under their present names (the
+        first start that set the mark): records under the names before live at most
+        IDEMPOTENCY_TTL_S after the last process of the version before wrote one, so they
+        are looked up as well until then (a rolling deploy gets a day more)."""
+        mark = f"{self.key_prefix}:{RECORD_NAMES_MARK}"
+        await self.redis.set(mark, now_ms(), nx=True)
+        raw = await self.redis.get(mark)
+        since = int(raw) if raw is not None else now_ms()
+        self._legacy_until_ms = since + self.idempotency_ttl_ms + DAY_MS
 
     async def _prune_libraries(self) -> None:
         """Each version of the scripts is its own library (credits_<hash>), so a deploy
@@ -761,11 +844,14 @@ class HotPath:
             if asking:
                 await call("ASKING")  # type: ignore[no-untyped-call]
             raw = await call(self._verb, self._names[name], len(keys), *keys, *args)  # type: ignore[no-untyped-call]
-            if name not in DURABLE_OPERATIONS or raw[0] not in (Status.OK, Status.REPLAY):
+            # consume_group: OK for the group, then each request's status.
+            decided = raw[1::2] if name == "consume_group" and raw[0] == Status.OK else raw[:1]
+            wrote = Status.OK in decided
+            if name not in DURABLE_OPERATIONS or not (wrote or Status.REPLAY in decided):
                 return raw
             replicas = 1 if self.durability is Durability.REPLICA else 0
             try:
-                if raw[0] == Status.REPLAY:
+                if not wrote:  # replays only
                     await call("SET", self._durability_probe_key(keys[0]), "1", "PX", DAY_MS)  # type: ignore[no-untyped-call]
                 acked = await call("WAITAOF", 1, replicas, DURABILITY_WAIT_MS)  # type: ignore[no-untyped-call]
             except (aioredis.RedisError, OSError) as exc:
@@ -814,6 +900,9 @@ class HotPath:
         ttl_ms = self.assigned_idempotency_ttl_ms if assigned else self.idempotency_ttl_ms
         if key is None:
             return (), ("", ttl_ms)
+        twin = self._twin(org, key, assigned)
+        if twin is not None:
+            return (self.idempotency_key(org, key), twin), (fp, ttl_ms)
         return (self.idempotency_key(org, key),), (fp, ttl_ms)
 
     # -- operations ---------------------------------------------------------------
@@ -954,21 +1043,105 @@ class HotPath:
         # with a count; the script still decides, charges and records each of them.
         runs: list[list[Any]] = []
         previous: BatchItem | None = None
+        twins: list[str] = []  # the names before, after every record (see lua/lib.lua idem_twin)
+        item_twins: list[tuple[list[Any], str]] = []
         for item in items:
             if item.idempotency_key is not None:
                 keys.append(self.idempotency_key(org, item.idempotency_key))
                 ki = N_ORG_KEYS + len(keys)
-                runs.append([1, item.action, item.units, item.department_id, item.metadata, ki, item.fingerprint])
+                run = [1, item.action, item.units, item.department_id, item.metadata, ki, item.fingerprint]
+                runs.append(run)
+                twin = self._twin(org, item.idempotency_key)
+                if twin is not None:
+                    item_twins.append((run, twin))
                 previous = None
             elif previous is not None and item[:4] == previous[:4]:
                 runs[-1][0] += 1
             else:
                 runs.append([1, item.action, item.units, item.department_id, item.metadata, 0, ""])
                 previous = item
+        for run, twin in item_twins:
+            twins.append(twin)
+            run.append(N_ORG_KEYS + len(keys) + len(twins))
+        request_twin = 0
+        if idempotency_key is not None and (twin := self._twin(org, idempotency_key, assigned)) is not None:
+            twins.append(twin)
+            request_twin = N_ORG_KEYS + len(keys) + len(twins)
         args = self._common(org, cred, now, new_id())
         ttl_ms = self.assigned_idempotency_ttl_ms if assigned else self.idempotency_ttl_ms
-        args += (fp if idempotency_key else "", ttl_ms, "1" if atomic else "0", _encode(runs))
-        return await self._call_loaded("consume_batch", org, keys, args)
+        args += (fp if idempotency_key else "", ttl_ms, "1" if atomic else "0", _encode(runs), request_twin)
+        return await self._call_loaded("consume_batch", org, [*keys, *twins], args)
+
+    async def consume_group(
+        self, org: str, requests: Sequence[GroupRequest], *, now: int | None = None
+    ) -> list[Result]:
+        """Many consumes of one organization in one call (group commit), each decided as
+        consume would decide it, in this order (lua/consume_group.lua); one Result per
+        request. Two requests with one idempotency key share its record: the later one
+        replays the earlier (or conflicts with it), as it would one call later."""
+        now = now_ms() if now is None else now
+        keys: list[str] = []
+        index: dict[str, int] = {}
+        rows: list[list[Any]] = []
+        twins: list[tuple[list[Any], str]] = []
+        for r in requests:
+            ki = 0
+            twin = None
+            if r.idempotency_key is not None:
+                name = self.idempotency_key(org, r.idempotency_key)
+                found = index.get(name)
+                if found is None:
+                    keys.append(name)
+                    found = index[name] = N_ORG_KEYS + len(keys)
+                    twin = self._twin(org, r.idempotency_key, r.assigned)
+                ki = found
+            rows.append(
+                [
+                    r.cred,
+                    r.action,
+                    r.units,
+                    r.department_id,
+                    r.metadata,
+                    r.event_id,
+                    ki,
+                    r.fingerprint if ki else "",
+                    1 if r.assigned else 0,
+                ]
+            )
+            if twin is not None:
+                twins.append((rows[-1], twin))
+        for n, (row, _) in enumerate(twins, 1):
+            row.append(N_ORG_KEYS + len(keys) + n)
+        keys += [name for _, name in twins]
+        day, week, month = self._period_starts(now)
+        args = (
+            org,
+            now,
+            new_id(),
+            "",
+            self.default_rate_per_s,
+            self.default_burst,
+            day,
+            week,
+            month,
+            "",
+            self.idempotency_ttl_ms,
+            self.assigned_idempotency_ttl_ms,
+            _encode(rows),
+        )
+        try:
+            raw = await self._send("consume_group", org, keys, args)
+        except (ResponseError, aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+            raw = await self._call_again(exc, "consume_group", org, keys, args)
+        if raw[0] == Status.NOT_LOADED:
+            await self._load_once(org)
+            try:
+                raw = await self._send("consume_group", org, keys, args)
+            except (ResponseError, aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+                raw = await self._call_again(exc, "consume_group", org, keys, args)
+            if raw[0] == Status.NOT_LOADED:
+                return [Result(Status.NOT_LOADED, {}) for _ in requests]
+        return group_results(raw)
 
     async def reserve(
         self,
@@ -1084,7 +1257,9 @@ class HotPath:
             week,
             month,
         )
-        return await self._call_loaded("debit", org, (self.idempotency_key(org, idempotency_key),), args)
+        record = self.idempotency_key(org, idempotency_key)
+        twin = self._twin(org, idempotency_key)
+        return await self._call_loaded("debit", org, (record,) if twin is None else (record, twin), args)
 
     async def configure(self, org: str, what: str, *values: str | int | float) -> Result:
         """Mirror a configuration change Postgres holds (cost, department, credential)."""

@@ -54,6 +54,7 @@ SCRIPTS = (
     "configure",
     "consume",
     "consume_batch",
+    "consume_group",
     "debit",
     "entitlements",
     "grant",

@@ -9,9 +9,14 @@
   A retry of a call that was charged (its idempotency record exists) is not refused
   here: consume replays its first answer, whatever the features say now.
 ]]
-local gate = entitlement_gate(tonumber(ARGV[18]), ARGV[17])
+local ents = tonumber(ARGV[18])
+local gate = entitlement_gate(ents, ARGV[17])
 if not gate then return reply(ENTITLEMENTS_NOT_LOADED, {}) end
-if gate.ok == 0 and (ARGV[10] == '' or redis.call('EXISTS', KEYS[13]) == 0) then
+-- The record: KEYS[13], or during an upgrade its name before, KEYS[14] (given only then,
+-- before the entitlements hash).
+local recorded = ARGV[10] ~= '' and (redis.call('EXISTS', KEYS[13]) == 1
+  or (ents > 14 and redis.call('EXISTS', KEYS[14]) == 1))
+if gate.ok == 0 and not recorded then
   return reply(FEATURE_DENIED, gate)
 end
 return nil, gate

@@ -1,6 +1,7 @@
 --[[ Consume credits for one action, checking every budget level in one step.
   KEYS[1..12]  the organization's fixed keys (see lib.lua)
   KEYS[13]     idempotency record (only when ARGV[10] is not empty)
+  KEYS[14]     (optional) the same record's name before (see idem_twin in lib.lua)
   ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
   ARGV[4] credential id          ARGV[5] default rate (requests/s, <= 0 unlimited)
   ARGV[6] default burst          ARGV[7..9] current day / week / month start (ms)
@@ -18,6 +19,7 @@
   All checks run before any charge; a refusal charges nothing.
 ]]
 local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
+idem_twin_after(K_IDEM)  -- the record's name before, when passed
 local action, units, dept = ARGV[12], tonumber(ARGV[13]), ARGV[14]
 local metadata, event_id = ARGV[15], ARGV[16]
 
@@ -60,6 +62,5 @@ if charge > 0 then
 end
 emit({t = 'use', id = event_id, act = action, u = units, amt = charge, d = dept, k = cred,
       m = metadata, g = alloc, at = NOW})
-local payload = {id = event_id, credits = charge, balance = bal, available = bal - res}
-idem_store(K_IDEM, fp, payload, idem_ttl_ms)
-return reply(OK, payload)
+idem_store_charge(K_IDEM, fp, event_id, charge, bal, bal - res, idem_ttl_ms)
+return reply(OK, {id = event_id, credits = charge, balance = bal, available = bal - res})

@@ -7,9 +7,11 @@
   ARGV[7..9] current day / week / month start (ms)
   ARGV[10] request idempotency fingerprint ('' = none)       ARGV[11] idempotency ttl (ms)
   ARGV[12] atomic ('1' = all or none, '0' = best effort)
+  ARGV[14] KEYS index of the request record's name before (0 or absent: none)
   ARGV[13] the items in order, msgpack list of runs
            {count, action, units, department ('' none), metadata (JSON text, '' none),
-            ki = KEYS index of the item's idempotency record (0 none), item fingerprint}:
+            ki = KEYS index of the item's idempotency record (0 none), item fingerprint,
+            KEYS index of the record's name before (0 none)}:
            `count` consecutive items alike (a run with ki > 0 is one item).
            Item i (from 0) has the event id <call id>-<i>.
   Returns {status, msgpack payload}:
@@ -28,6 +30,7 @@
 local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
 local atomic = ARGV[12] == '1'
 local runs = unpack(ARGV[13])
+idem_twin(K_IDEM, tonumber(ARGV[14] or 0))  -- the request record's name before
 
 local early, c = preamble(cred, default_rate, default_burst, starts, fp)
 if early then return early end
@@ -47,17 +50,13 @@ local id_prefix = CALL_ID .. '-'
 
 for _, run in ipairs(runs) do
   local count, a, u, d, m, ki, item_fp = run[1], run[2], run[3], run[4], run[5], run[6], run[7]
+  idem_twin(ki, run[8])
   -- What every item of the run shares: its cost, its department, a stored first result.
   local err, stored = nil, nil
   if ki > 0 then
-    local raw = redis.call('GET', KEYS[ki])
-    if raw then
-      local sep = string.find(raw, '\n', 1, true)
-      if string.sub(raw, 1, sep - 1) ~= item_fp then
-        err = IDEMPOTENCY_CONFLICT
-      else
-        stored = unpack(string.sub(raw, sep + 1))
-      end
+    local stored_fp, first = idem_read(ki)
+    if stored_fp then
+      if idem_same(stored_fp, item_fp) then stored = first else err = IDEMPOTENCY_CONFLICT end
     end
   end
   local cost = costs[a]
@@ -104,7 +103,9 @@ for _, run in ipairs(runs) do
         end
         local event_id = id_prefix .. index
         events[#events + 1] = {id = event_id, act = a, u = u, amt = charge, d = d, m = m, g = alloc}
-        if ki > 0 then stores[#stores + 1] = {ki, item_fp, {id = event_id, credits = charge}} end
+        -- Its record keeps the balance after it, as a /use's does: the key retried alone
+        -- at /use replays a whole answer.
+        if ki > 0 then stores[#stores + 1] = {ki, item_fp, event_id, charge, bal - total} end
       else  -- the grants hold less than bal - res says (see take): refused, not overdrawn
         r = {i = index, err = INSUFFICIENT_CREDITS, need = charge, have = grants.avail}
       end
@@ -129,7 +130,7 @@ if #events > 0 then
   emit({t = 'use_batch', id = CALL_ID, k = cred, at = NOW, ev = events})
 end
 for _, s in ipairs(stores) do
-  redis.call('SET', KEYS[s[1]], s[2] .. '\n' .. pack(s[3]), 'PX', idem_ttl_ms)
+  idem_store_charge(s[1], s[2], s[3], s[4], s[5], s[5] - res, idem_ttl_ms)
 end
 local payload = {b = CALL_ID, c = costs, f = failed, r = replayed, balance = bal, available = bal - res}
 idem_store(K_IDEM, fp, payload, idem_ttl_ms)

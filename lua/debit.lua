@@ -4,6 +4,7 @@
   is how the ledger learns of it (like usage), so the debit is recorded exactly once.
   KEYS[1..12]  the organization's fixed keys (see lib.lua)
   KEYS[13]     idempotency record (required)
+  KEYS[14]     (optional) the same record's name before (see idem_twin in lib.lua)
   ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
   ARGV[4] idempotency fingerprint                            ARGV[5] amount (millicredits)
   ARGV[6] '1' = take what is available, '0' = all or nothing
@@ -22,6 +23,7 @@ local only_grant = ARGV[11] or ''
 local starts = {day = tonumber(ARGV[12]), week = tonumber(ARGV[13]), month = tonumber(ARGV[14])}
 
 if not loaded() then return reply(NOT_LOADED, {}) end
+idem_twin_after(K_IDEM)  -- the record's name before, when passed
 local replay = idem_check(K_IDEM, fp)
 if replay then return replay end
 

@@ -57,6 +57,7 @@ local APPLIED_KEEP_MS = 7 * 86400000  -- how long an applied grant is remembered
 
 local ORG, NOW, CALL_ID
 local event_seq = 0
+local idem_twins = {}  -- KEYS index of a record -> KEYS index of its name before (see idem_twin)
 
 local function begin(keys, argv)
   if not unpack_list then bind_unpack_list() end
@@ -64,6 +65,7 @@ local function begin(keys, argv)
   KEYS, ARGV = keys, argv
   ORG, NOW, CALL_ID = argv[1], tonumber(argv[2]), argv[3]
   event_seq = 0
+  idem_twins = {}
 end
 
 local function num(x)
@@ -88,22 +90,91 @@ local function emit(event)
   redis.call('XADD', KEYS[K_STREAM], '*', 'o', ORG, 'd', pack(event))
 end
 
--- Idempotency record: "<fingerprint>\n<msgpack payload>". Returns nil when the key is
--- fresh, otherwise the reply to give (a replay of the first result, or a conflict).
+-- Idempotency records, compact: one string key each, kept for the key's TTL, named
+-- {prefix}:{crN}:i:<crc32 of the organization>:<digest of organization and key> (see
+-- HotPath.idempotency_key; the name before, {prefix}:{crN}:o:<org>:idem:<digest>, was
+-- twice as long). A record's value: a NUL,
+-- the length of the fingerprint kept and its first IDEM_FP characters, then the first
+-- answer in msgpack: a charge's answer {id, credits[, balance, available]} as the list
+-- of its values (the names cost as much as the values), available left out when it
+-- equals balance; any other answer as its map. Records of an earlier version
+-- ("<fingerprint>\n<msgpack map>", never starting with a NUL) are read as well.
+local IDEM_FP = 16
+
+local function idem_value(fp, answer)
+  local f = string.sub(fp, 1, IDEM_FP)
+  return '\0' .. string.char(#f) .. f .. pack(answer)
+end
+
+-- While records written under the names before may still live (HotPath passes them
+-- then), a record not found under its name is looked for under its name before: a
+-- retry across the upgrade still replays. Records are only ever written under the new name.
+local function idem_twin(key_index, twin_index)
+  if twin_index and twin_index > 0 then idem_twins[key_index] = twin_index end
+end
+
+-- The same, for a record whose name before the caller passes right after it (a name
+-- before always has ':idem:' in it: a key of another kind there is not one).
+local function idem_twin_after(key_index)
+  local twin = KEYS[key_index + 1]
+  if twin and string.find(twin, ':idem:', 1, true) then idem_twins[key_index] = key_index + 1 end
+end
+
+-- The stored fingerprint and the answer (a table), or nil when the key is fresh.
+local function idem_read(key_index)
+  local stored = redis.call('GET', KEYS[key_index])
+  if not stored and idem_twins[key_index] then stored = redis.call('GET', KEYS[idem_twins[key_index]]) end
+  if not stored then return nil end
+  if string.byte(stored, 1) ~= 0 then  -- an earlier version's
+    local sep = string.find(stored, '\n', 1, true)
+    return string.sub(stored, 1, sep - 1), unpack(string.sub(stored, sep + 1))
+  end
+  local n = string.byte(stored, 2)
+  local v = unpack(string.sub(stored, 3 + n))
+  if v[1] ~= nil then  -- a charge's answer, as a list
+    v = {id = v[1], credits = v[2], balance = v[3], available = v[4] or v[3]}
+  end
+  return string.sub(stored, 3, 2 + n), v
+end
+
+local function idem_same(stored_fp, fp)
+  return stored_fp == fp or stored_fp == string.sub(fp, 1, IDEM_FP)
+end
+
+-- nil when the key is fresh, otherwise the reply to give (a replay of the first
+-- result, or a conflict).
 local function idem_check(key_index, fp)
   if fp == '' then return nil end
-  local stored = redis.call('GET', KEYS[key_index])
-  if not stored then return nil end
-  local sep = string.find(stored, '\n', 1, true)
-  if string.sub(stored, 1, sep - 1) ~= fp then
+  local stored_fp, first = idem_read(key_index)
+  if not stored_fp then return nil end
+  if not idem_same(stored_fp, fp) then
     return {IDEMPOTENCY_CONFLICT, pack({})}
   end
-  return {REPLAY, string.sub(stored, sep + 1)}
+  return {REPLAY, pack(first)}
 end
 
 local function idem_store(key_index, fp, payload, ttl_ms)
   if fp == '' then return end
-  redis.call('SET', KEYS[key_index], fp .. '\n' .. pack(payload), 'PX', ttl_ms)
+  redis.call('SET', KEYS[key_index], idem_value(fp, payload), 'PX', ttl_ms)
+end
+
+-- A charge's answer as a record stores it: {id, credits[, balance[, available]]}, packed
+-- (balance nil: a batch item's, which has none; available left out when it is balance).
+local function charge_body(id, credits, balance, available)
+  if balance == nil then return pack({id, credits}) end
+  if available == balance then return pack({id, credits, balance}) end
+  return pack({id, credits, balance, available})
+end
+
+local function idem_store_body(key_index, fp, body, ttl_ms)
+  if fp == '' then return end
+  local f = string.sub(fp, 1, IDEM_FP)
+  redis.call('SET', KEYS[key_index], '\0' .. string.char(#f) .. f .. body, 'PX', ttl_ms)
+end
+
+local function idem_store_charge(key_index, fp, id, credits, balance, available, ttl_ms)
+  if fp == '' then return end
+  idem_store_body(key_index, fp, charge_body(id, credits, balance, available), ttl_ms)
 end
 
 -- Every grant whose expiry has come leaves the balance, with an `expiration` event
@@ -253,8 +324,9 @@ end
 
 -- Token bucket per credential. Returns 0 when a token was taken, otherwise the
 -- milliseconds to wait. rate (tokens/s) <= 0 means unlimited. c: cred_state(cred),
--- read in this call.
-local function rate_take(cred, default_rate, default_burst, c)
+-- read in this call, and kept current here (so it can take again); `defer`: written
+-- by rate_write later (a call that takes many tokens writes once).
+local function rate_take(cred, default_rate, default_burst, c, defer)
   local rate = tonumber(c.rate) or default_rate
   local burst = tonumber(c.burst) or default_burst
   if rate <= 0 then return 0 end
@@ -264,8 +336,20 @@ local function rate_take(cred, default_rate, default_burst, c)
   if tok < 1 then
     return math.max(1, math.ceil((1 - tok) * 1000 / rate))
   end
-  redis.call('HSET', KEYS[K_CREDS], cred .. '|tok', tok - 1, cred .. '|ts', math.max(NOW, ts))
+  c.tok, c.ts = tok - 1, math.max(NOW, ts)
+  if defer then
+    c.rate_dirty = true
+  else
+    redis.call('HSET', KEYS[K_CREDS], cred .. '|tok', c.tok, cred .. '|ts', c.ts)
+  end
   return 0
+end
+
+local function rate_write(cred, c)
+  if c.rate_dirty then
+    redis.call('HSET', KEYS[K_CREDS], cred .. '|tok', c.tok, cred .. '|ts', c.ts)
+    c.rate_dirty = false
+  end
 end
 
 -- Close one reservation: charge `used` from its allocation in order, return the rest

@@ -5,6 +5,7 @@
   or by one allowed to release any of the organization's holds (an admin).
   KEYS[1..12]  the organization's fixed keys (see lib.lua)
   KEYS[13]     idempotency record (only when ARGV[10] is not empty)
+  KEYS[14]     (optional) the same record's name before (see idem_twin in lib.lua)
   ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
   ARGV[4] credential id          ARGV[5] default rate        ARGV[6] default burst
   ARGV[7..9] current day / week / month start (ms)
@@ -18,6 +19,7 @@
     USED_EXCEEDS_HOLD {amount} | NOT_YOURS {}
 ]]
 local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
+idem_twin_after(K_IDEM)  -- the record's name before, when passed
 local rid, used, any = ARGV[12], tonumber(ARGV[13]), ARGV[14] == '1'
 
 -- (Expiry first, in the preamble: a release that arrives after the TTL finds the hold

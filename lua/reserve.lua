@@ -3,6 +3,7 @@
   held cannot expire or be spent by someone else; release.lua settles it.
   KEYS[1..12]  the organization's fixed keys (see lib.lua)
   KEYS[13]     idempotency record (only when ARGV[10] is not empty)
+  KEYS[14]     (optional) the same record's name before (see idem_twin in lib.lua)
   ARGV[1] organization id        ARGV[2] now (ms)            ARGV[3] call id
   ARGV[4] credential id          ARGV[5] default rate        ARGV[6] default burst
   ARGV[7..9] current day / week / month start (ms)
@@ -17,6 +18,7 @@
     DEPARTMENT_LIMIT {remaining, needed} | CAP_EXCEEDED {remaining, needed}
 ]]
 local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
+idem_twin_after(K_IDEM)  -- the record's name before, when passed
 local amount, ttl_ms = tonumber(ARGV[12]), tonumber(ARGV[13])
 local dept, action, metadata, rid = ARGV[14], ARGV[15], ARGV[16], ARGV[17]
 

@@ -20,10 +20,11 @@ from api.auth import Authenticator, SharedCredentials
 from api.errors import Handler, shape_error
 from core.config import Config
 from hotpath.client import HotPath, Unavailable
+from hotpath.group import ConsumeGroups, GroupStats
 from hotpath.servers import open_redis
 from ledger.store import POSTGRES_DOWN, Ledger
 from meter import handlers, openapi
-from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, REDIS, SOURCES, SPEND_RATES
+from meter.appkeys import AUTH, CONFIG, CONSUMER, HOT, LEDGER, REDIS, SOURCES, SPEND_RATES
 from meter.forecasts import SpendRates
 from meter.sources import GrantSources
 
@@ -87,9 +88,28 @@ class RequestStats(Collector):
         yield latency
 
 
+class GroupCollector(Collector):
+    """The group commit's counters (hotpath/group.py), read when /metrics is."""
+
+    def __init__(self, stats: GroupStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        yield CounterMetricFamily(
+            "credits_consume_alone", "consumes sent alone (nothing of their organization in flight)", value=s.alone
+        )
+        yield CounterMetricFamily("credits_consume_groups", "group commits (consume_group calls)", value=s.groups)
+        yield CounterMetricFamily(
+            "credits_consume_grouped", "consumes sent in group commits, waiting for the call before", value=s.grouped
+        )
+
+
 REGISTRY = prometheus_client.CollectorRegistry()
 STATS = RequestStats()
 REGISTRY.register(STATS)
+GROUP_STATS = GroupStats()
+REGISTRY.register(GroupCollector(GROUP_STATS))
 REDIS_POOL_CONNECTIONS_MAX = 256
 
 
@@ -214,6 +234,7 @@ def create_app(config: Config) -> web.Application:
                 app[REDIS] = redis
                 app[LEDGER] = ledger
                 app[HOT] = hot
+                app[CONSUMER] = ConsumeGroups(hot, stats=GROUP_STATS) if config.consume_coalesce else hot
                 app[AUTH] = Authenticator(ledger, config.jwt_secret, SharedCredentials(redis, config.redis_key_prefix))
                 app[SOURCES] = GrantSources(ledger)
                 app[SPEND_RATES] = SpendRates(ledger)

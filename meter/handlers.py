@@ -24,7 +24,7 @@ from ledger.entitlements import Entitlement, EntitlementStore, LimitReached, Not
 from ledger.store import POSTGRES_DOWN, Conflict, Credential, Department, LedgerReads, NotFound, StoredResponse
 from lua import Status
 from meter import schemas as s
-from meter.appkeys import AUTH, CONFIG, HOT, LEDGER, SOURCES, SPEND_RATES
+from meter.appkeys import AUTH, CONFIG, CONSUMER, HOT, LEDGER, SOURCES, SPEND_RATES
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder(decimal_format="number")
@@ -259,7 +259,7 @@ async def use(request: web.Request) -> web.Response:
     # The fingerprint tells a retry from a reuse of the key: no key, nothing to tell.
     fp = "" if key is None else fingerprint("use", body.action, body.units, dept, body.metadata)
     try:
-        result = await app[HOT].consume(
+        result = await app[CONSUMER].consume(
             cred.organization_id,
             cred.id,
             action=body.action,
@@ -276,6 +276,9 @@ async def use(request: web.Request) -> web.Response:
     if result.status is not Status.OK and result.status is not Status.REPLAY:
         raise fail(result)
     p = result.payload
+    if "balance" not in p:  # a batch item's record from before items kept their balance
+        now = (await app[HOT].balance(cred.organization_id, cred.id)).payload
+        p = {**p, "balance": now["balance"], "available": now["available"]}
     return web.Response(
         body=use_response_json(p["id"], body.action, body.units, p["credits"], p["balance"], p["available"]),
         content_type="application/json",

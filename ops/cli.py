@@ -2,7 +2,7 @@
 
 credits dev [--meter-port ...]   the whole stack on this machine, each service in its own process
 credits dev card [--kind 3ds]    a test card on the stack's local Stripe stand-in
-credits serve meter|settler|billing  one service
+credits serve meter|settler|billing  one service (meter --workers N: N processes on one port)
 credits migrate [--embedded]     apply SQL migrations (safe to repeat)
 credits catalog sync             create in Stripe what the billing catalog lacks
 credits org create|list|show     organizations

@@ -45,6 +45,7 @@ class ServiceSpec:
     argv: Sequence[str]
     env: Mapping[str, str]
     ready_url: str | None = None  # answers 200 once the service is ready
+    pass_fds: Sequence[int] = ()  # file descriptors the child inherits (a listening socket)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Supervisor:
             stdout=self.output,  # the supervisor's stdout is for its announcement only
             stderr=self.output,
             start_new_session=True,
+            pass_fds=tuple(child.spec.pass_fds),
         )
         child.started_at = time.monotonic()
         child.restart_at = None

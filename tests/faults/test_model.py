@@ -40,7 +40,7 @@ from hypothesis.stateful import RuleBasedStateMachine, get_state_machine_test, i
 
 from accounts import admin
 from core.periods import period_starts_ms
-from hotpath.client import BatchItem, Result, fingerprint, now_ms
+from hotpath.client import BatchItem, GroupRequest, Result, fingerprint, new_id, now_ms
 from lua import Status
 from settler import reconcile
 from tests.faults.model import Answer, Cred, Dept, Money
@@ -161,6 +161,35 @@ class MoneyMachine(RuleBasedStateMachine):
         if real.status is Status.OK:
             self.money.consumed(real.payload["id"], real.payload["credits"])
             self.money.remember(key, fp, real.payload)
+
+    @rule(
+        consumes=st.lists(
+            st.tuples(CREDS, st.sampled_from(ACTIONS), st.integers(1, 12), DEPTS, KEYS), min_size=1, max_size=6
+        ),
+        dt=DTS,
+    )
+    def group(self, consumes: list[tuple[str, str, int, str, str | None]], dt: int) -> None:
+        """Consumes coalesced into one call (the sidecar's group commit): each must be
+        answered as the model answers them one after the other, keys repeated within
+        the group included."""
+        self._tick(dt)
+        for cred, *_ in consumes:
+            self._around_stale_key_spend(self.cred[cred])
+        requests: list[GroupRequest] = []
+        expected: list[Answer] = []
+        for cred, action, units, dept, key in consumes:
+            cred_id, dept_id = self.cred[cred], self._dept(dept)
+            fp = fingerprint("use", action, units, dept_id, None)
+            answer = self.money.consume(cred_id, action, units, dept_id, key, fp)
+            request = GroupRequest(cred_id, action, units, dept_id, "", key, fp, False, new_id())
+            if answer.status is Status.OK:
+                self.money.consumed(request.event_id, answer.payload["credits"])
+                self.money.remember(key, fp, {"id": request.event_id, **answer.payload})
+            requests.append(request)
+            expected.append(answer)
+        real = self.world.run(self.world.hot.consume_group(self.org, requests, now=self.now))
+        for i, (r, e) in enumerate(zip(real, expected, strict=True)):
+            expect(r, e, f"group[{i}]")
 
     @rule(
         cred=CREDS,

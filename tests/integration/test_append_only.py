@@ -101,7 +101,7 @@ async def test_an_adjustment_reference_debits_once_for_ever(
     first = await admin.adjust(ledger, hot, org.id, amount=-5 * CREDIT, reason="duplicate grant", reference="FIX-7")
     assert first["amount"] == -5 * CREDIT
     # Two days later the hot path's idempotency key is gone; the ledger still knows.
-    async for key in redis.scan_iter(match=f"{hot.key_prefix}:*:o:{org.id}:idem:*"):
+    async for key in redis.scan_iter(match=hot.idempotency_pattern(org.id)):
         await redis.delete(key)
     again = await admin.adjust(ledger, hot, org.id, amount=-5 * CREDIT, reason="duplicate grant", reference="FIX-7")
     assert again == first
@@ -133,7 +133,7 @@ async def test_an_adjustment_whose_answer_was_lost_is_found_in_the_ledger(
     )  # fmt: skip
     assert r.status is Status.OK
     await drain(settler(redis, settlement, hot, org.id))
-    async for key in redis.scan_iter(match=f"{hot.key_prefix}:*:o:{org.id}:idem:*"):
+    async for key in redis.scan_iter(match=hot.idempotency_pattern(org.id)):
         await redis.delete(key)  # and its idempotency key expired
     done = await admin.adjust(ledger, hot, org.id, amount=-3 * CREDIT, reason="lost", reference="LOST-1")
     assert done["amount"] == -3 * CREDIT

@@ -141,3 +141,46 @@ async def test_a_full_redis_refuses_the_charge_before_running_it(
     finally:
         await valkey.config_set("maxmemory", "0")
     assert int((await hot.balance(org.id)).payload["balance"]) == before
+
+
+async def test_a_group_commit_waits_for_one_fsync(
+    valkey: aioredis.Redis, ledger: Ledger, config: Config, org: Org
+) -> None:
+    """DURABILITY=local: one WAITAOF per group (a group of refusals waits for none; a
+    group of replays first writes, so its wait covers the originals)."""
+    from hotpath.client import GroupRequest, fingerprint, new_id
+
+    hot = HotPath(
+        valkey,
+        ledger,
+        partitions=config.usage_partitions,
+        default_rate_per_s=0,
+        default_burst=0,
+        idempotency_ttl_s=config.idempotency_ttl_s,
+        durability=Durability.LOCAL,
+        key_prefix=config.redis_key_prefix,
+    )
+    await hot.start()
+    assert (await hot.balance(org.id)).status is Status.OK
+    fp = fingerprint("use", "generate_content", 1, "", None)
+
+    def group(units: int, keys: bool) -> list[GroupRequest]:
+        return [
+            GroupRequest(
+                org.admin_key_id, "generate_content", units, "", "", f"d-{i}" if keys else None, fp, False, new_id()
+            )
+            for i in range(5)
+        ]
+
+    waits = await calls(valkey, "waitaof")
+    charged = await hot.consume_group(org.id, group(1, keys=True))
+    assert [r.status for r in charged] == [Status.OK] * 5
+    assert await calls(valkey, "waitaof") == waits + 1
+    refused = await hot.consume_group(org.id, group(1000, keys=False))
+    assert {r.status for r in refused} == {Status.INSUFFICIENT_CREDITS}
+    assert await calls(valkey, "waitaof") == waits + 1
+    sets = await calls(valkey, "set")
+    replayed = await hot.consume_group(org.id, group(1, keys=True))
+    assert [r.status for r in replayed] == [Status.REPLAY] * 5
+    assert await calls(valkey, "waitaof") == waits + 2
+    assert await calls(valkey, "set") == sets + 1  # the probe write
