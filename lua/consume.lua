@@ -15,7 +15,9 @@
     RATE_LIMITED {retry_after_ms} | UNKNOWN_ACTION | DEPARTMENT_NOT_FOUND
     INSUFFICIENT_CREDITS {available, needed} | DEPARTMENT_LIMIT {remaining, needed}
     CAP_EXCEEDED {remaining, needed}
-  All checks run before any charge; a refusal charges nothing.
+  All checks run before any charge; a refusal charges nothing. `available` may go down
+  to minus the credit line (may_charge); the part of a charge past the grants is debt
+  (the `use` event's od).
 ]]
 local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
 local action, units, dept = ARGV[12], tonumber(ARGV[13]), ARGV[14]
@@ -35,7 +37,7 @@ if dept ~= '' then
   d = dept_state(dept, starts)
   if not d then return reply(DEPARTMENT_NOT_FOUND, {}) end
 end
-if charge > usable then
+if not may_charge(charge, usable) then
   return reply(INSUFFICIENT_CREDITS, {available = usable, needed = charge})
 end
 if d and d.limit >= 0 and d.spent + charge > d.limit then
@@ -45,7 +47,7 @@ if c.cap >= 0 and c.spent + charge > c.cap then
   return reply(CAP_EXCEEDED, {remaining = cred_room(c), needed = charge})
 end
 local grants = grants_cursor()
-local alloc = take(grants, charge)
+local alloc, od = take_charge(grants, charge)
 if not alloc then return reply(INSUFFICIENT_CREDITS, {available = grants.avail, needed = charge}) end
 
 -- Every check passed: charge.
@@ -59,7 +61,7 @@ if charge > 0 then
   bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - charge)
 end
 emit({t = 'use', id = event_id, act = action, u = units, amt = charge, d = dept, k = cred,
-      m = metadata, g = alloc, at = NOW})
+      m = metadata, g = alloc, od = od > 0 and od or nil, at = NOW})
 local payload = {id = event_id, credits = charge, balance = bal, available = bal - res}
 idem_store(K_IDEM, fp, payload, idem_ttl_ms)
 return reply(OK, payload)

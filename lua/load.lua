@@ -12,7 +12,8 @@
     costs   = {action = millicredits per unit}
     depts   = [{id, limit, period, pstart, spent}]
     creds   = [{id, cap, spent, revoked, rate, burst}]  (rate/burst -1 = default)
-    holds   = [{id, a, al, d, ps, k, x, act}]  open reservations }
+    holds   = [{id, a, al, d, ps, k, x, act}]  open reservations
+    limit, debt                                the credit line and what is owed on it }
   KEYS[13]     the partition's layout mark (how many partitions the cache is laid out in)
   ARGV[5] this process's partition count
   Returns {status, msgpack payload}: OK {balance} | ALREADY_LOADED {}
@@ -55,5 +56,8 @@ for _, h in ipairs(s.holds) do
   bal = bal + h.a
   res = res + h.a
 end
-redis.call('HSET', KEYS[K_ACCT], 'bal', bal, 'res', res, 'gen', s.gen, 'loaded', CACHE_FORMAT)
+local debt = num(s.debt)
+bal = bal - debt  -- the invariant: bal - res == sum of grem - debt
+redis.call('HSET', KEYS[K_ACCT], 'bal', bal, 'res', res, 'gen', s.gen, 'lim', num(s.limit), 'debt', debt,
+  'loaded', CACHE_FORMAT)
 return reply(OK, {balance = bal})

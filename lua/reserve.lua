@@ -31,7 +31,7 @@ if dept ~= '' then
   d = dept_state(dept, starts)
   if not d then return reply(DEPARTMENT_NOT_FOUND, {}) end
 end
-if amount > usable then
+if not may_charge(amount, usable, true) then  -- a hold is backed by credits that exist
   return reply(INSUFFICIENT_CREDITS, {available = usable, needed = amount})
 end
 if d and d.limit >= 0 and d.spent + amount > d.limit then

@@ -8,6 +8,7 @@ from ops.commands import (
     accounts,
     alerts,
     autotopup,
+    creditline,
     dev,
     entitlements,
     partitions,
@@ -17,4 +18,16 @@ from ops.commands import (
     services,
 )
 
-GROUPS = (dev, services, accounts, alerts, autotopup, entitlements, reconcile, quarantine, portal, partitions)
+GROUPS = (
+    dev,
+    services,
+    accounts,
+    alerts,
+    autotopup,
+    creditline,
+    entitlements,
+    reconcile,
+    quarantine,
+    portal,
+    partitions,
+)
