@@ -105,7 +105,9 @@ class _State:
                 k=ev.get("k", ""),
                 x=int(ev["x"]),
                 act=ev.get("act", ""),
+                o=int(ev.get("od") or 0),
             )
+            self.snap.debt += int(ev.get("od") or 0)
         elif t == "hold_closed":
             h = self.holds.pop(ev["r"], None)
             if h is None:
@@ -115,6 +117,7 @@ class _State:
                 back = amount - charged.get(gid, 0)
                 if back > 0:
                     self.credit(gid, back, score)
+            self.snap.debt -= int(ev.get("odr") or 0)  # what the line lent and was not used
             released = int(ev.get("rel", 0))
             d = self.depts.get(h.d) if h.d else None
             if d is not None and d.pstart == h.ps:

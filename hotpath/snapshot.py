@@ -40,6 +40,7 @@ class HoldSnapshot(msgspec.Struct):
     k: str
     x: int
     act: str
+    o: int = 0  # the part on the credit line (debt since the hold was made)
 
 
 class Snapshot(msgspec.Struct):

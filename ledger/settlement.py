@@ -301,6 +301,8 @@ class Staged:
                 expires_at=self._ts(int(ev["x"])),
             ):
                 self._allocs(org, ev["id"], "hold", ev.get("g") or [], 3)
+                if ev.get("od"):  # held on the credit line
+                    self._debt(org, "hold_overdraw", f"hold:{ev['id']}", int(ev["od"]), int(ev["at"]))
         elif t == "hold_closed":
             if self._event(
                 "close",
@@ -312,6 +314,8 @@ class Staged:
                 created_at=self._ts(int(ev["at"])),
             ):
                 self._allocs(org, ev["id"], "capture", ev.get("g") or [], 2)
+                if ev.get("odr"):  # what the credit line lent the hold and it did not use
+                    self._debt(org, "hold_return", f"close:{ev['id']}", -int(ev["odr"]), int(ev["at"]))
         elif t == "grant_expired":
             self._event(
                 "expiration",
@@ -332,9 +336,7 @@ class Staged:
             rp = int(ev.get("rp") or 0)
             if rp > 0 and ("repayment", ev["g"]) not in self._seen:
                 self._seen.add(("repayment", ev["g"]))
-                self.debt.append(
-                    (org, "repayment", ev["g"], self._uuid(ev["g"]), -rp, len(self.debt), self._ts(int(ev["at"])))
-                )
+                self._debt(org, "repayment", ev["g"], -rp, int(ev["at"]), grant=ev["g"])
         else:
             raise ValueError(f"unknown stream event type {t!r}")
 
@@ -363,6 +365,9 @@ class Staged:
         od = ev.get("od")
         if od:  # charged past the grants, on the credit line
             self.debt.append((org, "overdraw", event_id, None, int(od), len(self.debt), at))
+
+    def _debt(self, org: uuid.UUID | None, kind: str, reference: str, amount: int, at_ms: int, grant: str = "") -> None:
+        self.debt.append((org, kind, reference, self._uuid(grant), amount, len(self.debt), self._ts(at_ms)))
 
 
 @dataclass(frozen=True)

@@ -495,7 +495,10 @@ class Ledger:
                 " coalesce(array_agg(a.amount ORDER BY a.score, a.grant_id)"
                 "   FILTER (WHERE a.grant_id IS NOT NULL), '{}') AS amounts,"
                 " coalesce(array_agg(a.score ORDER BY a.score, a.grant_id)"
-                "   FILTER (WHERE a.grant_id IS NOT NULL), '{}') AS scores"
+                "   FILTER (WHERE a.grant_id IS NOT NULL), '{}') AS scores,"
+                # the part on the credit line (migrations/0035)
+                " coalesce((SELECT d.amount FROM debt_entries d WHERE d.organization_id = r.organization_id"
+                "   AND d.type = 'overdraw' AND d.reference = 'hold:' || r.id), 0) AS overdraft"
                 " FROM reservations r LEFT JOIN reservation_allocations a"
                 "   ON a.organization_id = r.organization_id AND a.reservation_id = r.id"
                 " WHERE r.status = 'open' GROUP BY r.organization_id, r.id"
@@ -536,6 +539,7 @@ class Ledger:
                     k=h["credential_id"],
                     x=_ms(h["expires_at"]),
                     act=h["action"],
+                    o=int(h["overdraft"]),
                 )
             )
         return Snapshot(

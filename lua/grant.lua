@@ -37,8 +37,10 @@ elseif created_ms < NOW - APPLIED_KEEP_MS then
 else
   redis.call('ZADD', KEYS[K_GAPPLIED], NOW, gid)
   -- A debt on the credit line is repaid first, from this grant (rp: settled as a
-  -- repayment); the rest of the grant is spendable.
-  local rp = math.min(amount, math.max(0, num(redis.call('HGET', KEYS[K_ACCT], 'debt'))))
+  -- repayment); the rest of the grant is spendable. What open holds took on the line
+  -- (hod) is not owed yet: their release gives back what they do not use.
+  local line = redis.call('HMGET', KEYS[K_ACCT], 'debt', 'hod')
+  local rp = math.min(amount, math.max(0, num(line[1]) - num(line[2])))
   if rp > 0 then redis.call('HINCRBY', KEYS[K_ACCT], 'debt', 0 - rp) end
   if amount - rp > 0 then return_to_grant(gid, amount - rp, priority * SCORE_SCALE + expires_ms) end
   redis.call('HINCRBY', KEYS[K_ACCT], 'bal', amount)

@@ -4,14 +4,17 @@
   Every script gets the same fixed organization keys first (all share one hash tag):
     KEYS[1]  acct      hash   bal (millicredits, grants remaining + holds - debt), res (held), loaded, gen,
                               lim (credit line: how far below zero available may go, 0 none),
-                              debt (what charges past the grants owe; the next grants repay it)
+                              debt (what charges past the grants owe; the next grants repay it),
+                              hod (the part of debt that open holds took on the line: a grant
+                              repays debt - hod, a hold's part is settled when it closes)
     KEYS[2]  grem      hash   grant id -> remaining millicredits (grants not yet spent)
     KEYS[3]  gq        zset   grant id -> burn-down score = priority * 1e13 + expires_ms
     KEYS[4]  gx        zset   grant id -> expires_ms, for the grants that expire
     KEYS[5]  costs     hash   action -> millicredits per unit
     KEYS[6]  depts     hash   "<dept>|limit" (-1 none), "|period" (day|week|month), "|pstart", "|spent"
     KEYS[7]  creds     hash   "<cred>|cap" (-1 none), "|spent", "|revoked", "|rate", "|burst", "|tok", "|ts"
-    KEYS[8]  holds     hash   reservation id -> msgpack {a, al, d, ps, k, x, st, u}
+    KEYS[8]  holds     hash   reservation id -> msgpack {a, al, d, ps, k, x, st, u, o?}
+                              (o: the part of the hold on the credit line, debt)
     KEYS[9]  hx        zset   open reservation id -> expires_ms
     KEYS[10] hclosed   zset   closed reservation id -> closed_ms (purged after HOLD_KEEP_MS)
     KEYS[11] gapplied  zset   grant id -> applied_ms: a grant push is idempotent (pruned after APPLIED_KEEP_MS)
@@ -148,9 +151,9 @@ end
 
 -- THE check of every charging script (consume, consume_batch, reserve, debit, and the
 -- gated consume of check_gate): may `amount` be charged when `usable` is available?
--- Usage may take `available` down to minus the organization's credit line (ops sets
--- it; 0 = none, today's rule); `backed` = true for what must be backed by credits
--- that exist (holds, adjustments, refunds): down to zero only. After usable_now.
+-- Usage and holds may take `available` down to minus the organization's credit line
+-- (ops sets it; 0 = none, today's rule); `backed` = true for what must be backed by
+-- credits that exist (adjustments, refunds): down to zero only. After usable_now.
 local function may_charge(amount, usable, backed)
   local line = LINE_LIMIT
   if backed then line = 0 end
@@ -306,9 +309,11 @@ local function rate_take(cred, default_rate, default_burst, c)
   return 0
 end
 
--- Close one reservation: charge `used` from its allocation in order, return the rest
--- to the grants it came from (a grant that has expired meanwhile expires again on the
--- next scan, with its own event), give back department and credential room.
+-- Close one reservation: charge `used` from its allocation in order (then from its part
+-- on the credit line), return the rest to the grants it came from (a grant that has
+-- expired meanwhile expires again on the next scan, with its own event), and the unused
+-- part on the credit line to it (the debt goes down: odr), give back department and
+-- credential room.
 local function close_hold(rid, h, used, how, starts, event_id)
   local to_charge = used
   local charged = {}
@@ -322,6 +327,9 @@ local function close_hold(rid, h, used, how, starts, event_id)
     end
     if amt - c > 0 then return_to_grant(gid, amt - c, score) end
   end
+  local odr = math.max(0, num(h.o) - to_charge)  -- what the line lent and was not used
+  if odr > 0 then redis.call('HINCRBY', KEYS[K_ACCT], 'debt', 0 - odr) end
+  if num(h.o) > 0 then redis.call('HINCRBY', KEYS[K_ACCT], 'hod', 0 - h.o) end
   local released = h.a - used
   if h.d ~= '' and released > 0 then
     local d = dept_state(h.d, starts)
@@ -343,7 +351,7 @@ local function close_hold(rid, h, used, how, starts, event_id)
   redis.call('ZREM', KEYS[K_HX], rid)
   redis.call('ZADD', KEYS[K_HCLOSED], NOW, rid)
   emit({t = 'hold_closed', id = event_id, r = rid, how = how, used = used, rel = released,
-        g = charged, d = h.d, k = h.k, act = h.act, at = NOW})
+        g = charged, d = h.d, k = h.k, act = h.act, odr = odr > 0 and odr or nil, at = NOW})
   return released
 end
 

@@ -41,6 +41,9 @@ for i = 1, math.min(#rows, scan_max) do
         debt_in_flight = debt_in_flight - num(ev.rp)
       elseif ev.t == 'hold_closed' then
         in_flight = in_flight - num(ev.used)
+        debt_in_flight = debt_in_flight - num(ev.odr)
+      elseif ev.t == 'hold' then
+        debt_in_flight = debt_in_flight + num(ev.od)
       end
     end
   end

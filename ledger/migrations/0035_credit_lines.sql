@@ -22,11 +22,11 @@ ALTER TABLE organizations
 CREATE TABLE debt_entries (
   id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
   organization_id uuid NOT NULL REFERENCES organizations(id),
-  type text NOT NULL CHECK (type IN ('overdraw', 'repayment')),
+  type text NOT NULL CHECK (type IN ('overdraw', 'repayment', 'hold_return')),
   amount bigint NOT NULL,                               -- signed change of the debt
   debt_after bigint NOT NULL,
   grant_id uuid REFERENCES credit_grants(id),           -- the grant that repaid
-  reference text NOT NULL,                              -- usage event id | grant id
+  reference text NOT NULL,                              -- 'usage:'||batch | 'hold:'||id | grant id | 'close:'||event
   created_at timestamptz NOT NULL DEFAULT now(),
   UNIQUE (organization_id, type, reference)
 );
@@ -77,12 +77,14 @@ END $$;
 GRANT EXECUTE ON FUNCTION set_credit_limit(uuid, bigint, text) TO credits_app;
 
 -- Settle the debt changes of one batch, staged by the settler (ledger/settlement.py)
--- into settle_debt (seq: stream order; one row per overdrawing usage event, one per
--- repaying grant push). Called right after settle_staged, which locked the batch's
--- organizations. A batch's overdraws are one entry per organization, keyed like its
--- usage entry ('usage:' || batch): its usage events are all new, or the batch is
--- staged again without them (migrations/0008), so each counts once. A repayment is
--- keyed by its grant; one already recorded is skipped.
+-- into settle_debt (seq: stream order; one row per overdrawing usage event, per hold
+-- made on the credit line, per close that returned some of it, per repaying grant
+-- push). Called right after settle_staged, which locked the batch's organizations. A
+-- batch's usage overdraws are one entry per organization, keyed like its usage entry
+-- ('usage:' || batch): its usage events are all new, or the batch is staged again
+-- without them (migrations/0008), so each counts once. The others are keyed by their
+-- own reference (a hold 'hold:<id>', an open hold's line is read back by a cold load;
+-- a close 'close:<event>'; a repayment its grant); one already recorded is skipped.
 CREATE FUNCTION settle_staged_debt(p_batch text) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -92,7 +94,8 @@ BEGIN
   FOR r IN
     SELECT s.org, s.kind, s.reference, s.grant_id, sum(s.amount) AS amount, min(s.seq) AS seq,
            max(s.created_at) AS created_at
-      FROM (SELECT x.org, x.kind, x.grant_id, x.amount, x.seq, x.created_at,
+      FROM (SELECT x.org, CASE x.kind WHEN 'hold_overdraw' THEN 'overdraw' ELSE x.kind END AS kind,
+                   x.grant_id, x.amount, x.seq, x.created_at,
                    CASE x.kind WHEN 'overdraw' THEN 'usage:' || p_batch ELSE x.reference END AS reference
               FROM settle_debt x) s
      GROUP BY s.org, s.kind, s.reference, s.grant_id

@@ -17,10 +17,12 @@ Rules, from README "Semantics worth knowing" and DESIGN.md:
   grants it came from; department and key get back what was not used.
 - Idempotency records only successes; the same key with other parameters is refused.
 - A new department period starts counting at zero.
-- Credit line (README "Credit lines"): usage may take `available` down to minus the
-  limit (holds and adjustments never use it); what a charge takes past the grants is
-  debt; a grant pushed to the cache repays the debt first, the rest is spendable. So
-  balance == grants remaining + open holds - debt.
+- Credit line (README "Credit lines"): usage and holds may take `available` down to
+  minus the limit (adjustments never); what a charge or hold takes past the grants is
+  debt; a release charges the hold's grants first, and what the line lent and was not
+  used leaves the debt; a grant pushed to the cache repays the debt first (but not
+  what open holds took on the line: their release settles that), the rest is
+  spendable. So balance == grants remaining + open holds - debt.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Hold:
     expires_ms: int
     status: str = "open"  # open | released | expired
     used: int = 0
+    od: int = 0  # the part on the credit line
 
 
 @dataclass
@@ -136,7 +139,8 @@ class Money:
         if grant_id in self._pushed:
             return
         self._pushed.add(grant_id)
-        repaid = min(amount, self.debt)  # the debt first
+        on_holds = sum(h.od for h in self.open_holds())
+        repaid = min(amount, max(0, self.debt - on_holds))  # the debt first
         self.debt -= repaid
         if amount > repaid:
             self.grants[grant_id] = Grant(grant_id, amount - repaid, score(priority, expires_ms))
@@ -196,11 +200,10 @@ class Money:
         self.limit = limit
         self.max_limit = max(self.max_limit, limit)
 
-    def _refusal(self, charge: int, dept_id: str, cred_id: str, *, backed: bool = False) -> Answer | None:
-        """The first budget a charge would break (organization, department, key);
-        `backed`: a hold, which never uses the credit line."""
+    def _refusal(self, charge: int, dept_id: str, cred_id: str) -> Answer | None:
+        """The first budget a charge would break (organization, department, key)."""
         usable = self.available
-        if charge > usable + (0 if backed else self.limit):
+        if charge > usable + self.limit:
             return Answer(Status.INSUFFICIENT_CREDITS, {"available": usable, "needed": charge})
         if dept_id:
             d = self._dept_now(dept_id)
@@ -324,7 +327,7 @@ class Money:
         self.sweep()
         if dept and dept not in self.depts:
             return Answer(Status.DEPARTMENT_NOT_FOUND)
-        refused = self._refusal(amount, dept, cred, backed=True)
+        refused = self._refusal(amount, dept, cred)
         if refused is not None:
             return refused
         self.reserved += amount
@@ -335,9 +338,10 @@ class Money:
 
     def reserved_as(self, hold_id: str, cred: str, amount: int, ttl_ms: int, dept: str) -> Hold:
         """The hold of an OK reserve (the id comes from the hot path)."""
+        debt = self.debt
         alloc = self._charge(amount, dept, cred)
         period_start = self._dept_now(dept).period_start if dept else 0
-        hold = Hold(hold_id, amount, alloc, dept, period_start, cred, self.now + ttl_ms)
+        hold = Hold(hold_id, amount, alloc, dept, period_start, cred, self.now + ttl_ms, od=self.debt - debt)
         self.holds[hold_id] = hold
         return hold
 
@@ -365,6 +369,7 @@ class Money:
             to_charge -= c
             if amount - c > 0:
                 self._return(grant_id, amount - c, grant_score)
+        self.debt -= h.od - to_charge  # what the line lent and was not used
         released = h.amount - used
         if h.dept and released > 0:
             d = self._dept_now(h.dept)

@@ -440,6 +440,23 @@ class CreditLineMachine(MoneyMachine):
         """A large consume (6.5 to 39 credits): past the grants, onto the line."""
         self.consume("admin", "web_search", units, "", key, dt)
 
+    @rule(amount=st.integers(5 * CREDIT, 30 * CREDIT), used=st.sampled_from(["none", "part", "all"]))
+    def hold_past_zero(self, amount: int, used: str) -> None:
+        """A large hold (onto the line), then its release: grants first, then the line."""
+        before = len(self.holds)
+        self.reserve("admin", amount, 60_000, "", None, 0)
+        if len(self.holds) == before:
+            return
+        hold_id = self.holds[-1]
+        used_milli = {"none": 0, "part": amount // 3, "all": amount}[used]
+        expected = self.money.release(hold_id, used_milli, None, "")
+        real = self.world.run(
+            self.world.hot.release(
+                self.org, self.cred["admin"], reservation_id=hold_id, used=used_milli, any_hold=True, now=self.now
+            )
+        )
+        expect(real, expected, "release")
+
 
 def _result_view(r: dict[str, Any]) -> dict[str, Any]:
     return {k: r.get(k) for k in ("ok", "id", "credits", "err")}

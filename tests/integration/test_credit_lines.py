@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from accounts import admin
 from core.config import Config
-from hotpath.client import BatchItem, HotPath, fingerprint
+from hotpath.client import BatchItem, HotPath, fingerprint, now_ms
 from ledger.settlement import Settlement
 from ledger.store import Ledger
 from lua import Status
@@ -106,9 +106,16 @@ async def test_charges_go_past_zero_up_to_the_limit_and_a_grant_repays_the_debt_
     assert r.status is Status.OK and r.payload["available"] == -4 * CREDIT
     batch = await hot.consume_batch(org.id, cred, [use(), use(2)], atomic=True)
     assert batch.status is Status.OK and batch.payload["available"] == -7 * CREDIT
-    # A hold is backed by credits that exist: never on the credit line.
-    assert (await hot.reserve(org.id, cred, amount=CREDIT, ttl_ms=60_000)).status is Status.INSUFFICIENT_CREDITS
-    assert (await hot.consume(org.id, cred, action="generate_content", units=3)).status is Status.OK
+    # A hold may use the line too; what it does not use goes back to it.
+    h = await hot.reserve(org.id, cred, amount=2 * CREDIT, ttl_ms=60_000)
+    assert h.status is Status.OK and h.payload["available"] == -9 * CREDIT
+    assert (await cached(hot, org.id))["debt"] == 9 * CREDIT
+    rel = await hot.release(org.id, cred, reservation_id=h.payload["id"], used=CREDIT)
+    assert rel.status is Status.OK and rel.payload["available"] == -8 * CREDIT
+    # An adjustment is backed by credits that exist: never on the line.
+    with pytest.raises(admin.AdminError, match="available"):
+        await admin.adjust(ledger, hot, org.id, amount=-CREDIT, reason="t")
+    assert (await hot.consume(org.id, cred, action="generate_content", units=2)).status is Status.OK
     r = await hot.consume(org.id, cred, action="generate_content", units=1)
     assert r.status is Status.INSUFFICIENT_CREDITS and r.payload == {"available": -10 * CREDIT, "needed": CREDIT}
     best = await hot.consume_batch(org.id, cred, [use()], atomic=False)
@@ -133,7 +140,9 @@ async def test_charges_go_past_zero_up_to_the_limit_and_a_grant_repays_the_debt_
     assert (state["balance"], state["debt"], state["remaining"]) == (5 * CREDIT, 0, 5 * CREDIT)
     line = await ledger.credit_line(org.id)
     assert [(e["type"], e["amount"], e["debt_after"]) for e in reversed(line.entries)] == [
-        ("overdraw", 10 * CREDIT, 10 * CREDIT),
+        ("overdraw", 9 * CREDIT, 9 * CREDIT),  # the batch's usage past the grants, in one entry
+        ("overdraw", 2 * CREDIT, 11 * CREDIT),  # the hold
+        ("hold_return", -CREDIT, 10 * CREDIT),  # what the release did not use
         ("repayment", -10 * CREDIT, 0),
     ]
     assert line.entries[0]["grant_id"] == g.grant_id
@@ -144,6 +153,60 @@ async def test_charges_go_past_zero_up_to_the_limit_and_a_grant_repays_the_debt_
     assert (after["available"], after["debt"]) == (-4 * CREDIT, 4 * CREDIT)
     assert (await hot.balance(org.id)).payload["grants"] == []
     await assert_settled_and_agreeing(hot, ledger, settlement, redis, org.id)
+
+
+async def test_a_hold_on_the_line_survives_a_cold_load_and_gives_back_what_it_did_not_use(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
+) -> None:
+    cred = org.admin_key_id
+    await admin.set_credit_limit(ledger, hot, org.id, limit=20 * CREDIT)
+    assert (await hot.consume(org.id, cred, action="generate_content", units=95)).status is Status.OK
+    h = await hot.reserve(org.id, cred, amount=12 * CREDIT, ttl_ms=600_000)  # 5 from the bonus, 7 on the line
+    assert h.status is Status.OK and h.payload["available"] == -7 * CREDIT
+    assert (await hot.reserve(org.id, cred, amount=14 * CREDIT, ttl_ms=60_000)).status is Status.INSUFFICIENT_CREDITS
+    before = await cached(hot, org.id)
+    assert (before["reserved"], before["debt"]) == (12 * CREDIT, 7 * CREDIT)
+    await hot.evict(org.id)  # unsettled: the load replays the hold
+    assert await cached(hot, org.id) == before
+    await assert_settled_and_agreeing(hot, ledger, settlement, redis, org.id)
+    await hot.evict(org.id)  # settled: the ledger says what of the hold is on the line
+    assert await cached(hot, org.id) == before
+    rel = await hot.release(org.id, cred, reservation_id=h.payload["id"], used=6 * CREDIT)  # 5 + 1 of the line
+    assert rel.status is Status.OK and rel.payload["available"] == -CREDIT
+    assert (await cached(hot, org.id))["debt"] == CREDIT
+    # A hold that expires gives all it took from the line back.
+    now = now_ms()
+    assert (await hot.reserve(org.id, cred, amount=3 * CREDIT, ttl_ms=1_000, now=now)).status is Status.OK
+    assert (await cached(hot, org.id))["debt"] == 4 * CREDIT
+    await hot.balance(org.id, now=now + 2_000)
+    c = await cached(hot, org.id)
+    assert (c["available"], c["reserved"], c["debt"]) == (-CREDIT, 0, CREDIT)
+    state = await assert_settled_and_agreeing(hot, ledger, settlement, redis, org.id)
+    assert (state["balance"], state["debt"]) == (-CREDIT, CREDIT)
+    async with ledger.tenant(org.id) as conn:
+        kinds = sorted(r[0] for r in await conn.fetch("SELECT type FROM debt_entries"))
+    assert kinds == ["hold_return", "hold_return", "overdraw", "overdraw"]
+
+
+async def test_a_grant_repays_what_is_owed_but_not_an_open_holds_part_on_the_line(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
+) -> None:
+    cred = org.admin_key_id
+    await admin.set_credit_limit(ledger, hot, org.id, limit=20 * CREDIT)
+    assert (await hot.consume(org.id, cred, action="generate_content", units=102)).status is Status.OK  # owes 2
+    h = await hot.reserve(org.id, cred, amount=10 * CREDIT, ttl_ms=600_000)  # all on the line
+    assert h.status is Status.OK and h.payload["available"] == -12 * CREDIT
+    await admin.grant(ledger, hot, org.id, amount=4 * CREDIT, reason="t")  # repays the 2, not the hold's 10
+    c = await cached(hot, org.id)
+    assert (c["available"], c["debt"]) == (-8 * CREDIT, 10 * CREDIT)
+    rel = await hot.release(org.id, cred, reservation_id=h.payload["id"], used=5 * CREDIT)
+    assert rel.status is Status.OK and rel.payload["available"] == -3 * CREDIT
+    assert (await cached(hot, org.id))["debt"] == 5 * CREDIT  # what the hold used is owed now
+    await admin.grant(ledger, hot, org.id, amount=10 * CREDIT, reason="t")
+    c = await cached(hot, org.id)
+    assert (c["available"], c["debt"]) == (7 * CREDIT, 0)
+    state = await assert_settled_and_agreeing(hot, ledger, settlement, redis, org.id)
+    assert (state["balance"], state["debt"], state["remaining"]) == (7 * CREDIT, 0, 7 * CREDIT)
 
 
 async def test_a_lower_limit_refuses_new_charges_and_keeps_the_debt(
