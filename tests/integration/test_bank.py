@@ -249,6 +249,6 @@ async def test_bank_invariants_through_crashes_and_outages(
                 settled |= {r[0] for r in await t.fetch("SELECT id FROM usage_events")}
     async with ledger.tenant(lined) as t:
         kinds = {r[0] for r in await t.fetch("SELECT DISTINCT type FROM debt_entries")}
-    assert kinds == {"overdraw", "repayment"}, kinds  # it owed, and grants repaid
+    assert {"overdraw", "repayment"} <= kinds, kinds  # it owed, and grants repaid (holds: hold_return too)
     missing = book.acknowledged - settled
     assert not missing, f"{len(missing)} acknowledged consumes never reached the ledger"
