@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from core.periods import period_starts_ms
 from hotpath.snapshot import CredSnapshot, DeptSnapshot, GrantSnapshot, HoldSnapshot, Snapshot
@@ -113,6 +114,7 @@ class LedgerSide:
     outbox: list[tuple[str, int]]  # grants not yet confirmed in the cache: (id, amount)
     quarantined: int  # the balance change of held dead letters (settlement could not take them)
     debt: int = 0  # organizations.debt: what is owed on the credit line (migrations/0035)
+    quarantined_debt: int = 0  # the debt change of the held dead letters
 
 
 @dataclass(frozen=True, slots=True)
@@ -913,13 +915,36 @@ async def ledger_side(conn: asyncpg.Connection, org: uuid.UUID, balance: int, pa
         org,
     )
     debt = await conn.fetchval("SELECT debt FROM organizations WHERE id = $1", org)
+    held = await conn.fetch(
+        "SELECT raw FROM settlement_dead_letters WHERE organization_id = $1 AND state = 'held'", org
+    )
     return LedgerSide(
         balance=balance,
         after=watermark_after(mark),
         outbox=[(str(r["grant_id"]), int(r["amount"])) for r in outbox],
         quarantined=int(quarantined),
         debt=int(debt or 0),
+        quarantined_debt=sum(debt_change(bytes(r["raw"])) for r in held),
     )
+
+
+def debt_change(raw: bytes) -> int:
+    """What a stream event (msgpack) did to its organization's debt on the credit line,
+    as lua/reconcile.lua counts it; 0 when unreadable."""
+    try:
+        ev = msgspec.msgpack.decode(raw)
+        kind = ev.get("t")
+        if kind in ("use", "hold"):
+            return int(ev.get("od") or 0)
+        if kind == "use_batch":
+            return sum(int(item.get("od") or 0) for item in ev["ev"])
+        if kind == "hold_closed":
+            return -int(ev.get("odr") or 0)
+        if kind == "grant_applied":
+            return -int(ev.get("rp") or 0)
+    except (msgspec.DecodeError, AttributeError, KeyError, TypeError, ValueError):
+        return 0
+    return 0
 
 
 def watermark_after(mark: asyncpg.Record | None) -> str:

@@ -5,7 +5,8 @@ stream entries not yet settled + grants the ledger holds but the cache has not a
 + the change of its entries held in quarantine (settlement could not take them; see
 ledger/migrations/0007_dead_letters.sql); and, for a credit line (migrations/0035),
 cache debt == ledger debt + the debt change of the unsettled entries (charges past the
-grants, less what grant pushes repaid). The ledger side (balance, the partition's
+grants and holds made on the line, less what closes gave back and grant pushes repaid,
+and what held dead letters did to it). The ledger side (balance, the partition's
 settlement watermark, the outbox, quarantine) is read in one Postgres snapshot, the
 cache side in one Lua step; a settlement committing between the two can make a
 difference appear for a moment, so a difference is only reported when it is seen again
@@ -107,7 +108,7 @@ async def measure(hot: HotPath, settlement: LedgerView, org: str) -> Drift | Non
         unsettled_s,
         cache_debt=int(p.get("debt") or 0),
         ledger_debt=side.debt,
-        debt_in_flight=int(p.get("debt_in_flight") or 0),
+        debt_in_flight=int(p.get("debt_in_flight") or 0) + side.quarantined_debt,
     )
 
 

@@ -18,6 +18,7 @@ from ledger.settlement import Settlement
 from ledger.store import Ledger
 from lua import Status
 from settler import reconcile
+from settler import stream as stream_module
 from settler.stream import PartitionSettler
 from tests.conftest import Org
 
@@ -289,3 +290,26 @@ async def test_many_clients_never_take_one_organization_below_minus_its_limit(
     assert (await cached(hot, org.id))["available"] == -20 * CREDIT
     state = await assert_settled_and_agreeing(hot, ledger, settlement, redis, org.id)
     assert state["debt"] == 20 * CREDIT
+
+
+async def test_a_held_dead_letter_that_overdrew_is_no_debt_drift_and_reloads(
+    hot: HotPath,
+    ledger: Ledger,
+    settlement: Settlement,
+    redis: aioredis.Redis,
+    org: Org,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(stream_module, "clean_event", lambda ev: ev)  # as if no cleaning could help
+    await admin.set_credit_limit(ledger, hot, org.id, limit=10 * CREDIT)
+    poison = '{"note": "a\\u0000b"}'  # jsonb refuses it
+    r = await hot.consume(org.id, org.admin_key_id, action="generate_content", units=103, metadata=poison)
+    assert r.status is Status.OK and r.payload["available"] == -3 * CREDIT
+    await drain(redis, settlement, hot, org.id)
+    [dead] = await settlement.dead_letters(organization_id=org.id, state="held")
+    report = await reconcile.run(redis, hot, settlement, [org.id])
+    assert report.drifts == [] and report.quarantined == {org.id: -103 * CREDIT}
+    before = await cached(hot, org.id)
+    await hot.evict(org.id)  # a cold load replays what quarantine holds, its debt too
+    assert await cached(hot, org.id) == before and before["debt"] == 3 * CREDIT
+    assert dead.organization_id == org.id
