@@ -11,7 +11,7 @@ from typing import Any
 from accounts.grants import push_pending
 from core.money import to_credits
 from hotpath.client import HotPath
-from ledger.store import Adjustment, Conflict, Cost, Department, GrantResult, Ledger, NewKey
+from ledger.store import Adjustment, Conflict, Cost, CreditLine, Department, GrantResult, Ledger, NewKey
 from lua import Status
 
 PRIORITY_MAX = 899  # credit_grants.priority CHECK
@@ -126,6 +126,19 @@ async def set_cost(
     cost = await ledger.set_cost(organization_id, action, credits, unit, description)
     await hot.configure(organization_id, "cost", action, credits)
     return cost
+
+
+async def set_credit_limit(
+    ledger: Ledger, hot: HotPath, organization_id: str, *, limit: int, reason: str = ""
+) -> CreditLine:
+    """An organization's credit line (millicredits, 0 = none): usage may take `available`
+    down to minus it; grants repay the debt first. Ledger first, then the cache (a cache
+    that is not loaded reads it on the next load)."""
+    if limit < 0:
+        raise AdminError("a credit limit is zero or more")
+    line = await ledger.set_credit_limit(organization_id, limit, reason)
+    await hot.configure(organization_id, "line", limit)
+    return line
 
 
 async def grant(

@@ -75,6 +75,10 @@ class Balance(Model, frozen=True, kw_only=True):
     department: DepartmentBudget | None = None
     # When available credits run out at the recent rate of spend (None: idle).
     runs_out_at: dt.datetime | None = None
+    # A credit line (overdraft) set by operations: available may go down to minus
+    # credit_limit; debt is what is owed on it (the next grants repay it first).
+    credit_limit: decimal.Decimal = decimal.Decimal(0)
+    debt: decimal.Decimal = decimal.Decimal(0)
 
 
 class Consumption(Model, frozen=True, kw_only=True):

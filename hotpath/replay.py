@@ -68,16 +68,29 @@ class _State:
         if c is not None:
             c.spent += amount
 
+    def repaid(self, gid: str, rp: int) -> None:
+        """A grant push that repaid debt first: the ledger holds the grant whole until
+        settlement records the repayment (migrations/0035)."""
+        if rp > 0:
+            self.snap.debt -= rp
+            g = self.grants.get(gid)
+            if g is not None:
+                g.rem -= rp
+
     def apply(self, ev: dict[str, Any]) -> None:
         t = ev["t"]
         at = int(ev.get("at", 0))
         if t == "use":
             self.debit(ev.get("g") or [])
             self.spend(ev.get("d", ""), ev.get("k", ""), int(ev["amt"]), at)
+            self.snap.debt += int(ev.get("od") or 0)
         elif t == "use_batch":
             for item in ev["ev"]:
                 self.debit(item.get("g") or [])
                 self.spend(item.get("d", ""), ev.get("k", ""), int(item["amt"]), at)
+                self.snap.debt += int(item.get("od") or 0)
+        elif t == "grant_applied":
+            self.repaid(ev["g"], int(ev.get("rp") or 0))
         elif t == "hold":
             alloc = ev.get("g") or []
             self.debit(alloc)
@@ -92,7 +105,9 @@ class _State:
                 k=ev.get("k", ""),
                 x=int(ev["x"]),
                 act=ev.get("act", ""),
+                o=int(ev.get("od") or 0),
             )
+            self.snap.debt += int(ev.get("od") or 0)
         elif t == "hold_closed":
             h = self.holds.pop(ev["r"], None)
             if h is None:
@@ -102,6 +117,7 @@ class _State:
                 back = amount - charged.get(gid, 0)
                 if back > 0:
                     self.credit(gid, back, score)
+            self.snap.debt -= int(ev.get("odr") or 0)  # what the line lent and was not used
             released = int(ev.get("rel", 0))
             d = self.depts.get(h.d) if h.d else None
             if d is not None and d.pstart == h.ps:

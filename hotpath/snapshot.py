@@ -40,6 +40,7 @@ class HoldSnapshot(msgspec.Struct):
     k: str
     x: int
     act: str
+    o: int = 0  # the part on the credit line (debt since the hold was made)
 
 
 class Snapshot(msgspec.Struct):
@@ -60,6 +61,10 @@ class Snapshot(msgspec.Struct):
     # charged in the cache, not in the ledger; a load replays them first (they are older
     # than every stream entry after `after`).
     held: list[bytes] = msgspec.field(default_factory=list)
+    # The credit line (migrations/0035): how far below zero `available` may go, and what
+    # is owed on it (the load keeps bal - res == sum of grants remaining - debt).
+    limit: int = 0
+    debt: int = 0
 
 
 class SnapshotSource(Protocol):

@@ -51,6 +51,9 @@ EVENT_COLUMNS = (
     "grant_id",
 )
 ALLOC_COLUMNS = ("org", "event_id", "kind", "grant_id", "amount", "score")
+# Debt changes (credit lines, migrations/0035): an overdraw per usage event charged past
+# the grants (its `od`), a repayment per grant push that repaid debt first (its `rp`).
+DEBT_COLUMNS = ("org", "kind", "reference", "grant_id", "amount", "seq", "created_at")
 
 _STAGE_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS settle_uses (
@@ -70,6 +73,9 @@ CREATE TEMP TABLE IF NOT EXISTS settle_new (
   seq bigint, org uuid, kind text, id text, amount bigint, reservation_id text, reason text, grant_id uuid
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS settle_batch_orgs (org uuid PRIMARY KEY) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS settle_debt (
+  org uuid, kind text, reference text, grant_id uuid, amount bigint, seq bigint, created_at timestamptz
+) ON COMMIT DELETE ROWS;
 """
 
 # -- what a failed settlement means -----------------------------------------------------
@@ -170,6 +176,8 @@ class Staged:
     uses: list[tuple[Any, ...]] = field(default_factory=list)
     events: list[tuple[Any, ...]] = field(default_factory=list)
     allocs: list[tuple[Any, ...]] = field(default_factory=list)
+    # Debt changes in stream order (DEBT_COLUMNS); an overdraw's reference is its event.
+    debt: list[tuple[Any, ...]] = field(default_factory=list)
     # Per use, in step with `uses`: its grant allocations as the stream carried them
     # ([grant, amount, score, ...]), to sum again when some uses are dropped.
     _use_grants: list[Sequence[Any]] = field(default_factory=list)
@@ -180,7 +188,7 @@ class Staged:
     _times: dict[int, dt.datetime] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.uses) + len(self.events)
+        return len(self.uses) + len(self.events) + len(self.debt)
 
     def debits(self) -> list[tuple[uuid.UUID | None, uuid.UUID | None, int]]:
         """(organization, grant, amount) the usage events took, summed per grant."""
@@ -189,6 +197,7 @@ class Staged:
     def without_uses(self, settled: set[tuple[uuid.UUID, str]]) -> Staged:
         """The same batch without the usage events the ledger already holds."""
         out = Staged(events=self.events, allocs=self.allocs, _uuids=self._uuids, _times=self._times)
+        out.debt = [d for d in self.debt if d[1] != "overdraw" or (d[0], d[2]) not in settled]
         for row, grants in zip(self.uses, self._use_grants, strict=True):
             if (row[0], row[1]) not in settled:
                 out.uses.append(row)
@@ -292,6 +301,8 @@ class Staged:
                 expires_at=self._ts(int(ev["x"])),
             ):
                 self._allocs(org, ev["id"], "hold", ev.get("g") or [], 3)
+                if ev.get("od"):  # held on the credit line
+                    self._debt(org, "hold_overdraw", f"hold:{ev['id']}", int(ev["od"]), int(ev["at"]))
         elif t == "hold_closed":
             if self._event(
                 "close",
@@ -303,6 +314,8 @@ class Staged:
                 created_at=self._ts(int(ev["at"])),
             ):
                 self._allocs(org, ev["id"], "capture", ev.get("g") or [], 2)
+                if ev.get("odr"):  # what the credit line lent the hold and it did not use
+                    self._debt(org, "hold_return", f"close:{ev['id']}", -int(ev["odr"]), int(ev["at"]))
         elif t == "grant_expired":
             self._event(
                 "expiration",
@@ -318,7 +331,12 @@ class Staged:
             ):
                 self._allocs(org, ev["id"], t, ev.get("g") or [], 3)
         elif t == "grant_applied":
-            pass  # a change notification: the ledger wrote the grant before it was pushed
+            # A change notification: the ledger wrote the grant before it was pushed. What
+            # it repaid of a debt first (rp) is the cache's decision, recorded here.
+            rp = int(ev.get("rp") or 0)
+            if rp > 0 and ("repayment", ev["g"]) not in self._seen:
+                self._seen.add(("repayment", ev["g"]))
+                self._debt(org, "repayment", ev["g"], -rp, int(ev["at"]), grant=ev["g"])
         else:
             raise ValueError(f"unknown stream event type {t!r}")
 
@@ -344,6 +362,12 @@ class Staged:
         self._use_grants.append(g)
         if g:
             self._debit(org, g)
+        od = ev.get("od")
+        if od:  # charged past the grants, on the credit line
+            self.debt.append((org, "overdraw", event_id, None, int(od), len(self.debt), at))
+
+    def _debt(self, org: uuid.UUID | None, kind: str, reference: str, amount: int, at_ms: int, grant: str = "") -> None:
+        self.debt.append((org, kind, reference, self._uuid(grant), amount, len(self.debt), self._ts(at_ms)))
 
 
 @dataclass(frozen=True)
@@ -550,7 +574,12 @@ class Settlement:
             await conn.copy_records_to_table("settle_events", records=staged.events, columns=list(EVENT_COLUMNS))
         if staged.allocs:
             await conn.copy_records_to_table("settle_allocs", records=staged.allocs, columns=list(ALLOC_COLUMNS))
-        rows = await conn.fetch("SELECT * FROM settle_staged($1)", batch_id)
+        rows = []
+        if staged.uses or staged.events:
+            rows = await conn.fetch("SELECT * FROM settle_staged($1)", batch_id)
+        if staged.debt:  # credit lines: after settle_staged, which locked the organizations
+            await conn.copy_records_to_table("settle_debt", records=staged.debt, columns=list(DEBT_COLUMNS))
+            await conn.execute("SELECT settle_staged_debt($1)", batch_id)
         if staged.uses:  # their hours for /usage/summary (migrations/0006, 0010)
             await conn.execute("SELECT rollup_staged_uses()")
         if staged.events:  # the captures it settled count as usage too (migrations/0010)

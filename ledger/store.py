@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from core.periods import period_starts_ms
 from hotpath.snapshot import CredSnapshot, DeptSnapshot, GrantSnapshot, HoldSnapshot, Snapshot
@@ -71,6 +72,16 @@ class GrantResult:
 
 
 @dataclass(frozen=True, slots=True)
+class CreditLine:
+    """An organization's credit line (migrations/0035), as the ledger knows it."""
+
+    credit_limit: int  # millicredits: how far below zero `available` may go (0: none)
+    debt: int  # millicredits owed (settled; the cache also counts what is in flight)
+    entries: list[dict[str, Any]]  # the latest debt_entries, newest first
+    changes: list[dict[str, Any]]  # the latest limit changes, newest first
+
+
+@dataclass(frozen=True, slots=True)
 class Department:
     id: str
     name: str
@@ -102,6 +113,8 @@ class LedgerSide:
     after: str  # the first stream entry of the partition the ledger does not hold
     outbox: list[tuple[str, int]]  # grants not yet confirmed in the cache: (id, amount)
     quarantined: int  # the balance change of held dead letters (settlement could not take them)
+    debt: int = 0  # organizations.debt: what is owed on the credit line (migrations/0035)
+    quarantined_debt: int = 0  # the debt change of the held dead letters
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +411,38 @@ class Ledger:
             total = await conn.fetchval("SELECT coalesce(sum(amount), 0) FROM ledger_entries")
         return int(balance), int(total)
 
+    # -- credit lines (migrations/0035) ----------------------------------------------
+    async def set_credit_limit(self, organization_id: str, limit: int, reason: str = "") -> CreditLine:
+        """Set how far below zero the organization's `available` may go (operations only)."""
+        try:
+            async with self.tenant(organization_id) as conn:
+                await conn.execute(
+                    "SELECT * FROM set_credit_limit($1, $2, $3)", uuid.UUID(organization_id), limit, reason
+                )
+        except asyncpg.exceptions.NoDataFoundError as exc:
+            raise NotFound(str(exc)) from exc
+        return await self.credit_line(organization_id)
+
+    async def credit_line(self, organization_id: str, *, limit: int = 20) -> CreditLine:
+        async with self.tenant(organization_id) as conn:
+            row = await conn.fetchrow("SELECT credit_limit, debt FROM organizations")
+            if row is None:
+                raise NotFound(f"organization {organization_id} not found")
+            entries = await conn.fetch(
+                "SELECT type, amount, debt_after, grant_id::text AS grant_id, reference, created_at"
+                " FROM debt_entries ORDER BY id DESC LIMIT $1",
+                limit,
+            )
+            changes = await conn.fetch(
+                "SELECT credit_limit, reason, created_at FROM credit_line_changes ORDER BY id DESC LIMIT $1", limit
+            )
+        return CreditLine(
+            credit_limit=int(row["credit_limit"]),
+            debt=int(row["debt"]),
+            entries=[dict(r) for r in entries],
+            changes=[dict(r) for r in changes],
+        )
+
     # -- cold-cache snapshot --------------------------------------------------------
     async def snapshot(self, organization_id: str, partition: int | None = None) -> Snapshot:
         """The organization as the ledger knows it, in one repeatable-read snapshot,
@@ -422,6 +467,7 @@ class Ledger:
             grants = await conn.fetch(
                 "SELECT id, remaining, priority, expires_at FROM credit_grants WHERE remaining > 0"
             )
+            line = await conn.fetchrow("SELECT credit_limit, debt FROM organizations WHERE id = $1", org)
             # Grants a push may still arrive for: the recent ones and those in the outbox
             # (the cache remembers applied grants as long; an older push is refused as
             # stale and answered with a reload, see accounts.grants).
@@ -451,7 +497,10 @@ class Ledger:
                 " coalesce(array_agg(a.amount ORDER BY a.score, a.grant_id)"
                 "   FILTER (WHERE a.grant_id IS NOT NULL), '{}') AS amounts,"
                 " coalesce(array_agg(a.score ORDER BY a.score, a.grant_id)"
-                "   FILTER (WHERE a.grant_id IS NOT NULL), '{}') AS scores"
+                "   FILTER (WHERE a.grant_id IS NOT NULL), '{}') AS scores,"
+                # the part on the credit line (migrations/0035)
+                " coalesce((SELECT d.amount FROM debt_entries d WHERE d.organization_id = r.organization_id"
+                "   AND d.type = 'overdraw' AND d.reference = 'hold:' || r.id), 0) AS overdraft"
                 " FROM reservations r LEFT JOIN reservation_allocations a"
                 "   ON a.organization_id = r.organization_id AND a.reservation_id = r.id"
                 " WHERE r.status = 'open' GROUP BY r.organization_id, r.id"
@@ -492,6 +541,7 @@ class Ledger:
                     k=h["credential_id"],
                     x=_ms(h["expires_at"]),
                     act=h["action"],
+                    o=int(h["overdraft"]),
                 )
             )
         return Snapshot(
@@ -529,6 +579,8 @@ class Ledger:
             holds=hold_snaps,
             after=after,
             held=[bytes(r["raw"]) for r in held],
+            limit=int(line["credit_limit"]) if line else 0,
+            debt=int(line["debt"]) if line else 0,
         )
 
     async def ledger_view(self, organization_id: str, partition: int) -> LedgerSide:
@@ -862,12 +914,37 @@ async def ledger_side(conn: asyncpg.Connection, org: uuid.UUID, balance: int, pa
         "SELECT coalesce(sum(amount), 0) FROM settlement_dead_letters WHERE organization_id = $1 AND state = 'held'",
         org,
     )
+    debt = await conn.fetchval("SELECT debt FROM organizations WHERE id = $1", org)
+    held = await conn.fetch(
+        "SELECT raw FROM settlement_dead_letters WHERE organization_id = $1 AND state = 'held'", org
+    )
     return LedgerSide(
         balance=balance,
         after=watermark_after(mark),
         outbox=[(str(r["grant_id"]), int(r["amount"])) for r in outbox],
         quarantined=int(quarantined),
+        debt=int(debt or 0),
+        quarantined_debt=sum(debt_change(bytes(r["raw"])) for r in held),
     )
+
+
+def debt_change(raw: bytes) -> int:
+    """What a stream event (msgpack) did to its organization's debt on the credit line,
+    as lua/reconcile.lua counts it; 0 when unreadable."""
+    try:
+        ev = msgspec.msgpack.decode(raw)
+        kind = ev.get("t")
+        if kind in ("use", "hold"):
+            return int(ev.get("od") or 0)
+        if kind == "use_batch":
+            return sum(int(item.get("od") or 0) for item in ev["ev"])
+        if kind == "hold_closed":
+            return -int(ev.get("odr") or 0)
+        if kind == "grant_applied":
+            return -int(ev.get("rp") or 0)
+    except (msgspec.DecodeError, AttributeError, KeyError, TypeError, ValueError):
+        return 0
+    return 0
 
 
 def watermark_after(mark: asyncpg.Record | None) -> str:

@@ -4,7 +4,7 @@
   ARGV[4] credential id          ARGV[5] default rate        ARGV[6] default burst
   ARGV[7..9] current day / week / month start (ms)           ARGV[10] department ('' none)
   Returns {status, msgpack payload}:
-    OK {balance, reserved, available, grants = [{id, remaining, expires_ms}],
+    OK {balance, reserved, available, credit_limit, debt, grants = [{id, remaining, expires_ms}],
         dept? = {limit, period, pstart, spent}}
     NOT_LOADED | UNAUTHENTICATED | RATE_LIMITED {retry_after_ms} | DEPARTMENT_NOT_FOUND
 ]]
@@ -40,6 +40,8 @@ for i = 1, #rows, 2 do
   grants[#grants + 1] = {id = rows[i], remaining = num(left[rows[i]]), expires_ms = exp}
 end
 local _, bal, res = usable_now()
-local payload = {balance = bal, reserved = res, available = bal - res, grants = grants}
+local v = redis.call('HMGET', KEYS[K_ACCT], 'lim', 'debt')
+local payload = {balance = bal, reserved = res, available = bal - res, credit_limit = num(v[1]),
+                 debt = num(v[2]), grants = grants}
 if d then payload.dept = d end
 return reply(OK, payload)

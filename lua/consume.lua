@@ -16,7 +16,9 @@
     RATE_LIMITED {retry_after_ms} | UNKNOWN_ACTION | DEPARTMENT_NOT_FOUND
     INSUFFICIENT_CREDITS {available, needed} | DEPARTMENT_LIMIT {remaining, needed}
     CAP_EXCEEDED {remaining, needed}
-  All checks run before any charge; a refusal charges nothing.
+  All checks run before any charge; a refusal charges nothing. `available` may go down
+  to minus the credit line (may_charge); the part of a charge past the grants is debt
+  (the `use` event's od).
 ]]
 local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
 idem_twin_after(K_IDEM)  -- the record's name before, when passed
@@ -37,7 +39,7 @@ if dept ~= '' then
   d = dept_state(dept, starts)
   if not d then return reply(DEPARTMENT_NOT_FOUND, {}) end
 end
-if charge > usable then
+if not may_charge(charge, usable) then
   return reply(INSUFFICIENT_CREDITS, {available = usable, needed = charge})
 end
 if d and d.limit >= 0 and d.spent + charge > d.limit then
@@ -47,7 +49,7 @@ if c.cap >= 0 and c.spent + charge > c.cap then
   return reply(CAP_EXCEEDED, {remaining = cred_room(c), needed = charge})
 end
 local grants = grants_cursor()
-local alloc = take(grants, charge)
+local alloc, od = take_charge(grants, charge)
 if not alloc then return reply(INSUFFICIENT_CREDITS, {available = grants.avail, needed = charge}) end
 
 -- Every check passed: charge.
@@ -61,6 +63,6 @@ if charge > 0 then
   bal = redis.call('HINCRBY', KEYS[K_ACCT], 'bal', 0 - charge)
 end
 emit({t = 'use', id = event_id, act = action, u = units, amt = charge, d = dept, k = cred,
-      m = metadata, g = alloc, at = NOW})
+      m = metadata, g = alloc, od = od > 0 and od or nil, at = NOW})
 idem_store_charge(K_IDEM, fp, event_id, charge, bal, bal - res, idem_ttl_ms)
 return reply(OK, {id = event_id, credits = charge, balance = bal, available = bal - res})

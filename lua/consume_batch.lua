@@ -25,7 +25,8 @@
     REPLAY | NOT_LOADED | IDEMPOTENCY_CONFLICT | UNAUTHENTICATED | RATE_LIMITED
   Item error codes (err): UNKNOWN_ACTION, DEPARTMENT_NOT_FOUND, INSUFFICIENT_CREDITS,
   DEPARTMENT_LIMIT, CAP_EXCEEDED, IDEMPOTENCY_CONFLICT.
-  The whole batch appends ONE stream entry carrying every charged event.
+  The whole batch appends ONE stream entry carrying every charged event. An item may
+  take `available` down to minus the credit line (may_charge; its od is the debt).
 ]]
 local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
 local atomic = ARGV[12] == '1'
@@ -85,14 +86,14 @@ for _, run in ipairs(runs) do
       replayed[#replayed + 1] = {index, stored.id, stored.credits}
     elseif err then
       r = {i = index, err = err}
-    elseif charge > usable then
+    elseif not may_charge(charge, usable) then
       r = {i = index, err = INSUFFICIENT_CREDITS, need = charge, have = usable}
     elseif dstate and dstate.limit >= 0 and dstate.spent + charge > dstate.limit then
       r = {i = index, err = DEPARTMENT_LIMIT, need = charge, have = dept_room(dstate)}
     elseif c.cap >= 0 and c.spent + charge > c.cap then
       r = {i = index, err = CAP_EXCEEDED, need = charge, have = cred_room(c)}
     else
-      local alloc = take(grants, charge)
+      local alloc, od = take_charge(grants, charge)
       if alloc then
         usable = usable - charge
         total = total + charge
@@ -102,7 +103,8 @@ for _, run in ipairs(runs) do
           dstate.dirty = true
         end
         local event_id = id_prefix .. index
-        events[#events + 1] = {id = event_id, act = a, u = u, amt = charge, d = d, m = m, g = alloc}
+        events[#events + 1] = {id = event_id, act = a, u = u, amt = charge, d = d, m = m, g = alloc,
+                                od = od > 0 and od or nil}
         -- Its record keeps the balance after it, as a /use's does: the key retried alone
         -- at /use replays a whole answer.
         if ki > 0 then stores[#stores + 1] = {ki, item_fp, event_id, charge, bal - total} end

@@ -97,14 +97,14 @@ for _, q in ipairs(requests) do
     end
     if not done then
       local charge = cost * units
-      if charge > usable then
+      if not may_charge(charge, usable) then
         answer(INSUFFICIENT_CREDITS, pack({available = usable, needed = charge}))
       elseif d and d.limit >= 0 and d.spent + charge > d.limit then
         answer(DEPARTMENT_LIMIT, pack({remaining = dept_room(d), needed = charge}))
       elseif c.cap >= 0 and c.spent + charge > c.cap then
         answer(CAP_EXCEEDED, pack({remaining = cred_room(c), needed = charge}))
       else
-        local alloc = take(grants, charge)
+        local alloc, od = take_charge(grants, charge)
         if not alloc then
           answer(INSUFFICIENT_CREDITS, pack({available = grants.avail, needed = charge}))
         else
@@ -124,7 +124,8 @@ for _, q in ipairs(requests) do
             mine = {}
             events[cred] = mine
           end
-          mine[#mine + 1] = {id = event_id, act = action, u = units, amt = charge, d = dept, m = metadata, g = alloc}
+          mine[#mine + 1] = {id = event_id, act = action, u = units, amt = charge, d = dept, m = metadata, g = alloc,
+                             od = od > 0 and od or nil}
           local body = charge_body(event_id, charge, bal, bal - res)  -- the answer, as its record keeps it
           if ki > 0 then
             idem_store_body(ki, fp, body, assigned == 1 and ttl_assigned or ttl_client)

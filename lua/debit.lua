@@ -40,7 +40,7 @@ if only_grant ~= '' then  -- one grant: what it has left is what can go
   usable = rem
 end
 local debit = amount
-if debit > usable then
+if not may_charge(debit, usable, true) then  -- never on the credit line
   if not partial then
     return reply(INSUFFICIENT_CREDITS, {available = usable, needed = amount})
   end

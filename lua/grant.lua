@@ -5,7 +5,9 @@
   told from a repeat, so it is refused as STALE and the pusher reloads the
   organization from the ledger instead (accounts/grants.py), which is always right.
   A grant that lands appends a `grant_applied` entry to the usage stream: the ledger
-  holds the grant already, so settlement records nothing for it, but the organizations
+  holds the grant already, so settlement records nothing for it (but the debt it
+  repaid first, `rp`: the cache decides it, as it decides every allocation, and
+  settlement records it as a repayment in debt_entries), but the organizations
   of every settled batch are the ones whose alerts and reconciliation are looked at
   (settler/service.py): this is how a grant reaches them.
   KEYS[1..12]  the organization's fixed keys (see lib.lua)
@@ -34,9 +36,15 @@ elseif created_ms < NOW - APPLIED_KEEP_MS then
   return reply(STALE, {})
 else
   redis.call('ZADD', KEYS[K_GAPPLIED], NOW, gid)
-  return_to_grant(gid, amount, priority * SCORE_SCALE + expires_ms)
+  -- A debt on the credit line is repaid first, from this grant (rp: settled as a
+  -- repayment); the rest of the grant is spendable. What open holds took on the line
+  -- (hod) is not owed yet: their release gives back what they do not use.
+  local line = redis.call('HMGET', KEYS[K_ACCT], 'debt', 'hod')
+  local rp = math.min(amount, math.max(0, num(line[1]) - num(line[2])))
+  if rp > 0 then redis.call('HINCRBY', KEYS[K_ACCT], 'debt', 0 - rp) end
+  if amount - rp > 0 then return_to_grant(gid, amount - rp, priority * SCORE_SCALE + expires_ms) end
   redis.call('HINCRBY', KEYS[K_ACCT], 'bal', amount)
-  emit({t = 'grant_applied', id = next_event_id(), g = gid, amt = amount, at = NOW})
+  emit({t = 'grant_applied', id = next_event_id(), g = gid, amt = amount, rp = rp > 0 and rp or nil, at = NOW})
 end
 sweep_grants()
 local _, bal, res = usable_now()

@@ -2,14 +2,19 @@
   codes, which are generated from lua.Status so there is one mapping).
 
   Every script gets the same fixed organization keys first (all share one hash tag):
-    KEYS[1]  acct      hash   bal (millicredits, grants remaining + holds), res (held), loaded, gen
+    KEYS[1]  acct      hash   bal (millicredits, grants remaining + holds - debt), res (held), loaded, gen,
+                              lim (credit line: how far below zero available may go, 0 none),
+                              debt (what charges past the grants owe; the next grants repay it),
+                              hod (the part of debt that open holds took on the line: a grant
+                              repays debt - hod, a hold's part is settled when it closes)
     KEYS[2]  grem      hash   grant id -> remaining millicredits (grants not yet spent)
     KEYS[3]  gq        zset   grant id -> burn-down score = priority * 1e13 + expires_ms
     KEYS[4]  gx        zset   grant id -> expires_ms, for the grants that expire
     KEYS[5]  costs     hash   action -> millicredits per unit
     KEYS[6]  depts     hash   "<dept>|limit" (-1 none), "|period" (day|week|month), "|pstart", "|spent"
     KEYS[7]  creds     hash   "<cred>|cap" (-1 none), "|spent", "|revoked", "|rate", "|burst", "|tok", "|ts"
-    KEYS[8]  holds     hash   reservation id -> msgpack {a, al, d, ps, k, x, st, u}
+    KEYS[8]  holds     hash   reservation id -> msgpack {a, al, d, ps, k, x, st, u, o?}
+                              (o: the part of the hold on the credit line, debt)
     KEYS[9]  hx        zset   open reservation id -> expires_ms
     KEYS[10] hclosed   zset   closed reservation id -> closed_ms (purged after HOLD_KEEP_MS)
     KEYS[11] gapplied  zset   grant id -> applied_ms: a grant push is idempotent (pruned after APPLIED_KEEP_MS)
@@ -18,9 +23,10 @@
   same leading ARGV:
     ARGV[1] organization id   ARGV[2] now (ms since epoch)   ARGV[3] call id (unique per call)
 
-  Invariant: bal - res == the sum of grem (every credit not held is in exactly one
-  grant), so what is available is known without reading the grants; a charge reads only
-  the grants it spends, in burn-down order, a few at a time (grants_cursor / take).
+  Invariant: bal - res == the sum of grem - debt (every credit not held is in exactly one
+  grant; debt is what was charged past them on the credit line), so what is available is
+  known without reading the grants; a charge reads only the grants it spends, in
+  burn-down order, a few at a time (grants_cursor / take / take_charge).
 
   Scripts return {status, msgpack payload}. No script reads the server clock.
 
@@ -58,6 +64,9 @@ local APPLIED_KEEP_MS = 7 * 86400000  -- how long an applied grant is remembered
 local ORG, NOW, CALL_ID
 local event_seq = 0
 local idem_twins = {}  -- KEYS index of a record -> KEYS index of its name before (see idem_twin)
+-- The credit line as usable_now read it: the limit, and what the grants hold (the
+-- part of a charge past that becomes debt, see take_charge).
+local LINE_LIMIT, GRANTS_HOLD = 0, 0
 
 local function begin(keys, argv)
   if not unpack_list then bind_unpack_list() end
@@ -202,10 +211,24 @@ local function sweep_grants()
   return total
 end
 
--- What is available to spend (after sweep_grants): bal - res, by the invariant.
+-- What is available to spend (after sweep_grants): bal - res, by the invariant (below
+-- zero while the organization owes on its credit line). Also reads the credit line.
 local function usable_now()
-  local v = redis.call('HMGET', KEYS[K_ACCT], 'bal', 'res')
-  return num(v[1]) - num(v[2]), num(v[1]), num(v[2])
+  local v = redis.call('HMGET', KEYS[K_ACCT], 'bal', 'res', 'lim', 'debt')
+  local usable = num(v[1]) - num(v[2])
+  LINE_LIMIT, GRANTS_HOLD = num(v[3]), usable + num(v[4])
+  return usable, num(v[1]), num(v[2])
+end
+
+-- THE check of every charging script (consume, consume_batch, reserve, debit, and the
+-- gated consume of check_gate): may `amount` be charged when `usable` is available?
+-- Usage and holds may take `available` down to minus the organization's credit line
+-- (ops sets it; 0 = none, today's rule); `backed` = true for what must be backed by
+-- credits that exist (adjustments, refunds): down to zero only. After usable_now.
+local function may_charge(amount, usable, backed)
+  local line = LINE_LIMIT
+  if backed then line = 0 end
+  return amount <= usable + line
 end
 
 -- The live grants in burn-down order (priority, then soonest expiry), read a page at a
@@ -260,8 +283,26 @@ local function take(cur, amount)
   return alloc
 end
 
--- Write back the grants `take` changed; a grant spent to zero leaves the queues.
+-- A charge that may_charge allowed: from the grants in order as far as they hold, the
+-- rest on the credit line (debt, written by flush_grants). Returns the allocation (see
+-- take) and the part that became debt, or nil as take does.
+local function take_charge(cur, amount)
+  local from_grants = math.min(amount, math.max(0, GRANTS_HOLD))
+  local alloc = take(cur, from_grants)
+  if not alloc then return nil, 0 end
+  local od = amount - from_grants
+  GRANTS_HOLD = GRANTS_HOLD - from_grants
+  cur.od = (cur.od or 0) + od
+  return alloc, od
+end
+
+-- Write back the grants `take` changed; a grant spent to zero leaves the queues; and
+-- the debt take_charge added.
 local function flush_grants(cur)
+  if cur.od and cur.od > 0 then
+    redis.call('HINCRBY', KEYS[K_ACCT], 'debt', cur.od)
+    cur.od = 0
+  end
   for _, g in ipairs(cur.items) do
     if g.dirty then
       g.dirty = false
@@ -352,9 +393,11 @@ local function rate_write(cred, c)
   end
 end
 
--- Close one reservation: charge `used` from its allocation in order, return the rest
--- to the grants it came from (a grant that has expired meanwhile expires again on the
--- next scan, with its own event), give back department and credential room.
+-- Close one reservation: charge `used` from its allocation in order (then from its part
+-- on the credit line), return the rest to the grants it came from (a grant that has
+-- expired meanwhile expires again on the next scan, with its own event), and the unused
+-- part on the credit line to it (the debt goes down: odr), give back department and
+-- credential room.
 local function close_hold(rid, h, used, how, starts, event_id)
   local to_charge = used
   local charged = {}
@@ -368,6 +411,9 @@ local function close_hold(rid, h, used, how, starts, event_id)
     end
     if amt - c > 0 then return_to_grant(gid, amt - c, score) end
   end
+  local odr = math.max(0, num(h.o) - to_charge)  -- what the line lent and was not used
+  if odr > 0 then redis.call('HINCRBY', KEYS[K_ACCT], 'debt', 0 - odr) end
+  if num(h.o) > 0 then redis.call('HINCRBY', KEYS[K_ACCT], 'hod', 0 - h.o) end
   local released = h.a - used
   if h.d ~= '' and released > 0 then
     local d = dept_state(h.d, starts)
@@ -389,7 +435,7 @@ local function close_hold(rid, h, used, how, starts, event_id)
   redis.call('ZREM', KEYS[K_HX], rid)
   redis.call('ZADD', KEYS[K_HCLOSED], NOW, rid)
   emit({t = 'hold_closed', id = event_id, r = rid, how = how, used = used, rel = released,
-        g = charged, d = h.d, k = h.k, act = h.act, at = NOW})
+        g = charged, d = h.d, k = h.k, act = h.act, odr = odr > 0 and odr or nil, at = NOW})
   return released
 end
 

@@ -12,7 +12,8 @@
     costs   = {action = millicredits per unit}
     depts   = [{id, limit, period, pstart, spent}]
     creds   = [{id, cap, spent, revoked, rate, burst}]  (rate/burst -1 = default)
-    holds   = [{id, a, al, d, ps, k, x, act}]  open reservations }
+    holds   = [{id, a, al, d, ps, k, x, act, o}]  open reservations (o: on the credit line)
+    limit, debt                                the credit line and what is owed on it }
   KEYS[13]     the partition's layout mark (how many partitions the cache is laid out in)
   ARGV[5] this process's partition count
   Returns {status, msgpack payload}: OK {balance} | ALREADY_LOADED {}
@@ -27,7 +28,7 @@ if not layout then redis.call('SET', KEYS[13], ARGV[5]) end
 local s = unpack(ARGV[4])
 for i = 1, N_FIXED - 1 do redis.call('DEL', KEYS[i]) end
 
-local bal, res = 0, 0
+local bal, res, hod = 0, 0, 0
 for _, g in ipairs(s.grants) do
   local exp = g.exp
   if exp <= 0 then exp = NEVER end
@@ -50,10 +51,14 @@ for _, c in ipairs(s.creds) do
 end
 for _, h in ipairs(s.holds) do
   redis.call('HSET', KEYS[K_HOLDS], h.id, pack({a = h.a, al = h.al, d = h.d, ps = h.ps,
-    k = h.k, x = h.x, st = 'open', u = 0, act = h.act}))
+    k = h.k, x = h.x, st = 'open', u = 0, act = h.act, o = (num(h.o) > 0 and h.o) or nil}))
   redis.call('ZADD', KEYS[K_HX], h.x, h.id)
   bal = bal + h.a
   res = res + h.a
+  hod = hod + num(h.o)
 end
-redis.call('HSET', KEYS[K_ACCT], 'bal', bal, 'res', res, 'gen', s.gen, 'loaded', CACHE_FORMAT)
+local debt = num(s.debt)
+bal = bal - debt  -- the invariant: bal - res == sum of grem - debt
+redis.call('HSET', KEYS[K_ACCT], 'bal', bal, 'res', res, 'gen', s.gen, 'lim', num(s.limit), 'debt', debt, 'hod', hod,
+  'loaded', CACHE_FORMAT)
 return reply(OK, {balance = bal})

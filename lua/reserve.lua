@@ -16,6 +16,8 @@
     REPLAY | NOT_LOADED | IDEMPOTENCY_CONFLICT | UNAUTHENTICATED | RATE_LIMITED
     DEPARTMENT_NOT_FOUND | INSUFFICIENT_CREDITS {available, needed}
     DEPARTMENT_LIMIT {remaining, needed} | CAP_EXCEEDED {remaining, needed}
+  A hold may take `available` down to minus the credit line (may_charge): its part past
+  the grants (od) is debt at once; what of it the release does not use is returned.
 ]]
 local cred, default_rate, default_burst, starts, fp, idem_ttl_ms = charging_args(ARGV)
 idem_twin_after(K_IDEM)  -- the record's name before, when passed
@@ -33,7 +35,7 @@ if dept ~= '' then
   d = dept_state(dept, starts)
   if not d then return reply(DEPARTMENT_NOT_FOUND, {}) end
 end
-if amount > usable then
+if not may_charge(amount, usable) then
   return reply(INSUFFICIENT_CREDITS, {available = usable, needed = amount})
 end
 if d and d.limit >= 0 and d.spent + amount > d.limit then
@@ -43,7 +45,7 @@ if c.cap >= 0 and c.spent + amount > c.cap then
   return reply(CAP_EXCEEDED, {remaining = cred_room(c), needed = amount})
 end
 local grants = grants_cursor()
-local alloc = take(grants, amount)
+local alloc, od = take_charge(grants, amount)
 if not alloc then return reply(INSUFFICIENT_CREDITS, {available = grants.avail, needed = amount}) end
 
 flush_grants(grants)
@@ -56,11 +58,12 @@ end
 redis.call('HINCRBY', KEYS[K_CREDS], cred .. '|spent', amount)
 local expires_ms = NOW + ttl_ms
 redis.call('HSET', KEYS[K_HOLDS], rid, pack({a = amount, al = alloc, d = dept, ps = pstart,
-  k = cred, x = expires_ms, st = 'open', u = 0, act = action}))
+  k = cred, x = expires_ms, st = 'open', u = 0, act = action, o = od > 0 and od or nil}))
 redis.call('ZADD', KEYS[K_HX], expires_ms, rid)
 local res = redis.call('HINCRBY', KEYS[K_ACCT], 'res', amount)
+if od > 0 then redis.call('HINCRBY', KEYS[K_ACCT], 'hod', od) end
 emit({t = 'hold', id = rid, r = rid, amt = amount, x = expires_ms, d = dept, k = cred,
-      act = action, m = metadata, g = alloc, at = NOW})
+      act = action, m = metadata, g = alloc, od = od > 0 and od or nil, at = NOW})
 local payload = {id = rid, amount = amount, expires_ms = expires_ms, balance = bal,
                  available = bal - res}
 idem_store(K_IDEM, fp, payload, idem_ttl_ms)

@@ -510,7 +510,9 @@ async def balance(request: web.Request) -> web.Response:
     grants = p["grants"]
     sources = await request.app[SOURCES].lookup(org, [g["id"] for g in grants])
     spend = await request.app[SPEND_RATES].recent(org)
-    runs_out = None if spend is None else spend.runs_out_at(int(p["available"]), dt.datetime.now(dt.UTC))
+    # With a credit line, spending stops at minus the limit, not at zero.
+    room = int(p["available"]) + int(p.get("credit_limit") or 0)
+    runs_out = None if spend is None else spend.runs_out_at(room, dt.datetime.now(dt.UTC))
     soft = await _soft_budget(request, org, dept, p["dept"]) if dept else None
     return respond(
         s.BalanceResponse(
@@ -529,6 +531,8 @@ async def balance(request: web.Request) -> web.Response:
             ],
             department=_budget(dept, p["dept"], soft) if dept else None,
             runs_out_at=None if runs_out is None else runs_out.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            credit_limit=credits(int(p.get("credit_limit") or 0)),
+            debt=credits(int(p.get("debt") or 0)),
         )
     )
 

@@ -126,6 +126,14 @@ class BalanceResponse(Body):
         str | None,
         Meta(description="when available credits run out at the recent rate of spend (null: idle, no spend lately)"),
     ] = None
+    credit_limit: Annotated[
+        Credits,
+        Meta(description="credit line (overdraft) set by operations: available may go down to minus this (0: none)"),
+    ] = decimal.Decimal(0)
+    debt: Annotated[
+        Credits,
+        Meta(description="owed on the credit line: charged past the grants; the next grants repay it first"),
+    ] = decimal.Decimal(0)
 
 
 class UseResponse(Body):

@@ -137,6 +137,8 @@ async def balance_of(p: Portal) -> dict[str, Any]:
         "balance": int(payload["balance"]),
         "reserved": int(payload["reserved"]),
         "available": int(payload["available"]),
+        "credit_limit": int(payload.get("credit_limit") or 0),  # a credit line (set by operations)
+        "debt": int(payload.get("debt") or 0),
         "grants": [
             {
                 "id": g["id"],
@@ -167,7 +169,8 @@ async def overview(request: web.Request) -> dict[str, Any]:
     return {
         **bal,
         "spent_30d": spent_30d,
-        "days_left": int(bal["available"] / per_day) if per_day > 0 else None,
+        # spending stops at minus the credit line, not at zero
+        "days_left": max(0, int((bal["available"] + bal["credit_limit"]) / per_day)) if per_day > 0 else None,
         "per_day": round(per_day),
         "subscription": sub if sub is not None and not sub.terminal else None,
         "plan": plan,

@@ -89,9 +89,12 @@ class Alerts:
             now = dt.datetime.now(dt.UTC)
             days_left = runs_out_at = None
             if days_wanted is not None:
+                # Counted down to where charges stop: minus the credit line, as runs_out_at
+                # in GET /balance is.
+                room = available + int(result.payload.get("credit_limit") or 0)
                 spend = await self.store.recent_spend(org)
-                days_left = spend.days_left(available, now)
-                runs_out_at = spend.runs_out_at(available, now)
+                days_left = spend.days_left(room, now)
+                runs_out_at = spend.runs_out_at(room, now)
             low = available < threshold or (
                 days_left is not None and days_wanted is not None and days_left < days_wanted
             )

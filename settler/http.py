@@ -72,6 +72,7 @@ def _drift(d: reconcile.Drift) -> dict[str, object]:
         "unpushed_grants": to_credits(d.unpushed),
         "quarantined": to_credits(d.quarantined),
         "difference": to_credits(d.difference),
+        "debt_difference": to_credits(d.debt_difference),
     }
 
 

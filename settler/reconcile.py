@@ -3,7 +3,10 @@
 For each cached organization: cache balance == ledger balance + the change of its
 stream entries not yet settled + grants the ledger holds but the cache has not applied
 + the change of its entries held in quarantine (settlement could not take them; see
-ledger/migrations/0007_dead_letters.sql). The ledger side (balance, the partition's
+ledger/migrations/0007_dead_letters.sql); and, for a credit line (migrations/0035),
+cache debt == ledger debt + the debt change of the unsettled entries (charges past the
+grants and holds made on the line, less what closes gave back and grant pushes repaid,
+and what held dead letters did to it). The ledger side (balance, the partition's
 settlement watermark, the outbox, quarantine) is read in one Postgres snapshot, the
 cache side in one Lua step; a settlement committing between the two can make a
 difference appear for a moment, so a difference is only reported when it is seen again
@@ -51,10 +54,21 @@ class Drift:
     unpushed: int
     quarantined: int = 0  # held in quarantine: charged in the cache, not in the ledger
     unsettled_s: float = 0.0  # age of its oldest entry not settled yet
+    cache_debt: int = 0  # what the cache says is owed on the credit line
+    ledger_debt: int = 0
+    debt_in_flight: int = 0
 
     @property
     def difference(self) -> int:
         return self.cache - (self.ledger + self.in_flight + self.unpushed + self.quarantined)
+
+    @property
+    def debt_difference(self) -> int:
+        return self.cache_debt - (self.ledger_debt + self.debt_in_flight)
+
+    @property
+    def agrees(self) -> bool:
+        return self.difference == 0 and self.debt_difference == 0
 
 
 @dataclass
@@ -85,7 +99,16 @@ async def measure(hot: HotPath, settlement: LedgerView, org: str) -> Drift | Non
     oldest = p.get("oldest") or ""
     unsettled_s = max(0.0, (now_ms() - int(oldest.split("-")[0])) / 1000) if oldest else 0.0
     return Drift(
-        org, int(p["balance"]), side.balance, int(p["in_flight"]), int(p["unpushed"]), side.quarantined, unsettled_s
+        org,
+        int(p["balance"]),
+        side.balance,
+        int(p["in_flight"]),
+        int(p["unpushed"]),
+        side.quarantined,
+        unsettled_s,
+        cache_debt=int(p.get("debt") or 0),
+        ledger_debt=side.debt,
+        debt_in_flight=int(p.get("debt_in_flight") or 0) + side.quarantined_debt,
     )
 
 
@@ -96,11 +119,11 @@ async def check(hot: HotPath, settlement: LedgerView, org: str) -> Drift | None:
     first = await measure(hot, settlement, org)
     if first is None:
         return None
-    if first.difference == 0:
+    if first.agrees:
         return first if first.quarantined or first.unsettled_s > LAGGING_S else None
     await asyncio.sleep(CONFIRM_DELAY_S)
     second = await measure(hot, settlement, org)
-    if second is None or (second.difference == 0 and not second.quarantined and second.unsettled_s <= LAGGING_S):
+    if second is None or (second.agrees and not second.quarantined and second.unsettled_s <= LAGGING_S):
         return None
     return second
 
@@ -135,7 +158,7 @@ async def _check_into(hot: HotPath, settlement: LedgerView, org: str, report: Re
         report.quarantined[org] = drift.quarantined
     if drift.unsettled_s > LAGGING_S:
         report.lagging.append(org)  # compared, but what it holds in flight is old: settlement is behind
-    if drift.difference != 0:
+    if not drift.agrees:
         report.drifts.append(drift)
 
 
@@ -165,7 +188,7 @@ async def repair(hot: HotPath, settlement: LedgerView, org: str) -> Drift | None
     flight (settle first), since the ledger would not hold those entries yet. Returns
     the drift that was repaired, None if there was none."""
     drift = await check(hot, settlement, org)
-    if drift is None or drift.difference == 0:
+    if drift is None or drift.agrees:
         return None
     if drift.in_flight != 0:
         raise RuntimeError(f"{org}: {drift.in_flight} millicredits still unsettled; let the settler catch up first")

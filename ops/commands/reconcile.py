@@ -58,6 +58,7 @@ def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
                 "unpushed_grants": show_credits(d.unpushed),
                 "quarantined": show_credits(d.quarantined),
                 "difference": show_credits(d.difference),
+                "debt_difference": show_credits(d.debt_difference),
             }
             for d in report.drifts
         ]

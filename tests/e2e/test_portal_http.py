@@ -395,3 +395,18 @@ async def test_a_link_opened_at_once_in_several_browsers_starts_one_session(bill
     async with billing_client.app[LEDGER].tenant(org.id) as conn:
         started = await conn.fetchval("SELECT count(*) FROM portal_sessions WHERE link_id = $1", uuid.UUID(link["id"]))
     assert started == 1
+
+
+async def test_the_overview_shows_a_credit_line_and_what_is_owed(billing_client: Client, org: Org) -> None:
+    link = await portal_link(billing_client, org, role="viewer")
+    async with browser(billing_client) as b:
+        await b.enter(link["url"])
+        _, html, _ = await b.get("/portal/overview")
+        assert "Credit line" not in html and "Owed" not in html  # none: nothing to show
+        hot, ledger = billing_client.app[HOT], billing_client.app[LEDGER]
+        await admin.set_credit_limit(ledger, hot, org.id, limit=25_000, reason="portal")
+        used = await hot.consume(org.id, org.admin_key_id, action="generate_content", units=104)
+        assert used.payload["available"] == -4_000
+        status, html, _ = await b.get("/portal/overview")
+        assert status == 200
+        assert "Credit line" in html and "Owed" in html and ">25<" in html and ">4<" in html, html[:3000]

@@ -17,6 +17,12 @@ Rules, from README "Semantics worth knowing" and DESIGN.md:
   grants it came from; department and key get back what was not used.
 - Idempotency records only successes; the same key with other parameters is refused.
 - A new department period starts counting at zero.
+- Credit line (README "Credit lines"): usage and holds may take `available` down to
+  minus the limit (adjustments never); what a charge or hold takes past the grants is
+  debt; a release charges the hold's grants first, and what the line lent and was not
+  used leaves the debt; a grant pushed to the cache repays the debt first (but not
+  what open holds took on the line: their release settles that), the rest is
+  spendable. So balance == grants remaining + open holds - debt.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class Hold:
     expires_ms: int
     status: str = "open"  # open | released | expired
     used: int = 0
+    od: int = 0  # the part on the credit line
 
 
 @dataclass
@@ -96,6 +103,10 @@ class Money:
         self.idem: dict[str, tuple[str, dict[str, Any]]] = {}  # key -> (fingerprint, first payload)
         self.balance = 0
         self.reserved = 0
+        self.limit = 0  # the credit line
+        self.debt = 0
+        self.max_limit = 0  # the highest limit set (a lower one keeps what is owed)
+        self._pushed: set[str] = set()
         # What the ledger must end up holding, once settled.
         self.uses: dict[str, int] = {}  # usage event id -> credits
         self.captured = 0  # sum of `used` of released holds
@@ -125,9 +136,14 @@ class Money:
     # -- configuration (mirrors what the test configures) ---------------------------
     def add_grant(self, grant_id: str, amount: int, priority: int, expires_ms: int) -> None:
         """A grant the ledger holds, pushed to the cache (counted once by id)."""
-        if grant_id in self.grants:
+        if grant_id in self._pushed:
             return
-        self.grants[grant_id] = Grant(grant_id, amount, score(priority, expires_ms))
+        self._pushed.add(grant_id)
+        on_holds = sum(h.od for h in self.open_holds())
+        repaid = min(amount, max(0, self.debt - on_holds))  # the debt first
+        self.debt -= repaid
+        if amount > repaid:
+            self.grants[grant_id] = Grant(grant_id, amount - repaid, score(priority, expires_ms))
         self.balance += amount
         self.granted += amount
         self._expire_grants()
@@ -180,10 +196,14 @@ class Money:
         else:
             g.remaining += amount
 
-    def _refusal(self, charge: int, dept_id: str, cred_id: str, *, usable: int | None = None) -> Answer | None:
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self.max_limit = max(self.max_limit, limit)
+
+    def _refusal(self, charge: int, dept_id: str, cred_id: str) -> Answer | None:
         """The first budget a charge would break (organization, department, key)."""
-        usable = self.usable() if usable is None else usable
-        if charge > usable:
+        usable = self.available
+        if charge > usable + self.limit:
             return Answer(Status.INSUFFICIENT_CREDITS, {"available": usable, "needed": charge})
         if dept_id:
             d = self._dept_now(dept_id)
@@ -195,7 +215,9 @@ class Money:
         return None
 
     def _charge(self, charge: int, dept_id: str, cred_id: str) -> list[tuple[str, int, int]]:
-        alloc = self._take(charge)
+        from_grants = min(charge, self.usable())
+        alloc = self._take(from_grants)
+        self.debt += charge - from_grants  # past the grants: on the credit line
         if dept_id:
             d = self._dept_now(dept_id)
             d.spent += charge
@@ -249,7 +271,7 @@ class Money:
         per item {ok, credits, replay?, key, fp} or {ok: False, err}. The caller records
         the charged ones (`consumed`, `remember`) under the ids the hot path gave them."""
         self.sweep()
-        usable = self.usable()
+        usable = self.available
         results: list[dict[str, Any]] = []
         plan: list[tuple[int, str]] = []  # (charge, dept) of the items to charge, in order
         spent_dept: dict[str, int] = {}
@@ -287,7 +309,7 @@ class Money:
         self, charge: int, dept: str, cred: str, usable: int, spent_dept: dict[str, int], spent_cred: int
     ) -> Answer | None:
         """_refusal, counting what earlier items of the same batch take."""
-        if charge > usable:
+        if charge > usable + self.limit:
             return Answer(Status.INSUFFICIENT_CREDITS)
         if dept:
             d = self._dept_now(dept)
@@ -316,9 +338,10 @@ class Money:
 
     def reserved_as(self, hold_id: str, cred: str, amount: int, ttl_ms: int, dept: str) -> Hold:
         """The hold of an OK reserve (the id comes from the hot path)."""
+        debt = self.debt
         alloc = self._charge(amount, dept, cred)
         period_start = self._dept_now(dept).period_start if dept else 0
-        hold = Hold(hold_id, amount, alloc, dept, period_start, cred, self.now + ttl_ms)
+        hold = Hold(hold_id, amount, alloc, dept, period_start, cred, self.now + ttl_ms, od=self.debt - debt)
         self.holds[hold_id] = hold
         return hold
 
@@ -346,6 +369,7 @@ class Money:
             to_charge -= c
             if amount - c > 0:
                 self._return(grant_id, amount - c, grant_score)
+        self.debt -= h.od - to_charge  # what the line lent and was not used
         released = h.amount - used
         if h.dept and released > 0:
             d = self._dept_now(h.dept)
@@ -364,7 +388,7 @@ class Money:
         """An adjustment down: all or nothing, never below zero (no key: the caller
         keeps the references)."""
         self._expire_grants()
-        usable = self.usable()
+        usable = self.available
         if amount > usable:
             return Answer(Status.INSUFFICIENT_CREDITS, {"available": usable, "needed": amount})
         self._take(amount)

@@ -7,11 +7,15 @@ ledger, and against the pure-Python model of tests/faults/model.py. After every 
 
 - conservation: the cache's balance, reserved and available, its grants in burn-down
   order, each department's spend and each key's spend are the model's;
-- no overdraft: available >= 0, department spend <= its limit, key spend <= its cap;
+- no overdraft: available >= 0 (>= minus the credit line, which a rule sets and the
+  cache's debt is the model's), department spend <= its limit, key spend <= its cap;
 - after settling: ledger balance == sum of ledger entries == cache balance, the
   ledger holds exactly the usage events the hot path acknowledged (by id, once), and
   grants - usage - captures - expirations - adjustments == balance;
 - reconciliation reports no drift, whatever is in flight.
+
+A second machine (CreditLineMachine) runs the same rules for an organization with a
+credit line and little left, so that it owes, and repays, most of the time.
 
 Retries with the same idempotency key replay the first answer with no second effect;
 the same key with other parameters is refused.
@@ -98,7 +102,7 @@ class MoneyMachine(RuleBasedStateMachine):
         self.money = Money(self.now)
         self.org, self.cred, self.dept_id = w.run(self._setup())
         self.holds: list[str] = []  # every reservation id the hot path gave, in order
-        self.references: dict[str, tuple[int, dict[str, Any]]] = {}  # adjustment reference -> (amount, answer)
+        self.references: dict[str, tuple[int, dict[str, Any] | None]] = {}  # adjustment reference -> (amount, answer)
         self.batch_requests: dict[str, list[dict[str, Any]]] = {}  # request key -> first results
 
     async def _setup(self) -> tuple[str, dict[str, str], str]:
@@ -336,17 +340,27 @@ class MoneyMachine(RuleBasedStateMachine):
             answer = None
         if earlier is not None:  # a retry: the first answer again, or a conflict
             first_amount, first_answer = earlier
-            if first_amount == amount:
-                assert answer == first_answer, f"a repeated adjustment answered {answer}, first {first_answer}"
-            else:
+            if first_amount != amount:
                 assert answer is None and "different adjustment" in refused, answer
-            return
+                return
+            if first_answer is not None:
+                assert answer == first_answer, f"a repeated adjustment answered {answer}, first {first_answer}"
+                return
+            # the retry of a refused adjustment (on record) is tried again
         expected = self.money.adjust_down(amount)
         if expected.status is Status.OK:
             assert answer is not None and answer["kind"] == "debit" and answer["amount"] == -amount, answer
             self.references[ref] = (amount, answer)
         else:
             assert answer is None and "available" in refused, answer
+            self.references[ref] = (amount, None)  # its reference is taken, for this amount only
+
+    @rule(limit=st.sampled_from([0, 0, 5 * CREDIT, 25 * CREDIT]))
+    def credit_line(self, limit: int) -> None:
+        """Operations set the organization's credit line (0 removes it; what is owed stays)."""
+        w = self.world
+        w.run(admin.set_credit_limit(w.ledger, w.hot, self.org, limit=limit, reason="model"))
+        self.money.set_limit(limit)
 
     @rule(lazily=st.booleans())
     def reload(self, lazily: bool) -> None:
@@ -385,6 +399,7 @@ class MoneyMachine(RuleBasedStateMachine):
         assert state["captured"] == m.captured
         assert state["other"] == -(m.expired + m.adjusted)
         assert state["balance"] == m.balance
+        assert state["debt"] == m.debt
 
     @rule()
     def reconcile(self) -> None:
@@ -408,7 +423,10 @@ class MoneyMachine(RuleBasedStateMachine):
             f"cache balance/reserved/available {p['balance']}/{p['reserved']}/{p['available']}, "
             f"model {m.balance}/{m.reserved}/{m.available}"
         )
-        assert p["available"] >= 0, "overdraft"
+        assert p["available"] >= -m.max_limit, "overdraft"
+        assert (p["credit_limit"], p["debt"]) == (m.limit, m.debt), (
+            f"cache credit line/debt {p['credit_limit']}/{p['debt']}, model {m.limit}/{m.debt}"
+        )
         assert [(g["id"], g["remaining"], g["expires_ms"]) for g in p["grants"]] == [
             (g.id, g.remaining, g.expires_ms) for g in m.queue()
         ], "grants (in burn-down order)"
@@ -430,6 +448,43 @@ class MoneyMachine(RuleBasedStateMachine):
                 f"key spend {spent} (model {model_spent}), department spend {dept_spent} "
                 f"(model {m.dept_spent(self.dept_id)})"
             )
+
+
+class CreditLineMachine(MoneyMachine):
+    """The same organization with a credit line of 25 credits and only 10 of its signup
+    bonus left (an adjustment took the rest), so runs spend past zero, owe, and repay
+    from grants (the credit_line rule lowers and raises the limit as it goes)."""
+
+    async def _setup(self) -> tuple[str, dict[str, str], str]:
+        org, creds, dept = await super()._setup()
+        w, m = self.world, self.money
+        await admin.adjust(w.ledger, w.hot, org, amount=-90 * CREDIT, reason="model", reference="start-low")
+        assert m.adjust_down(90 * CREDIT).status is Status.OK
+        await admin.set_credit_limit(w.ledger, w.hot, org, limit=25 * CREDIT, reason="model")
+        m.set_limit(25 * CREDIT)
+        return org, creds, dept
+
+    @rule(units=st.integers(5, 30), key=KEYS, dt=DTS)
+    def spend_past_zero(self, units: int, key: str | None, dt: int) -> None:
+        """A large consume (6.5 to 39 credits): past the grants, onto the line."""
+        self.consume("admin", "web_search", units, "", key, dt)
+
+    @rule(amount=st.integers(5 * CREDIT, 30 * CREDIT), used=st.sampled_from(["none", "part", "all"]))
+    def hold_past_zero(self, amount: int, used: str) -> None:
+        """A large hold (onto the line), then its release: grants first, then the line."""
+        before = len(self.holds)
+        self.reserve("admin", amount, 60_000, "", None, 0)
+        if len(self.holds) == before:
+            return
+        hold_id = self.holds[-1]
+        used_milli = {"none": 0, "part": amount // 3, "all": amount}[used]
+        expected = self.money.release(hold_id, used_milli, None, "")
+        real = self.world.run(
+            self.world.hot.release(
+                self.org, self.cred["admin"], reservation_id=hold_id, used=used_milli, any_hold=True, now=self.now
+            )
+        )
+        expect(real, expected, "release")
 
 
 def _result_view(r: dict[str, Any]) -> dict[str, Any]:
@@ -461,6 +516,13 @@ async def test_money_model(world: World) -> None:
     """Every operation, retries, reloads and settlement agree with the model, with no
     overdraft at any step."""
     await asyncio.get_running_loop().run_in_executor(None, run_machine, MoneyMachine, world, SETTINGS)
+
+
+async def test_money_model_with_a_credit_line(world: World) -> None:
+    """The same, for an organization that spends past zero on its credit line: every
+    step agrees with the model (debt included), never below minus the limit."""
+    config = settings(SETTINGS, max_examples=max(1, EXAMPLES // 2))
+    await asyncio.get_running_loop().run_in_executor(None, run_machine, CreditLineMachine, world, config)
 
 
 async def test_cold_load_counts_captured_spend(world: World) -> None:

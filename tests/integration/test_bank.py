@@ -5,7 +5,11 @@ the settler away for a while. At the end, for every organization:
     cache balance == ledger balance == sum of ledger entries
                   == grants - usage - captures - expirations - adjustments
 
-and every consume the hot path acknowledged is in the ledger exactly once.
+and every consume the hot path acknowledged is in the ledger exactly once. A fourth
+organization lives on a credit line (a small float, a limit, grants arriving during the
+traffic): it never goes below minus its limit, and its debt is the same in the cache,
+in organizations.debt and in the sum of its debt entries, with
+grants remaining - debt == balance.
 """
 
 from __future__ import annotations
@@ -162,11 +166,27 @@ async def test_bank_invariants_through_crashes_and_outages(
         orgs.append((org, key.id))
         await hot.configure(org, "cost", "tool_call", 100)  # 0.1 credit per unit
         await ledger.set_cost(org, "tool_call", 100, "call", "")
+    # On a credit line: 100 credits of signup bonus and a 30-credit limit, so it owes
+    # within seconds, and grants of 3 credits (repaying first) keep arriving.
+    lined, _ = await admin.create_organization(ledger, "bank-credit-line")
+    await admin.set_credit_limit(ledger, hot, lined, limit=30 * CREDIT, reason="bank")
+    lined_key = await admin.create_key(ledger, hot, lined, role="agent", rate_limit_per_s=0)
+    await hot.configure(lined, "cost", "tool_call", 100)
+    await ledger.set_cost(lined, "tool_call", 100, "call", "")
+    orgs.append((lined, lined_key.id))
+
+    async def top_ups() -> None:
+        n = 0
+        while not stop.is_set():
+            await asyncio.sleep(0.5)
+            n += 1
+            await admin.grant(ledger, hot, lined, amount=3 * CREDIT, reason="top up", reference=f"top-{n}")
 
     book = Book()
     stop = asyncio.Event()
     proc = start_settler(migrated)
     clients = [asyncio.create_task(client(hot, orgs, book, stop, seed)) for seed in range(CLIENTS)]
+    clients.append(asyncio.create_task(top_ups()))
     try:
         started = time.monotonic()
         kills = 0
@@ -212,17 +232,23 @@ async def test_bank_invariants_through_crashes_and_outages(
             captured = await conn.fetchval("SELECT coalesce(sum(used), 0) FROM reservations WHERE status <> 'open'")
             open_holds = await conn.fetchval("SELECT count(*) FROM reservations WHERE status = 'open'")
             remaining = await conn.fetchval("SELECT sum(remaining) FROM credit_grants")
+            debt, limit = await conn.fetchrow("SELECT debt, credit_limit FROM organizations")
+            debt_entries = await conn.fetchval("SELECT coalesce(sum(amount), 0) FROM debt_entries")
         assert cache["reserved"] == 0 and open_holds == 0
         assert cache["balance"] == balance == entries, org
         assert -by_type.get("usage", 0) == usage
         assert -by_type.get("reservation_capture", 0) == captured
         expirations = -by_type.get("expiration", 0)
         assert by_type["grant"] - usage - captured - expirations - (-by_type.get("adjustment", 0)) == balance
-        assert remaining == balance
+        assert remaining - debt == balance
+        assert cache["debt"] == debt == debt_entries and balance >= -limit
     async with ledger.pool.acquire() as conn:
         settled: set[str] = set()
         for org, _ in orgs:
             async with ledger.tenant(org) as t:
                 settled |= {r[0] for r in await t.fetch("SELECT id FROM usage_events")}
+    async with ledger.tenant(lined) as t:
+        kinds = {r[0] for r in await t.fetch("SELECT DISTINCT type FROM debt_entries")}
+    assert {"overdraw", "repayment"} <= kinds, kinds  # it owed, and grants repaid (holds: hold_return too)
     missing = book.acknowledged - settled
     assert not missing, f"{len(missing)} acknowledged consumes never reached the ledger"

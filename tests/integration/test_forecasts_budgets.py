@@ -49,6 +49,33 @@ async def settlement(migrated: Config) -> AsyncIterator[Settlement]:
     await s.close()
 
 
+async def test_days_left_count_down_to_minus_the_credit_line(
+    hot: HotPath,
+    ledger: Ledger,
+    settlement: Settlement,
+    redis: aioredis.Redis,
+    org: Org,
+    receiver: tuple[Receiver, str],  # noqa: F811
+) -> None:
+    """The same spend as below, on a credit line of a million credits: charges stop at
+    minus the limit, so years are left, not an hour, and no alert is sent."""
+    rec, url = receiver
+    await admin.set_credit_limit(ledger, hot, org.id, limit=1_000_000 * CREDIT)
+    await ledger.set_alert(org.id, threshold=0, webhook_url=url, days_left=decimal.Decimal(30))
+    store = AlertStore(settlement)
+    async with aiohttp.ClientSession() as http:
+        alerts = Alerts(store, hot, http)
+        ps = PartitionSettler(redis, settlement, hot, hot.partition(org.id), consumer="line", on_settled=alerts.check)
+        assert await ps.acquire()
+        try:
+            await hot.consume(org.id, org.admin_key_id, action="generate_content", units=50)
+            await ps.settle_once(block_ms=1)
+        finally:
+            await ps.release()
+        assert await alerts.check([org.id]) == 0
+    assert rec.received == []
+
+
 async def test_days_left_alert(
     hot: HotPath,
     ledger: Ledger,

@@ -61,6 +61,7 @@ async def ledger_state(ledger: Ledger, org: str) -> dict[str, int]:
         usage = await conn.fetchval("SELECT coalesce(sum(credits), 0) FROM usage_events")
         remaining = await conn.fetchval("SELECT coalesce(sum(remaining), 0) FROM credit_grants")
         held = await conn.fetchval("SELECT coalesce(sum(amount), 0) FROM reservations WHERE status = 'open'")
+        debt = await conn.fetchval("SELECT debt FROM organizations")
         captured = await conn.fetchval("SELECT coalesce(sum(used), 0) FROM reservations WHERE status <> 'open'")
         other = await conn.fetchval(
             "SELECT coalesce(sum(amount), 0) FROM ledger_entries WHERE type IN ('expiration', 'adjustment', 'refund')"
@@ -74,6 +75,7 @@ async def ledger_state(ledger: Ledger, org: str) -> dict[str, int]:
         "held": int(held),
         "captured": int(captured),
         "other": int(other),
+        "debt": int(debt),
     }
 
 
@@ -86,7 +88,7 @@ async def cache_balance(hot: HotPath, org: str) -> int:
 def assert_conserved(state: dict[str, int], cache: int) -> None:
     assert state["balance"] == state["entries"] == cache
     assert state["grants"] - state["usage"] - state["captured"] + state["other"] == state["balance"]
-    assert state["remaining"] + state["held"] == state["balance"]
+    assert state["remaining"] + state["held"] - state["debt"] == state["balance"]  # debt: a credit line's
 
 
 async def test_everything_settles_exactly_once(
