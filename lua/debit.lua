@@ -37,7 +37,9 @@ if only_grant ~= '' then  -- one grant: what it has left is what can go
   if not rem or not score then return reply(NOT_FOUND, {}) end
   grants.items = {{only_grant, rem, score}}
   grants.avail, grants.exhausted = rem, true
-  usable = rem
+  -- What it has left, but never more than is available: with debt owed beside it (a
+  -- grant that reached the cache without repaying), voiding all of it would go below zero.
+  usable = math.min(rem, usable)
 end
 local debit = amount
 if not may_charge(debit, usable, true) then  -- never on the credit line

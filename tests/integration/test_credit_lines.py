@@ -332,3 +332,25 @@ async def test_a_group_commit_charges_on_the_line_as_one_by_one_would(
     assert (await cached(hot, org.id))["debt"] == 3 * CREDIT
     state = await assert_settled_and_agreeing(hot, ledger, settlement, redis, org.id)
     assert state["debt"] == 3 * CREDIT
+
+
+async def test_voiding_a_grant_beside_debt_never_goes_below_zero(
+    hot: HotPath, ledger: Ledger, settlement: Settlement, redis: aioredis.Redis, org: Org
+) -> None:
+    """A hold's unused credits come back to the grants while usage debt is owed (debt
+    and spendable grants side by side, see the README): a void is backed by credits
+    that exist, so it takes only what is available, never the grant's whole remainder."""
+    cred = org.admin_key_id
+    await admin.set_credit_limit(ledger, hot, org.id, limit=50 * CREDIT)
+    h = await hot.reserve(org.id, cred, amount=100 * CREDIT, ttl_ms=60_000)  # the whole bonus held
+    assert h.status is Status.OK
+    assert (await hot.consume(org.id, cred, action="generate_content", units=50)).status is Status.OK  # owed
+    assert (await hot.release(org.id, cred, reservation_id=h.payload["id"], used=0)).status is Status.OK
+    before = await cached(hot, org.id)
+    assert (before["available"], before["debt"]) == (50 * CREDIT, 50 * CREDIT)
+    bonus = (await hot.balance(org.id)).payload["grants"][0]["id"]
+    voided = await admin.void_grant(ledger, hot, org.id, bonus, reason="mistake")
+    assert voided["amount"] == -50 * CREDIT  # what was available, not the 100 the grant had left
+    after = await cached(hot, org.id)
+    assert (after["available"], after["debt"]) == (0, 50 * CREDIT)
+    await assert_settled_and_agreeing(hot, ledger, settlement, redis, org.id)

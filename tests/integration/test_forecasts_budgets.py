@@ -57,10 +57,13 @@ async def test_days_left_count_down_to_minus_the_credit_line(
     org: Org,
     receiver: tuple[Receiver, str],  # noqa: F811
 ) -> None:
-    """The same spend as below, on a credit line of a million credits: charges stop at
-    minus the limit, so years are left, not an hour, and no alert is sent."""
+    """The same spend as below, on a credit line of 100 million credits: charges stop at
+    minus the limit, so years are left, not an hour, and no alert is sent. (The rate is
+    measured from the start of the hour, at least MIN_ELAPSED_S: 50 credits in a minute
+    at most, 72,000 a day, and 30 days of that are 2.16 million.)"""
     rec, url = receiver
-    await admin.set_credit_limit(ledger, hot, org.id, limit=1_000_000 * CREDIT)
+    assert MIN_ELAPSED_S == 60
+    await admin.set_credit_limit(ledger, hot, org.id, limit=100_000_000 * CREDIT)
     await ledger.set_alert(org.id, threshold=0, webhook_url=url, days_left=decimal.Decimal(30))
     store = AlertStore(settlement)
     async with aiohttp.ClientSession() as http:
