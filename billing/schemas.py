@@ -12,6 +12,7 @@ from core.structs import NO_NUL, Body
 
 Credits = Annotated[decimal.Decimal, Meta(description="credits, exact to 0.001")]
 Cents = Annotated[int, Meta(ge=0, description="money in the currency's minor unit (cents)")]
+MONTHLY_CAP_CENTS_MAX = 10**12  # ten billion dollars: far inside the ledger's bigint
 Currency = Annotated[str, Meta(pattern=r"^[a-z]{3}$", description="lowercase ISO 4217 code")]
 Timestamp = Annotated[str, Meta(description="ISO 8601, UTC")]
 CatalogId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$", description="a plan or package id")]
@@ -234,7 +235,7 @@ class AutoTopupRequest(Body):
     threshold: Credits
     package_id: CatalogId
     max_per_month: Annotated[int, Meta(ge=1, le=1000)]
-    monthly_cap_cents: Cents
+    monthly_cap_cents: Annotated[int, Meta(ge=0, le=MONTHLY_CAP_CENTS_MAX, description="cents a month at most")]
 
 
 class AutoTopupAttemptView(Body):

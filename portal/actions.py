@@ -202,7 +202,8 @@ class AutoTopupForm(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     threshold: credit_schemas.Credits
     package_id: s.CatalogId
     max_per_month: Annotated[int, Meta(ge=1, le=1000)]
-    monthly_cap_cents: s.Cents
+    # A person types dollars ("50" or "49.90"); the API keeps cents.
+    monthly_cap: decimal.Decimal
 
 
 async def set_auto_topup(request: web.Request) -> web.StreamResponse:
@@ -210,12 +211,15 @@ async def set_auto_topup(request: web.Request) -> web.StreamResponse:
     p = Portal.of(request)
     p.require_admin()
     form = await fields(request, AutoTopupForm)
+    cents = form.monthly_cap * 100
+    if not cents.is_finite() or not 0 <= cents <= s.MONTHLY_CAP_CENTS_MAX or cents != cents.to_integral_value():
+        raise invalid("the monthly cap is in dollars and cents (at most two decimals, 0 or more)", "$.monthly_cap")
     body = s.AutoTopupRequest(
         enabled=form.enabled,
         threshold=form.threshold,
         package_id=form.package_id,
         max_per_month=form.max_per_month,
-        monthly_cap_cents=form.monthly_cap_cents,
+        monthly_cap_cents=int(cents),
     )
     await save_auto_topup(p.ledger, p.catalog, p.store, p.org, body)
     raise back("/portal/buy", "auto_topup")

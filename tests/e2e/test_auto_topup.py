@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import pytest
@@ -102,6 +103,8 @@ async def test_settings_are_validated_and_read_back(
         ({"threshold": 0.0001}, "$.threshold"),
         ({"max_per_month": 0}, "$.max_per_month"),
         ({"monthly_cap_cents": -1}, "$.monthly_cap_cents"),
+        ({"monthly_cap_cents": 10**19}, "$.monthly_cap_cents"),  # past what the ledger's bigint holds
+        ({"threshold": 10**16}, "$.threshold"),
     ):
         status, err = await call(billing_client, "PUT", T, org, {**settings, **bad})
         assert status in (400, 404) and err["error"]["param"] == param, err
@@ -222,15 +225,22 @@ async def test_the_portal_sets_it_and_shows_a_failure(
         status, html, _ = await b.get("/portal/buy")
         assert status == 200 and "Set up automatic top-up" in html
         form = {"enabled": "true", "threshold": "150", "package_id": "small", "max_per_month": "2",
-                "monthly_cap_cents": "5000"}  # fmt: skip
+                "monthly_cap": "50"}  # fmt: skip
         status, _, _ = await b.post("/portal/auto-topup", {**form, "threshold": "1.0001"})
         assert status == 400  # more precision than the ledger keeps: refused, nothing saved
+        for cap in ("49.999", "-1", "1e20", "NaN"):
+            status, _, _ = await b.post("/portal/auto-topup", {**form, "monthly_cap": cap})
+            assert status == 400, cap  # dollars and cents only: refused, nothing saved
+        status, html, _ = await b.get("/portal/buy")
+        assert "Set up automatic top-up" in html
         status, _, _ = await b.post("/portal/auto-topup", form)
         assert status == 303
         await runner(billing_client, ledger, hot).tick()
         status, html, _ = await b.get("/portal/buy")
         assert "Automatic top-up is paused: your card was declined" in html
         assert "failed: card declined" in html
+        cap = re.search(r'<input id="t-cap" name="monthly_cap"[^>]* value="([^"]*)"', html)
+        assert cap and cap.group(1) == "50.00"  # shown back in dollars
     async with browser(billing_client) as viewer:
         await viewer.enter((await portal_link(billing_client, org, role="viewer"))["url"])
         status, html, _ = await viewer.get("/portal/buy")
