@@ -247,3 +247,20 @@ async def test_the_portal_sets_it_and_shows_a_failure(
         assert "paused" in html and "Save automatic top-up" not in html
         status, _, _ = await viewer.post("/portal/auto-topup", form)
         assert status == 403
+
+
+async def test_one_organizations_settings_are_its_own(
+    billing_client: Client, stripe_driver: StripeDriver, org: Org, other_org: Org
+) -> None:
+    """The organization is the credential's: another's key reads and sets only its own."""
+    await with_card(billing_client, org, stripe_driver)
+    await enable(billing_client, org, threshold=40)
+    status, theirs = await call(billing_client, "GET", T, other_org)
+    assert status == 200 and theirs["configured"] is False and theirs["attempts"] == []
+    settings = {"enabled": False, "threshold": 5, "package_id": "small", "max_per_month": 1, "monthly_cap_cents": 0}
+    status, saved = await call(billing_client, "PUT", T, other_org, settings)
+    assert status == 200 and (saved["enabled"], saved["threshold"]) == (False, 5)  # its own, off
+    status, err = await call(billing_client, "PUT", T, other_org, {**settings, "enabled": True})
+    assert status == 409 and err["error"]["code"] == "customer_required"  # not the card of the other organization
+    status, mine = await call(billing_client, "GET", T, org)
+    assert (mine["enabled"], mine["threshold"]) == (True, 40)

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from accounts import admin
+from accounts import admin, entitlements
 from hotpath.client import HotPath
+from ledger.entitlements import EntitlementStore, Feature
 from ledger.store import Ledger
 from tests.conftest import Org
 
@@ -165,3 +166,24 @@ async def test_a_plan_change_is_seen_by_the_next_check(
     status, sub = await call(billing_client, "DELETE", "/api/billing/subscription", org)
     assert status == 200, sub
     assert (await api_access())["allowed"] is False  # cancelled now: the free defaults again
+
+
+async def test_one_organizations_usage_and_overrides_never_reach_another(
+    client: Client, org: Org, other_org: Org, ledger: Ledger, hot: HotPath
+) -> None:
+    """The organization is always the credential's: the same Idempotency-Key under two
+    organizations is two records, one's usage and override never count for the other."""
+    path = f"{E}/entitlements/projects/usage"
+    mine = await request(client, "POST", path, org.admin_key, {"delta": 1}, **{"Idempotency-Key": "same"})
+    theirs = await request(client, "POST", path, other_org.admin_key, {"delta": 1}, **{"Idempotency-Key": "same"})
+    assert mine[0] == theirs[0] == 200 and mine[1]["usage"] == theirs[1]["usage"] == 1
+    assert theirs[2].get("Idempotent-Replayed") != "true"  # not the other organization's answer
+    await entitlements.set_override(
+        EntitlementStore(ledger), hot, org.id, Feature("api_access", "boolean", enabled=True), reason="trial"
+    )
+    status, body, _ = await request(client, "POST", f"{E}/check", org.admin_key, {"feature": "api_access"})
+    assert status == 200 and body["allowed"] is True
+    status, body, _ = await request(client, "POST", f"{E}/check", other_org.admin_key, {"feature": "api_access"})
+    assert status == 200 and body["allowed"] is False
+    status, body, _ = await request(client, "GET", f"{E}/entitlements", other_org.admin_key)
+    assert features(body)["api_access"]["source"] == "free" and features(body)["projects"]["usage"] == 1
