@@ -49,6 +49,20 @@ async def settlement(migrated: Config) -> AsyncIterator[Settlement]:
     await s.close()
 
 
+async def spend_50_and_settle(
+    hot: HotPath, settlement: Settlement, redis: aioredis.Redis, org: Org, alerts: Alerts
+) -> None:
+    """50 credits within the hour, settled by a settler that checks the alerts of what
+    it settled (as the settler service does)."""
+    ps = PartitionSettler(redis, settlement, hot, hot.partition(org.id), consumer="days", on_settled=alerts.check)
+    assert await ps.acquire()
+    try:
+        await hot.consume(org.id, org.admin_key_id, action="generate_content", units=50)
+        await ps.settle_once(block_ms=1)
+    finally:
+        await ps.release()
+
+
 async def test_days_left_count_down_to_minus_the_credit_line(
     hot: HotPath,
     ledger: Ledger,
@@ -68,13 +82,7 @@ async def test_days_left_count_down_to_minus_the_credit_line(
     store = AlertStore(settlement)
     async with aiohttp.ClientSession() as http:
         alerts = Alerts(store, hot, http)
-        ps = PartitionSettler(redis, settlement, hot, hot.partition(org.id), consumer="line", on_settled=alerts.check)
-        assert await ps.acquire()
-        try:
-            await hot.consume(org.id, org.admin_key_id, action="generate_content", units=50)
-            await ps.settle_once(block_ms=1)
-        finally:
-            await ps.release()
+        await spend_50_and_settle(hot, settlement, redis, org, alerts)
         assert await alerts.check([org.id]) == 0
     assert rec.received == []
 
@@ -94,14 +102,8 @@ async def test_days_left_alert(
     async with aiohttp.ClientSession() as http:
         alerts = Alerts(store, hot, http)
         assert await alerts.check([org.id]) == 0  # idle: no forecast, no alert
-        ps = PartitionSettler(redis, settlement, hot, hot.partition(org.id), consumer="days", on_settled=alerts.check)
-        assert await ps.acquire()
-        try:
-            # 50 credits within the hour: the other 50 last less than an hour at that rate.
-            await hot.consume(org.id, org.admin_key_id, action="generate_content", units=50)
-            await ps.settle_once(block_ms=1)
-        finally:
-            await ps.release()
+        # 50 credits within the hour: the other 50 last less than an hour at that rate.
+        await spend_50_and_settle(hot, settlement, redis, org, alerts)
     assert len(rec.received) == 1
     _, body, header = rec.received[0]
     assert verify(secret, body, header)
